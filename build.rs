@@ -1,0 +1,26 @@
+//! Compiles `proto/` with protox, a pure-Rust protobuf compiler, so that building
+//! kopir needs no system `protoc`. The encoded descriptor set is kept in OUT_DIR for
+//! gRPC reflection.
+
+use std::{env, path::PathBuf};
+
+const PROTOS: &[&str] = &[
+    "kopir/v1/exchange.proto",
+    "kz/population/v1/population.proto",
+    "kz/income/v1/income.proto",
+    "kz/realty/v1/realty.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("kopir_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .bytes(".kopir.v1")
+        .compile_fds(fds)?;
+    Ok(())
+}
