@@ -119,8 +119,7 @@ pub struct MemberId {
 impl FromStr for MemberId {
     type Err = IdError;
     fn from_str(text: &str) -> Result<Self, IdError> {
-        let [instance, class, code] =
-            split_parts::<3>("member id", "INSTANCE/CLASS/CODE", text)?;
+        let [instance, class, code] = split_parts::<3>("member id", "INSTANCE/CLASS/CODE", text)?;
         Ok(Self {
             instance: instance.into(),
             class: class.into(),
@@ -349,7 +348,7 @@ impl Iin {
 
     /// True if the century-and-sex digit marks a woman.
     pub fn is_female(&self) -> bool {
-        self.0[6] % 2 == 0
+        self.0[6].is_multiple_of(2)
     }
 }
 
@@ -421,7 +420,13 @@ mod tests {
 
     #[test]
     fn bad_ids_are_refused_with_the_part_named() {
-        for bad in ["KZ/GOV", "KZ/GOV/MOJ/x/y", "KZ//MOJ/x", "KZ/GOV/M J/x", "KZ/GOV/MOJ/ä"] {
+        for bad in [
+            "KZ/GOV",
+            "KZ/GOV/MOJ/x/y",
+            "KZ//MOJ/x",
+            "KZ/GOV/M J/x",
+            "KZ/GOV/MOJ/ä",
+        ] {
             assert!(bad.parse::<SubsystemId>().is_err(), "{bad} accepted");
         }
         let long = format!("KZ/GOV/{}", "a".repeat(65));
@@ -446,7 +451,11 @@ mod tests {
                 let text = iin.to_string();
                 assert_eq!(text.parse::<Iin>().unwrap(), iin);
                 let first11: [u8; 11] = iin.0[..11].try_into().unwrap();
-                let p1: u32 = first11.iter().zip(IIN_WEIGHTS_1).map(|(d, w)| u32::from(*d) * w).sum();
+                let p1: u32 = first11
+                    .iter()
+                    .zip(IIN_WEIGHTS_1)
+                    .map(|(d, w)| u32::from(*d) * w)
+                    .sum();
                 if p1 % 11 == 10 {
                     second_pass += 1;
                 }
@@ -459,7 +468,14 @@ mod tests {
 
     #[test]
     fn iin_rejects_impossible_dates_and_shapes() {
-        for bad in ["90010130012", "9001013001234", "90010130012a", "901301300126", "900230300120", "900101700126"] {
+        for bad in [
+            "90010130012",
+            "9001013001234",
+            "90010130012a",
+            "901301300126",
+            "900230300120",
+            "900101700126",
+        ] {
             assert!(bad.parse::<Iin>().is_err(), "{bad} accepted");
         }
     }

@@ -8,5 +8,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod federation;
+pub mod globalconf;
 pub mod id;
+pub mod pki;
+pub mod policy;
 pub mod proto;
+pub mod registry;
+pub mod server;

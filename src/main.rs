@@ -1,1 +1,27 @@
-fn main() {}
+//! The `kopir` binary: parse the command line and dispatch.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = kopir::cli::Cli::parse();
+    // The demo prints its own story; servers log their lifecycle.
+    let default_filter = match cli.command {
+        kopir::cli::Command::Demo(_) => "warn",
+        _ => "warn,kopir=info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

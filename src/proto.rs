@@ -39,4 +39,5 @@ pub mod kz {
 }
 
 /// Encoded `FileDescriptorSet` of every file in `proto/`, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kopir_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/kopir_descriptor.bin"));

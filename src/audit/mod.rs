@@ -1,0 +1,167 @@
+//! The audit trail: what the security path records, and the seam where a record
+//! is made durable before data moves ("no audit, no data").
+//!
+//! The exchange path builds an [`AuditRecord`] for each step of an exchange and
+//! awaits [`AuditLog::append`]; only when it returns `Ok` is the request
+//! forwarded or the answer released. A failed append stops the exchange with
+//! `UNAVAILABLE` / `audit.unavailable`.
+//!
+//! [`journal`] is the durable log the server uses today: one JSON line per
+//! record, fsynced before `append` returns.
+
+pub mod journal;
+
+pub use journal::{AuditConfig, AuditHandle, open};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// Which side of the exchange wrote a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The consumer's security server (the client's side).
+    Consumer,
+    /// The provider's security server (the registry's side).
+    Provider,
+}
+
+/// The step of the exchange a record stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Provider: every check passed; the registry is about to be called.
+    Accepted,
+    /// Either side: the request was refused (the reason says why).
+    Refused,
+    /// Consumer: the signed request is about to be sent to the provider.
+    Forwarded,
+    /// Either side: an answer (with the registry's status) is about to be released.
+    Answered,
+    /// Either side: the exchange failed after it was accepted or forwarded
+    /// (provider or registry unavailable, response signature invalid...).
+    Failed,
+}
+
+impl Side {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Consumer => "consumer",
+            Side::Provider => "provider",
+        }
+    }
+}
+
+impl Side {
+    /// The side named by [`Side::as_str`].
+    pub fn parse(text: &str) -> Option<Side> {
+        match text {
+            "consumer" => Some(Side::Consumer),
+            "provider" => Some(Side::Provider),
+            _ => None,
+        }
+    }
+}
+
+impl Step {
+    /// Every step, in the order an exchange meets them.
+    pub const ALL: &'static [Step] = &[
+        Step::Accepted,
+        Step::Refused,
+        Step::Forwarded,
+        Step::Answered,
+        Step::Failed,
+    ];
+
+    /// The step named by [`Step::as_str`].
+    pub fn parse(text: &str) -> Option<Step> {
+        Step::ALL.iter().copied().find(|s| s.as_str() == text)
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Accepted => "accepted",
+            Step::Refused => "refused",
+            Step::Forwarded => "forwarded",
+            Step::Answered => "answered",
+            Step::Failed => "failed",
+        }
+    }
+}
+
+/// One step of one exchange, as the security path reports it. The subject is
+/// given in clear here; a store keeps only its keyed pseudonym.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Correlation id shared by every record of the exchange on both sides.
+    pub request_id: String,
+    /// When the step happened, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// Which server wrote it.
+    pub side: Side,
+    /// Which step.
+    pub step: Step,
+    /// Consumer subsystem id (as received, if it could not be parsed).
+    pub client: String,
+    /// Provider subsystem id.
+    pub service: String,
+    /// gRPC method path.
+    pub method: String,
+    /// Purpose code.
+    pub purpose: String,
+    /// Data subject, `scheme:value`.
+    pub subject: Option<String>,
+    /// What the access rested on: `legal:<act>` or `consent:<id>`.
+    pub basis: Option<String>,
+    /// The official acting.
+    pub user: Option<String>,
+    /// The other security server (its id, or address when unknown).
+    pub peer: Option<String>,
+    /// gRPC status code of the outcome (0 = OK).
+    pub status: i32,
+    /// `kopir-error` reason of a refusal or failure.
+    pub reason: Option<String>,
+    /// Human-readable detail of a refusal or failure.
+    pub message: Option<String>,
+    /// SHA-256 of the request body (requests) or response body (answers).
+    pub body_sha256: Option<[u8; 32]>,
+    /// SHA-256 of the canonical signed request.
+    pub request_hash: Option<[u8; 32]>,
+    /// The signature this step produced or verified (request or response).
+    pub signature: Option<Vec<u8>>,
+}
+
+/// Why a record could not be made durable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The store refused or failed the write.
+    #[error("audit store write failed: {0}")]
+    Write(String),
+    /// The store is closed or its writer stopped.
+    #[error("audit store is not running")]
+    Closed,
+    /// The store could not be opened or prepared (schema, connection, file).
+    #[error("audit store cannot be opened: {0}")]
+    Open(String),
+    /// A read from the store failed.
+    #[error("audit store read failed: {0}")]
+    Read(String),
+    /// The pseudonym key could not be read or created.
+    #[error("pseudonym key: {0}")]
+    Key(String),
+    /// A request to the log was malformed (bad range, bad filter, bad archive).
+    #[error("invalid audit request: {0}")]
+    Invalid(String),
+    /// What was asked for is not in the log.
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+/// Where a security server makes its audit records durable.
+pub trait AuditLog: Send + Sync + 'static {
+    /// Appends a record; resolves once it is durable (or the write failed).
+    fn append(&self, record: AuditRecord) -> BoxFuture<'_, Result<(), AuditError>>;
+}

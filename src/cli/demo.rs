@@ -1,0 +1,220 @@
+//! `kopir demo`: the whole federation on loopback, and the child-birth benefit
+//! life event run through it: the benefits system of the Ministry of Labour
+//! pulls the parent and children from the population register, the parent's
+//! income and property, each through the security servers.
+
+use std::{path::PathBuf, time::Instant};
+
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+
+use crate::{
+    federation::{BENEFITS, LocalFederation},
+    id::Iin,
+    proto::kz::{
+        income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
+        population::v1::{
+            GetPersonRequest, ListChildrenRequest,
+            population_registry_client::PopulationRegistryClient,
+        },
+        realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
+    },
+    registry::LAST_TAX_YEAR,
+};
+
+/// Arguments of `kopir demo`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Keep the federation running and print how to call it, until Ctrl-C.
+    #[arg(long)]
+    pub serve: bool,
+    /// How many citizens apply.
+    #[arg(long, default_value_t = 3)]
+    pub citizens: usize,
+    /// Folder for the PKI, configurations and data (default: a temporary folder,
+    /// or `kopir-demo` with --serve).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+fn call<T>(message: T, service: &str, purpose: &str, iin: &Iin) -> Request<T> {
+    let mut r = Request::new(message);
+    let md = r.metadata_mut();
+    let ascii = |s: &str| MetadataValue::try_from(s).expect("ascii id");
+    md.insert("kopir-client", ascii(BENEFITS));
+    md.insert("kopir-service", ascii(service));
+    md.insert("kopir-purpose", ascii(purpose));
+    md.insert("kopir-subject", ascii(&format!("iin:{iin}")));
+    md.insert("kopir-user", ascii("benefits-officer-017"));
+    r
+}
+
+fn request_id<T>(r: &tonic::Response<T>) -> String {
+    r.metadata()
+        .get("kopir-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_owned()
+}
+
+/// Runs the life event for one citizen, printing each register's answer.
+async fn life_event(channel: &Channel, iin: &Iin) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let via = "MLSPP/ss1 -> MOJ/ss1";
+    let t = Instant::now();
+    let mut population = PopulationRegistryClient::new(channel.clone());
+    let r = population
+        .get_person(call(
+            GetPersonRequest {
+                iin: iin.to_string(),
+            },
+            "KZ/GOV/MOJ/population",
+            "child-benefit",
+            iin,
+        ))
+        .await?;
+    ids.push(request_id(&r));
+    let p = r.into_inner();
+    println!(
+        "  population  {via}  {:>6.2} ms  {} {} {}, born {}",
+        t.elapsed().as_secs_f64() * 1e3,
+        p.surname,
+        p.given_name,
+        p.patronymic,
+        p.birth_date
+    );
+    let t = Instant::now();
+    let children = population
+        .list_children(call(
+            ListChildrenRequest {
+                iin: iin.to_string(),
+            },
+            "KZ/GOV/MOJ/population",
+            "child-benefit",
+            iin,
+        ))
+        .await?
+        .into_inner()
+        .children;
+    println!(
+        "  population  {via}  {:>6.2} ms  children: {}",
+        t.elapsed().as_secs_f64() * 1e3,
+        children
+            .iter()
+            .map(|c| format!("{} (born {})", c.given_name, c.birth_date))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let t = Instant::now();
+    let income = IncomeRegistryClient::new(channel.clone())
+        .get_declared_income(call(
+            GetDeclaredIncomeRequest {
+                iin: iin.to_string(),
+                year: LAST_TAX_YEAR,
+            },
+            "KZ/GOV/SRC/income",
+            "benefit-means-test",
+            iin,
+        ))
+        .await?
+        .into_inner();
+    println!(
+        "  income      MLSPP/ss1 -> SRC/ss1  {:>6.2} ms  declared {} KZT in {} from {} source(s)",
+        t.elapsed().as_secs_f64() * 1e3,
+        income.total_tiyn / 100,
+        income.year,
+        income.sources.len()
+    );
+    let t = Instant::now();
+    let props = RealtyRegistryClient::new(channel.clone())
+        .list_properties(call(
+            ListPropertiesRequest {
+                iin: iin.to_string(),
+            },
+            "KZ/GOV/MOJ/realty",
+            "benefit-means-test",
+            iin,
+        ))
+        .await?
+        .into_inner()
+        .properties;
+    println!(
+        "  realty      {via}  {:>6.2} ms  {} propert{}: {}",
+        t.elapsed().as_secs_f64() * 1e3,
+        props.len(),
+        if props.len() == 1 { "y" } else { "ies" },
+        props
+            .iter()
+            .map(|p| format!("{} m2 at {}", p.area_m2, p.address))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    Ok(ids)
+}
+
+impl Args {
+    /// Runs the demo.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let temp;
+        let dir = match (&self.dir, self.serve) {
+            (Some(d), _) => d.clone(),
+            (None, true) => PathBuf::from("kopir-demo"),
+            (None, false) => {
+                temp = tempfile::tempdir()?;
+                temp.path().to_path_buf()
+            }
+        };
+        let started = Instant::now();
+        let fed = LocalFederation::launch(&dir, &|_, _| {}).await?;
+        println!(
+            "federation up in {:.0} ms: 3 security servers (MLSPP, MOJ, SRC), 3 registries, global configuration signed by the authority ({})",
+            started.elapsed().as_secs_f64() * 1e3,
+            dir.display()
+        );
+        let channel = fed.client_channel("mlspp", BENEFITS).await?;
+        if self.serve {
+            print_how_to_call(&fed);
+            super::stop_signal().await;
+            fed.shutdown().await;
+            return Ok(());
+        }
+        let mut result = Ok(());
+        for iin in fed.dataset.sample_parents(self.citizens) {
+            println!("\nchild-birth benefit claim of iin:{iin}");
+            let t = Instant::now();
+            match life_event(&channel, &iin).await {
+                Ok(_) => println!(
+                    "  all four registers answered in {:.2} ms; the citizen typed nothing the state already knew",
+                    t.elapsed().as_secs_f64() * 1e3
+                ),
+                Err(e) => {
+                    println!("  FAILED: {e}");
+                    result = Err(e);
+                }
+            }
+        }
+        fed.shutdown().await;
+        result
+    }
+}
+
+fn print_how_to_call(fed: &LocalFederation) {
+    let node = fed.node("mlspp");
+    let (cert, key) = fed.layout.client(&BENEFITS.parse().expect("valid id"));
+    println!("\nThe consumer's security server (MLSPP) takes calls from the benefits system at:");
+    println!("  address      {}", node.server.client_addr);
+    println!("  CA           {}", fed.layout.ca_cert().display());
+    println!("  client cert  {}", cert.display());
+    println!("  client key   {}", key.display());
+    println!("  metadata     kopir-client: {BENEFITS}");
+    println!(
+        "               kopir-service: KZ/GOV/MOJ/population | KZ/GOV/SRC/income | KZ/GOV/MOJ/realty"
+    );
+    println!("               kopir-purpose: child-benefit | benefit-means-test");
+    if let Some(iin) = fed.dataset.sample_parents(1).first() {
+        println!("               kopir-subject: iin:{iin}   (a parent in the mock registers)");
+    }
+    println!(
+        "  protos       proto/kz/population/v1/population.proto, proto/kz/income/v1/income.proto, proto/kz/realty/v1/realty.proto"
+    );
+    println!("Press Ctrl-C to stop.");
+}

@@ -1,0 +1,72 @@
+//! The command line: one file per command family.
+
+pub mod authority;
+pub mod certs;
+pub mod demo;
+pub mod registry;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// kopir: a once-only data-exchange gateway between agencies.
+#[derive(Debug, Parser)]
+#[command(name = "kopir", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a security server.
+    Serve(serve::Args),
+    /// Governance authority: sign and publish the global configuration.
+    #[command(subcommand)]
+    Authority(authority::Command),
+    /// Certificates for development.
+    #[command(subcommand)]
+    Certs(certs::Command),
+    /// Mock registries.
+    #[command(subcommand)]
+    Registry(registry::Command),
+    /// Run the whole federation on loopback and the child-benefit life event through it.
+    Demo(demo::Args),
+}
+
+impl Cli {
+    /// Runs the chosen command.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Serve(a) => a.run().await,
+            Command::Authority(c) => c.run().await,
+            Command::Certs(c) => c.run(),
+            Command::Registry(c) => c.run().await,
+            Command::Demo(a) => a.run().await,
+        }
+    }
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

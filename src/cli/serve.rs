@@ -1,0 +1,34 @@
+//! `kopir serve --config FILE`: one security server.
+
+use std::{path::PathBuf, sync::Arc};
+
+use crate::{
+    audit::{AuditConfig, AuditLog},
+    config::ServerConfig,
+    pki::sign::SigningKey,
+    server::{Listeners, start},
+};
+
+/// Arguments of `kopir serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The server's configuration file (TOML; see the README's configuration reference).
+    #[arg(long, short, env = "KOPIR_CONFIG")]
+    pub config: PathBuf,
+}
+
+impl Args {
+    /// Runs the server until Ctrl-C or SIGTERM.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let config = ServerConfig::load(&self.config)?;
+        let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
+        let audit = crate::audit::open(&AuditConfig::embedded(&config.data_dir), signer).await?;
+        let listeners = Listeners::bind(&config).await?;
+        let server = start(config, listeners, audit.clone() as Arc<dyn AuditLog>).await?;
+        super::stop_signal().await;
+        tracing::info!("stopping");
+        server.shutdown().await;
+        audit.shutdown().await;
+        Ok(())
+    }
+}

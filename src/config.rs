@@ -1,0 +1,186 @@
+//! A security server's own configuration (`kopir serve --config FILE`, TOML).
+//! Relative paths are taken from the configuration file's folder.
+//!
+//! ```toml
+//! server_id = "KZ/GOV/MOJ/ss1"
+//! data_dir = "data/moj"
+//!
+//! [listen]
+//! client = "127.0.0.1:8080"     # information systems (TLS with client certificates)
+//! peer = "0.0.0.0:8443"         # other security servers (mutual TLS only)
+//! admin = "127.0.0.1:8480"      # operators (mutual TLS; audit, health)
+//!
+//! [tls]
+//! cert = "certs/tls.crt"
+//! key = "certs/tls.key"
+//! [signing]
+//! cert = "certs/signing.crt"
+//! key = "certs/signing.key"
+//! [globalconf]
+//! path = "globalconf.json"
+//! anchors = ["certs/authority.crt"]
+//!
+//! [[clients]]                   # information systems that may call through this server
+//! id = "KZ/GOV/MOJ/app"
+//! cert = "certs/app.crt"
+//!
+//! [[services]]                  # registries this server provides
+//! id = "KZ/GOV/MOJ/population"
+//! endpoint = "http://127.0.0.1:7001"
+//!
+//! [[access]]                    # who may call them (deny by default)
+//! service = "KZ/GOV/MOJ/population"
+//! client = "KZ/GOV/MLSPP/benefits"
+//! methods = ["kz.population.v1.PopulationRegistry/*"]
+//! purposes = ["child-benefit"]
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    exchange::Limits,
+    id::{ServerId, SubsystemId},
+    policy::AccessRule,
+};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// This server's id, `MEMBER/CODE`; its member signs with `signing`.
+    pub server_id: ServerId,
+    /// Where the server keeps its state (the embedded audit store...).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Addresses to listen on.
+    pub listen: Listen,
+    /// The server's TLS certificate and key (client, peer and admin ports).
+    pub tls: KeyFiles,
+    /// The member's signing certificate and key.
+    pub signing: KeyFiles,
+    /// Where the global configuration comes from.
+    pub globalconf: GlobalConfSource,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Local information systems.
+    #[serde(default)]
+    pub clients: Vec<LocalClient>,
+    /// Local registries.
+    #[serde(default)]
+    pub services: Vec<LocalService>,
+    /// Access rules.
+    #[serde(default)]
+    pub access: Vec<AccessRule>,
+    /// Certificates of operators allowed on the admin port.
+    #[serde(default)]
+    pub operators: Vec<PathBuf>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+/// Listening addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Client port, for the member's information systems.
+    pub client: SocketAddr,
+    /// Peer port, for other security servers.
+    pub peer: SocketAddr,
+    /// Admin port, for operators.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// Development only: accept plaintext on the client port, without client
+    /// authentication. Refused unless `client` is a loopback address.
+    #[serde(default)]
+    pub plaintext_client: bool,
+}
+
+/// A certificate file and its private key file (PEM).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFiles {
+    /// Certificate (chain) file.
+    pub cert: PathBuf,
+    /// Private key file.
+    pub key: PathBuf,
+}
+
+/// Where the global configuration comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConfSource {
+    /// The signed file the authority publishes.
+    pub path: PathBuf,
+    /// The authority's certificates whose keys may sign it.
+    pub anchors: Vec<PathBuf>,
+    /// How often to check the file for a new version, in seconds.
+    #[serde(default = "default_refresh")]
+    pub refresh_secs: u64,
+}
+
+fn default_refresh() -> u64 {
+    5
+}
+
+/// An information system allowed on the client port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalClient {
+    /// Its subsystem id.
+    pub id: SubsystemId,
+    /// Its TLS client certificate.
+    pub cert: PathBuf,
+}
+
+/// A registry this server provides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalService {
+    /// The provider subsystem id.
+    pub id: SubsystemId,
+    /// The registry's gRPC endpoint, e.g. `http://127.0.0.1:7001`.
+    pub endpoint: String,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ServerConfig {
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let mut config: ServerConfig =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        config.rebase(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn rebase(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.signing.cert);
+        fix(&mut self.signing.key);
+        fix(&mut self.globalconf.path);
+        self.globalconf.anchors.iter_mut().for_each(fix);
+        self.clients.iter_mut().for_each(|c| fix(&mut c.cert));
+        self.operators.iter_mut().for_each(fix);
+    }
+}

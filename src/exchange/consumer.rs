@@ -1,0 +1,343 @@
+//! The consumer's side: an information system's call on the client port,
+//! authenticated, signed, audited, forwarded to the provider's server, and its
+//! verified answer released.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::body::Body;
+use http::{Request, Response};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use super::{
+    Gateway, Known, deadline, durable, envelope, frame,
+    meta::{CallMeta, keys},
+    now_ms, peers, record_refusal, registry_status,
+};
+use crate::{
+    audit::{Side, Step},
+    error::{Reason, Refusal},
+    globalconf::{ConfError, ConfView},
+    pki::{self, Fingerprint, sha256},
+    policy,
+    proto::kopir::v1::{ForwardRequest, ForwardResponse},
+};
+
+/// What the global configuration state means for an exchange.
+pub(crate) fn conf_refusal(e: ConfError) -> Refusal {
+    match e {
+        ConfError::Invalid(why) => Refusal::new(
+            Reason::GlobalconfInvalid,
+            format!("{why}; exchanges are refused until a valid one arrives"),
+        ),
+        ConfError::Stale(_) => Refusal::new(Reason::GlobalconfStale, e.to_string()),
+    }
+}
+
+/// Handles one call on the client port. Never fails: every refusal becomes a
+/// gRPC status with its `kopir-error` trailer.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Body> {
+    let method = req.uri().path().to_owned();
+    let meta = match CallMeta::from_headers(&method, req.headers()) {
+        Ok(meta) => meta,
+        Err(refusal) => {
+            let known = raw_known(&method, req.headers());
+            record_refusal(&*gw.audit, &known, Side::Consumer, Step::Refused, &refusal).await;
+            return frame::status_response(refusal.to_status(Some(&known.request_id)));
+        }
+    };
+    let known = Known::from(&meta);
+    let request_id = meta.request_id.clone();
+    match exchange(&gw, meta, &known, req).await {
+        Ok(response) => response,
+        Err((step, refusal)) => {
+            if step == Step::Refused {
+                record_refusal(&*gw.audit, &known, Side::Consumer, step, &refusal).await;
+            }
+            frame::status_response(refusal.to_status(Some(&request_id)))
+        }
+    }
+}
+
+/// The raw header values of a request whose metadata did not parse.
+fn raw_known(method: &str, headers: &http::HeaderMap) -> Known {
+    let get = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .chars()
+            .take(256)
+            .collect::<String>()
+    };
+    let request_id = Some(get(keys::REQUEST_ID))
+        .filter(|id| crate::id::Code::parse("request id", id).is_ok())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    Known {
+        request_id,
+        client: get(keys::CLIENT),
+        service: get(keys::SERVICE),
+        method: method.chars().take(256).collect(),
+        purpose: get(keys::PURPOSE),
+        subject: None,
+        user: None,
+    }
+}
+
+type Failed = (Step, Refusal);
+
+fn refused(r: Refusal) -> Failed {
+    (Step::Refused, r)
+}
+
+async fn exchange(
+    gw: &Gateway,
+    meta: CallMeta,
+    known: &Known,
+    req: Request<Body>,
+) -> Result<Response<Body>, Failed> {
+    // 1. Authenticate the information system by its client certificate.
+    authenticate(gw, &meta, &req).map_err(refused)?;
+    // 2. The global configuration must be valid and fresh.
+    let view = gw.conf.current().map_err(conf_refusal).map_err(refused)?;
+    // 3. The service must exist; the purpose must exist; personal data needs a subject.
+    let entry = view
+        .service(&meta.service)
+        .filter(|e| !e.endpoints.is_empty())
+        .ok_or_else(|| {
+            refused(Refusal::new(
+                Reason::ServiceUnknown,
+                format!(
+                    "{} is not a service of any security server in global configuration {}",
+                    meta.service,
+                    view.serial()
+                ),
+            ))
+        })?;
+    policy::check_purpose_and_subject(&view, &meta, entry.personal_data).map_err(refused)?;
+    let timeout = deadline(req.headers(), gw.limits.timeout());
+    let started = tokio::time::Instant::now();
+    // 4. Read the body within the limit.
+    let body = frame::read_unary(req.into_body(), gw.limits.max_body_bytes)
+        .await
+        .map_err(refused)?;
+    // 5. Sign the canonical request.
+    let header = meta.to_header(now_ms(), sha256(&body));
+    let (signature, request_hash) =
+        envelope::sign_request(&header, gw.server_id.member(), &gw.signer);
+    // 6. No audit, no data: the record is durable before anything leaves.
+    let mut rec = known.record(Side::Consumer, Step::Forwarded);
+    rec.body_sha256 = Some(sha256(&body));
+    rec.request_hash = Some(request_hash);
+    rec.signature = Some(signature.value.to_vec());
+    durable(&*gw.audit, rec).await.map_err(refused)?;
+    let forward = ForwardRequest {
+        header: Some(header),
+        signature: Some(signature),
+        body,
+    };
+    // 7. Forward to a server of the provider and verify its signed answer.
+    let outcome = forward_and_verify(
+        gw,
+        &view,
+        &meta,
+        entry,
+        forward,
+        &request_hash,
+        timeout,
+        started,
+    )
+    .await;
+    let (response, peer) = match outcome {
+        Ok(ok) => ok,
+        Err(refusal) => {
+            let mut rec = known.refusal(Side::Consumer, Step::Failed, &refusal);
+            rec.request_hash = Some(request_hash);
+            durable(&*gw.audit, rec).await.map_err(refused)?;
+            return Err((Step::Failed, refusal));
+        }
+    };
+    let h = response.header.unwrap_or_default();
+    // 8. Record the answer durably before releasing it.
+    let mut rec = known.record(Side::Consumer, Step::Answered);
+    rec.peer = Some(peer);
+    rec.status = h.status_code;
+    rec.body_sha256 = Some(sha256(&response.body));
+    rec.request_hash = Some(request_hash);
+    rec.signature = response.signature.map(|s| s.value.to_vec());
+    durable(&*gw.audit, rec)
+        .await
+        .map_err(|r| (Step::Failed, r))?;
+    // 9. Answer.
+    if h.status_code == 0 {
+        Ok(frame::ok_response(&response.body, &meta.request_id))
+    } else {
+        Ok(frame::status_response(registry_status(
+            h.status_code,
+            &h.status_message,
+            &meta.request_id,
+        )))
+    }
+}
+
+fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<(), Refusal> {
+    let expected = gw.clients.get(&meta.client).ok_or_else(|| {
+        Refusal::new(
+            Reason::ClientUnknown,
+            format!(
+                "{} is not registered as a client on security server {}",
+                meta.client, gw.server_id
+            ),
+        )
+    })?;
+    if gw.plaintext_clients {
+        return Ok(());
+    }
+    let cert = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs())
+        .and_then(|certs| certs.first().cloned())
+        .ok_or_else(|| {
+            Refusal::new(
+                Reason::ClientCertificateMissing,
+                format!(
+                    "present the TLS client certificate registered for {}",
+                    meta.client
+                ),
+            )
+        })?;
+    if Fingerprint::of(cert.as_ref()) != *expected {
+        return Err(Refusal::new(
+            Reason::ClientCertificateMismatch,
+            format!(
+                "the client certificate is not the one registered for {}",
+                meta.client
+            ),
+        ));
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    match pki::validity(cert.as_ref()) {
+        Ok((from, to)) if (from..=to).contains(&now) => Ok(()),
+        _ => Err(Refusal::new(
+            Reason::ClientCertificateMismatch,
+            format!(
+                "the client certificate of {} is expired or not yet valid",
+                meta.client
+            ),
+        )),
+    }
+}
+
+/// Sends the request to the provider's servers in turn (moving on only when a
+/// connection could not be made, so a request is never delivered twice) and
+/// verifies the answer. Returns the response and the id of the server that gave it.
+#[allow(clippy::too_many_arguments)]
+async fn forward_and_verify(
+    gw: &Gateway,
+    view: &ConfView,
+    meta: &CallMeta,
+    entry: &crate::globalconf::view::ServiceEntry,
+    forward: ForwardRequest,
+    request_hash: &[u8; 32],
+    timeout: Duration,
+    started: tokio::time::Instant,
+) -> Result<(ForwardResponse, String), Refusal> {
+    let mut last = None;
+    for endpoint in &entry.endpoints {
+        let remaining = timeout.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            break;
+        }
+        let mut client = gw
+            .peers
+            .client(endpoint)
+            .map_err(|e| Refusal::new(Reason::Internal, e.to_string()))?;
+        let mut request = tonic::Request::new(forward.clone());
+        // Leave the provider a little less time than we wait, so that its own
+        // deadline refusal reaches us first.
+        request.set_timeout(remaining.mul_f32(0.95));
+        let call = tokio::time::timeout(remaining, client.forward(request)).await;
+        let status = match call {
+            Err(_) => {
+                return Err(Refusal::new(
+                    Reason::DeadlineExceeded,
+                    format!(
+                        "{} did not answer within {} ms",
+                        endpoint.server,
+                        timeout.as_millis()
+                    ),
+                ));
+            }
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                let h = response.header.clone().unwrap_or_default();
+                envelope::verify_response(
+                    view,
+                    &h,
+                    response.signature.as_ref(),
+                    meta.service.member(),
+                    request_hash,
+                    now_ms() / 1000,
+                )?;
+                if sha256(&response.body)[..] != h.body_sha256[..] {
+                    return Err(Refusal::new(
+                        Reason::ResponseSignatureInvalid,
+                        "the provider's response body does not match its signed hash; the answer was withheld",
+                    ));
+                }
+                return Ok((response, endpoint.server.to_string()));
+            }
+            Ok(Err(status)) => status,
+        };
+        if let Some(refusal) = Refusal::from_status(&status) {
+            // The provider refused: relay its reason and words.
+            return Err(refusal);
+        }
+        match std::error::Error::source(&status).and_then(|e| peers::connect_failure(e)) {
+            Some(cf) if cf.untrusted => {
+                last = Some(Refusal::new(
+                    Reason::ProviderUntrusted,
+                    format!(
+                        "{} did not present the TLS certificate the global configuration lists for it: {cf}",
+                        endpoint.server
+                    ),
+                ));
+            }
+            Some(cf) => {
+                last = Some(Refusal::new(
+                    Reason::ProviderUnavailable,
+                    format!("{}: {cf}", endpoint.server),
+                ));
+            }
+            None if status.code() == tonic::Code::DeadlineExceeded
+                || status.code() == tonic::Code::Cancelled =>
+            {
+                return Err(Refusal::new(
+                    Reason::DeadlineExceeded,
+                    format!(
+                        "{} did not answer within {} ms",
+                        endpoint.server,
+                        timeout.as_millis()
+                    ),
+                ));
+            }
+            None => {
+                return Err(Refusal::new(
+                    Reason::ProviderUnavailable,
+                    format!(
+                        "{} failed the exchange: {} {}",
+                        endpoint.server,
+                        status.code(),
+                        status.message()
+                    ),
+                ));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        Refusal::new(
+            Reason::ProviderUnavailable,
+            format!("no server of {} could be reached", meta.service),
+        )
+    }))
+}

@@ -1,0 +1,265 @@
+//! The security path of one exchange.
+//!
+//! ```text
+//! information system ──gRPC──▶ consumer side (client port)            provider side (peer port) ──gRPC──▶ registry
+//!   authenticate client cert → check global configuration → check service, purpose, subject
+//!   → sign request → AUDIT (forwarded) → forward over mutual TLS ─────▶
+//!        authenticate peer cert → check global configuration → verify signature and body
+//!        → timestamp window and replay → access rule → basis → AUDIT (accepted) → call registry
+//!        → sign response bound to the request hash → AUDIT (answered) ◀─────
+//!   verify response signature → AUDIT (answered) → answer
+//! ```
+//!
+//! - [`consumer`] and [`provider`] hold the two halves, each reading top to bottom.
+//! - [`meta`] parses the request metadata; [`envelope`] signs and verifies.
+//! - [`frame`] and [`upstream`] pass message bytes through untouched.
+//! - [`peers`] keeps pinned mutual-TLS connections to other servers;
+//!   [`replay`] refuses a request id seen before.
+
+pub mod consumer;
+pub mod envelope;
+pub mod frame;
+pub mod meta;
+pub mod peers;
+pub mod provider;
+pub mod replay;
+pub mod upstream;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tonic::Code;
+
+use crate::{
+    audit::{AuditLog, AuditRecord, Side, Step},
+    error::{Reason, Refusal},
+    globalconf::GlobalConfHandle,
+    id::{ServerId, SubsystemId},
+    pki::{Fingerprint, sign::SigningKey},
+    policy::AccessPolicy,
+};
+use meta::CallMeta;
+
+/// Limits of one security server.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request or response message, in bytes.
+    pub max_body_bytes: usize,
+    /// How far a request's signed time may be from the provider's clock, in ms.
+    pub max_clock_skew_ms: i64,
+    /// Deadline of a call that carries none, and the longest one honoured, in ms.
+    pub timeout_ms: u64,
+    /// How long to wait for a TCP/TLS connection to a peer or registry, in ms.
+    pub connect_timeout_ms: u64,
+    /// Calls processed at once per port; more are shed with `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_calls: usize,
+    /// Request ids remembered for replay protection.
+    pub replay_capacity: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_clock_skew_ms: 60_000,
+            timeout_ms: 30_000,
+            connect_timeout_ms: 2_000,
+            max_concurrent_calls: 1024,
+            replay_capacity: 1_000_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The default and maximum deadline.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// Everything the security path of one server needs, shared by its ports.
+pub struct Gateway {
+    /// This server's id.
+    pub server_id: ServerId,
+    /// The global configuration.
+    pub conf: GlobalConfHandle,
+    /// The member's signing key.
+    pub signer: Arc<SigningKey>,
+    /// Where audit records are made durable.
+    pub audit: Arc<dyn AuditLog>,
+    /// Limits.
+    pub limits: Limits,
+    /// Local information systems allowed on the client port, by the fingerprint
+    /// of their client certificate.
+    pub clients: HashMap<SubsystemId, Fingerprint>,
+    /// True if the client port accepts plaintext (development, loopback only):
+    /// then clients are not authenticated.
+    pub plaintext_clients: bool,
+    /// Registries this server provides.
+    pub services: HashMap<SubsystemId, upstream::Registry>,
+    /// Access rules for them.
+    pub policy: AccessPolicy,
+    /// Connections to peer servers.
+    pub peers: peers::Peers,
+    /// Replay protection.
+    pub replay: replay::ReplayGuard,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("server_id", &self.server_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}
+
+/// What is known of a request when a record is written: parsed metadata, or the
+/// raw header values of a request refused before they could be parsed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Known {
+    request_id: String,
+    client: String,
+    service: String,
+    method: String,
+    purpose: String,
+    subject: Option<String>,
+    user: Option<String>,
+}
+
+impl From<&CallMeta> for Known {
+    fn from(m: &CallMeta) -> Self {
+        Self {
+            request_id: m.request_id.clone(),
+            client: m.client.to_string(),
+            service: m.service.to_string(),
+            method: m.method.clone(),
+            purpose: m.purpose.to_string(),
+            subject: m.subject.as_ref().map(ToString::to_string),
+            user: m.user.clone(),
+        }
+    }
+}
+
+impl Known {
+    /// A record of `step` for this request.
+    pub(crate) fn record(&self, side: Side, step: Step) -> AuditRecord {
+        AuditRecord {
+            request_id: self.request_id.clone(),
+            at_ms: now_ms(),
+            side,
+            step,
+            client: self.client.clone(),
+            service: self.service.clone(),
+            method: self.method.clone(),
+            purpose: self.purpose.clone(),
+            subject: self.subject.clone(),
+            basis: None,
+            user: self.user.clone(),
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: None,
+            request_hash: None,
+            signature: None,
+        }
+    }
+
+    /// A record of a refusal or failure.
+    pub(crate) fn refusal(&self, side: Side, step: Step, refusal: &Refusal) -> AuditRecord {
+        let mut r = self.record(side, step);
+        r.status = refusal.code as i32;
+        r.reason = Some(refusal.reason.as_str().into());
+        r.message = Some(refusal.message.clone());
+        r
+    }
+}
+
+/// Makes `record` durable, or refuses with `audit.unavailable`.
+pub(crate) async fn durable(audit: &dyn AuditLog, record: AuditRecord) -> Result<(), Refusal> {
+    audit.append(record).await.map_err(|e| {
+        tracing::error!(error = %e, "audit record could not be made durable");
+        Refusal::new(
+            Reason::AuditUnavailable,
+            "this security server cannot make its audit record durable, so nothing was sent or released; retry later",
+        )
+    })
+}
+
+/// Records a refusal; the refusal stands even if the record cannot be written
+/// (the error is logged), since nothing is released either way.
+pub(crate) async fn record_refusal(
+    audit: &dyn AuditLog,
+    known: &Known,
+    side: Side,
+    step: Step,
+    refusal: &Refusal,
+) {
+    tracing::info!(request_id = %known.request_id, reason = %refusal.reason, message = %refusal.message, side = side.as_str(), "refused");
+    if let Err(e) = audit.append(known.refusal(side, step, refusal)).await {
+        tracing::error!(error = %e, request_id = %known.request_id, "refusal could not be audited");
+    }
+}
+
+/// The deadline a caller asked for in `grpc-timeout`, capped by `max`.
+pub fn deadline(headers: &http::HeaderMap, max: Duration) -> Duration {
+    let asked = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    asked.map_or(max, |d| d.min(max))
+}
+
+fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A status for a registry's own (non-OK) answer, passed through as it is.
+pub(crate) fn registry_status(code: i32, message: &str, request_id: &str) -> tonic::Status {
+    let mut md = tonic::metadata::MetadataMap::new();
+    if let Ok(v) = request_id.parse() {
+        md.insert(crate::error::REQUEST_ID_KEY, v);
+    }
+    tonic::Status::with_metadata(Code::from_i32(code), message.to_owned(), md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-timeout", "1H".parse().unwrap());
+        assert_eq!(
+            deadline(&h, Duration::from_secs(30)),
+            Duration::from_secs(30)
+        );
+    }
+}

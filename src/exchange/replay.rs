@@ -1,0 +1,95 @@
+//! Replay protection on the provider side: a request id may be accepted once per
+//! client within the timestamp window (a request older than the window is
+//! refused for its timestamp, so the memory needed is bounded by the rate times
+//! the window).
+
+use std::{collections::HashMap, sync::Mutex};
+
+use crate::error::{Reason, Refusal};
+
+/// Remembers accepted (client, request id) pairs until their window passes.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    window_ms: i64,
+    capacity: usize,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    expires: HashMap<(String, String), i64>,
+    next_sweep_at: usize,
+}
+
+impl ReplayGuard {
+    /// A guard for a timestamp window of `window_ms` either side, holding at
+    /// most `capacity` entries.
+    pub fn new(window_ms: i64, capacity: usize) -> Self {
+        Self {
+            window_ms,
+            capacity,
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// Records the pair, or refuses it if already seen within the window.
+    pub fn check(
+        &self,
+        client: &str,
+        request_id: &str,
+        timestamp_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), Refusal> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.expires.len() >= seen.next_sweep_at {
+            seen.expires.retain(|_, exp| *exp > now_ms);
+            seen.next_sweep_at = (seen.expires.len() * 2).max(1024);
+        }
+        let key = (client.to_owned(), request_id.to_owned());
+        if seen.expires.get(&key).is_some_and(|exp| *exp > now_ms) {
+            return Err(Refusal::new(
+                Reason::RequestReplayed,
+                format!(
+                    "request id {request_id:?} of {client} was already accepted; send each request with a new id"
+                ),
+            ));
+        }
+        if seen.expires.len() >= self.capacity {
+            return Err(Refusal::new(
+                Reason::Overloaded,
+                "the replay cache is full; retry shortly",
+            ));
+        }
+        seen.expires.insert(key, timestamp_ms + 2 * self.window_ms);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_use_is_refused_until_the_window_passes() {
+        let guard = ReplayGuard::new(1000, 10);
+        guard.check("c", "r1", 0, 0).unwrap();
+        assert_eq!(
+            guard.check("c", "r1", 0, 10).unwrap_err().reason,
+            Reason::RequestReplayed
+        );
+        guard.check("other", "r1", 0, 10).unwrap();
+        guard.check("c", "r1", 0, 5000).unwrap();
+    }
+
+    #[test]
+    fn bounded() {
+        let guard = ReplayGuard::new(1_000_000, 3);
+        for i in 0..3 {
+            guard.check("c", &i.to_string(), 0, 0).unwrap();
+        }
+        assert_eq!(
+            guard.check("c", "x", 0, 0).unwrap_err().reason,
+            Reason::Overloaded
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! A whole federation in one process, on loopback: the development PKI, the
+//! three mock registries, the signed global configuration and the security
+//! servers of `deploy/` (MLSPP, MOJ, SRC). `kopir demo` runs it; integration
+//! tests and benchmarks start it too, adjusting the servers' configurations.
+//!
+//! It is built from the same files that `docker-compose.yml` uses
+//! (`deploy/federation.toml` and `deploy/{mlspp,moj,src}.toml`, compiled in),
+//! with listen addresses, registry endpoints and folders replaced by its own.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context;
+use time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    audit::{AuditConfig, AuditHandle, AuditLog},
+    config::ServerConfig,
+    globalconf::{describe::Federation, signed},
+    id::SubsystemId,
+    pki::{
+        dev::{self, DevLayout},
+        load_certs, load_key,
+        sign::SigningKey,
+        tls::ca_client_config,
+    },
+    registry::{Dataset, RegistryHandle, RegistryKind},
+    server::{Listeners, RunningServer, start},
+};
+
+/// The authority's description of the demo federation.
+pub const FEDERATION_TOML: &str = include_str!("../deploy/federation.toml");
+/// The demo's security servers: (name, configuration).
+pub const SERVER_TOMLS: [(&str, &str); 3] = [
+    ("mlspp", include_str!("../deploy/mlspp.toml")),
+    ("moj", include_str!("../deploy/moj.toml")),
+    ("src", include_str!("../deploy/src.toml")),
+];
+/// The information system of the demo's life event.
+pub const BENEFITS: &str = "KZ/GOV/MLSPP/benefits";
+
+/// One running security server of the federation.
+#[derive(Debug)]
+pub struct Node {
+    /// Its configuration, as started.
+    pub config: ServerConfig,
+    /// The running server.
+    pub server: RunningServer,
+    /// Its audit log.
+    pub audit: Arc<AuditHandle>,
+}
+
+/// A running federation.
+#[derive(Debug)]
+pub struct LocalFederation {
+    /// The folder holding its PKI, configurations, global configuration and data.
+    pub dir: PathBuf,
+    /// The development PKI.
+    pub layout: DevLayout,
+    /// The authority's description, with the real addresses.
+    pub description: Federation,
+    /// Where the signed global configuration is published.
+    pub globalconf_path: PathBuf,
+    /// Servers by name (`mlspp`, `moj`, `src`).
+    pub nodes: BTreeMap<String, Node>,
+    /// The registries, by kind.
+    pub registries: BTreeMap<RegistryKind, RegistryHandle>,
+    /// The synthetic data behind the registries.
+    pub dataset: Arc<Dataset>,
+}
+
+/// How to adjust a server's configuration before it starts: called with the
+/// server's name and its configuration.
+pub type Adjust<'a> = &'a dyn Fn(&str, &mut ServerConfig);
+
+impl LocalFederation {
+    /// Starts the federation under `dir` (made if missing).
+    pub async fn launch(dir: &Path, adjust: Adjust<'_>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let deploy = dir.join("deploy");
+        std::fs::create_dir_all(&deploy)?;
+        std::fs::write(deploy.join("federation.toml"), FEDERATION_TOML)?;
+        let mut description = Federation::load(&deploy.join("federation.toml"))?;
+        let layout = dev::generate(&description.dev_pki_spec()?, &dir.join("certs-dev"))?;
+
+        let dataset = Arc::new(Dataset::demo());
+        let mut registries = BTreeMap::new();
+        for kind in [
+            RegistryKind::Population,
+            RegistryKind::Income,
+            RegistryKind::Realty,
+        ] {
+            let handle = RegistryHandle::spawn(kind, dataset.clone(), loopback()).await?;
+            registries.insert(kind, handle);
+        }
+
+        let globalconf_path = dir.join("globalconf.json");
+        let mut prepared = Vec::new();
+        for (name, text) in SERVER_TOMLS {
+            let path = deploy.join(format!("{name}.toml"));
+            std::fs::write(&path, text)?;
+            let mut config = ServerConfig::load(&path)?;
+            config.data_dir = dir.join("data").join(name);
+            config.globalconf.path = globalconf_path.clone();
+            config.globalconf.refresh_secs = 1;
+            config.listen.client = loopback();
+            config.listen.peer = loopback();
+            config.listen.admin = Some(loopback());
+            for service in &mut config.services {
+                let kind = registries
+                    .values()
+                    .find(|r| r.kind().default_service_id() == service.id.to_string())
+                    .with_context(|| format!("no mock registry for {}", service.id))?;
+                service.endpoint = kind.uri();
+            }
+            adjust(name, &mut config);
+            let listeners = Listeners::bind(&config).await?;
+            let peer = listeners.peer.local_addr()?;
+            let member = config.server_id.member().clone();
+            let server_code = config.server_id.0.code.clone();
+            for m in description.members.iter_mut().filter(|m| m.id == member) {
+                for s in m.servers.iter_mut().filter(|s| s.code == server_code) {
+                    s.address = peer.to_string();
+                }
+            }
+            prepared.push((name.to_string(), config, listeners));
+        }
+        let fed = Self {
+            dir: dir.to_path_buf(),
+            layout,
+            description,
+            globalconf_path,
+            nodes: BTreeMap::new(),
+            registries,
+            dataset,
+        };
+        fed.publish(Duration::hours(24))?;
+
+        let mut fed = fed;
+        for (name, config, listeners) in prepared {
+            let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
+            let audit =
+                crate::audit::open(&AuditConfig::embedded(&config.data_dir), signer).await?;
+            let server = start(
+                config.clone(),
+                listeners,
+                audit.clone() as Arc<dyn AuditLog>,
+            )
+            .await?;
+            fed.nodes.insert(
+                name,
+                Node {
+                    config,
+                    server,
+                    audit,
+                },
+            );
+        }
+        Ok(fed)
+    }
+
+    /// Signs and publishes the global configuration, valid for `valid_for`
+    /// from now (negative: already expired), with a new serial.
+    pub fn publish(&self, valid_for: Duration) -> anyhow::Result<()> {
+        let serial = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1000;
+        let mut conf = self.description.build(serial, valid_for)?;
+        conf.expires_at = conf.issued_at + valid_for;
+        let key = SigningKey::load(&self.layout.authority_cert(), &self.layout.authority_key())?;
+        write_atomically(&self.globalconf_path, signed::sign(&conf, &key).as_bytes())?;
+        Ok(())
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> &Node {
+        &self.nodes[name]
+    }
+
+    /// A channel from an information system to the client port of its member's
+    /// server, authenticated with the system's client certificate.
+    pub async fn client_channel(&self, node: &str, subsystem: &str) -> anyhow::Result<Channel> {
+        let id: SubsystemId = subsystem.parse()?;
+        let (cert, key) = self.layout.client(&id);
+        let identity = Some((load_certs(&cert)?, load_key(&key)?));
+        self.channel_to(self.node(node).server.client_addr, identity)
+            .await
+    }
+
+    /// A channel to `addr` over TLS trusting the development CA, presenting
+    /// `identity` if given.
+    pub async fn channel_to(
+        &self,
+        addr: SocketAddr,
+        identity: Option<(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        )>,
+    ) -> anyhow::Result<Channel> {
+        let tls = ca_client_config(&load_certs(&self.layout.ca_cert())?, identity)?;
+        tls_channel(addr, tls).await
+    }
+
+    /// Stops every server (writing their final checkpoints) and registry.
+    pub async fn shutdown(self) {
+        for (_, node) in self.nodes {
+            node.server.shutdown().await;
+            node.audit.shutdown().await;
+        }
+        for (_, registry) in self.registries {
+            let _ = registry.shutdown().await;
+        }
+    }
+}
+
+/// A channel to `addr` over TLS with the given client configuration.
+pub async fn tls_channel(addr: SocketAddr, tls: rustls::ClientConfig) -> anyhow::Result<Channel> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(connect)
+        .await?)
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Writes a file by renaming a temporary one over it, so a reader never sees
+/// half of it.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, path)
+}

@@ -1,0 +1,96 @@
+//! The global configuration document, as the authority publishes it (JSON).
+//! Certificates travel inside it as PEM so that the document is self-contained.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::id::{Code, MemberId};
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConf {
+    /// The federation instance, e.g. `KZ`; every member id starts with it.
+    pub instance: String,
+    /// Increases with every publication; a server never goes back to a lower one.
+    pub serial: u64,
+    /// When the authority signed it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    /// After this instant servers refuse to exchange on it (`globalconf.stale`).
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// CA certificates (PEM) that issued the certificates listed below.
+    pub trusted_cas: Vec<String>,
+    /// Every member, its servers and subsystems.
+    pub members: Vec<Member>,
+    /// Purposes for which data may be requested, each with its basis.
+    pub purposes: Vec<Purpose>,
+}
+
+/// An organisation of the federation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// `INSTANCE/CLASS/CODE`.
+    pub id: MemberId,
+    /// Human-readable name.
+    pub name: String,
+    /// The member's signing certificates (PEM); several during a key rollover.
+    pub signing_certs: Vec<String>,
+    /// The member's security servers.
+    pub servers: Vec<Server>,
+    /// The member's subsystems (information systems and services).
+    pub subsystems: Vec<Subsystem>,
+}
+
+/// One security server of a member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Server code; the server id is `MEMBER/CODE`.
+    pub code: String,
+    /// `host:port` of its peer port.
+    pub address: String,
+    /// Its TLS certificate (PEM): the only one accepted for it.
+    pub tls_cert: String,
+    /// Codes of the member's subsystems whose services this server provides.
+    pub subsystems: Vec<String>,
+}
+
+/// A subsystem of a member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subsystem {
+    /// Subsystem code; the subsystem id is `MEMBER/CODE`.
+    pub code: String,
+    /// True if its services return personal data: then every request names its
+    /// subject (`kopir-subject`).
+    #[serde(default)]
+    pub personal_data: bool,
+}
+
+/// A purpose of processing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Purpose {
+    /// Code sent in `kopir-purpose`.
+    pub code: Code,
+    /// What the data is used for, in words a citizen understands.
+    pub description: String,
+    /// What allows the pull.
+    pub basis: Basis,
+}
+
+/// What allows a pull for a purpose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Basis {
+    /// A legal act permits the pull without the subject's consent.
+    LegalAct {
+        /// Citation of the act, e.g. "Social Code, art. 146".
+        act: String,
+    },
+    /// The subject's consent is required.
+    Consent,
+}

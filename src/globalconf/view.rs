@@ -1,0 +1,179 @@
+//! A verified global configuration, indexed for the lookups of the security
+//! path: which keys sign for a member, which TLS certificates are its servers',
+//! where a service is provided, what a purpose's basis is.
+
+use std::collections::HashMap;
+
+use time::OffsetDateTime;
+
+use super::model::{GlobalConf, Purpose};
+use crate::{
+    id::{MemberId, MemberPart, ServerId, SubsystemId},
+    pki::{Fingerprint, certs_from_pem, sign::VerifyingKey},
+};
+
+/// A security server that provides a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The server's id.
+    pub server: ServerId,
+    /// `host:port` of its peer port.
+    pub address: String,
+    /// Fingerprint of its TLS certificate.
+    pub tls: Fingerprint,
+}
+
+/// A provider subsystem as the security path sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceEntry {
+    /// Whether requests must name a subject.
+    pub personal_data: bool,
+    /// The servers that provide it, in the order the configuration lists them.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A verified, indexed global configuration.
+#[derive(Debug)]
+pub struct ConfView {
+    conf: GlobalConf,
+    signing_keys: HashMap<MemberId, Vec<VerifyingKey>>,
+    server_certs: HashMap<MemberId, HashMap<Fingerprint, ServerId>>,
+    servers: HashMap<ServerId, Endpoint>,
+    subsystems: HashMap<SubsystemId, ServiceEntry>,
+    purposes: HashMap<String, Purpose>,
+}
+
+/// A document that verified but cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("global configuration is inconsistent: {0}")]
+pub struct ViewError(pub String);
+
+fn one_cert(pem: &str, what: &str) -> Result<Vec<u8>, ViewError> {
+    let certs = certs_from_pem(pem.as_bytes(), what).map_err(|e| ViewError(e.to_string()))?;
+    Ok(certs[0].as_ref().to_vec())
+}
+
+impl ConfView {
+    /// Indexes `conf`, refusing it if it is inconsistent.
+    pub fn new(conf: GlobalConf) -> Result<Self, ViewError> {
+        let mut view = Self {
+            signing_keys: HashMap::new(),
+            server_certs: HashMap::new(),
+            servers: HashMap::new(),
+            subsystems: HashMap::new(),
+            purposes: HashMap::new(),
+            conf: conf.clone(),
+        };
+        for member in &conf.members {
+            if member.id.instance != conf.instance {
+                return Err(ViewError(format!(
+                    "member {} is not of instance {}",
+                    member.id, conf.instance
+                )));
+            }
+            let mut keys = Vec::new();
+            for pem in &member.signing_certs {
+                let der = one_cert(pem, &format!("signing certificate of {}", member.id))?;
+                keys.push(VerifyingKey::from_cert(&der).map_err(|e| ViewError(e.to_string()))?);
+            }
+            view.signing_keys.insert(member.id.clone(), keys);
+            for sub in &member.subsystems {
+                let id = SubsystemId(part(&member.id, &sub.code)?);
+                let entry = ServiceEntry {
+                    personal_data: sub.personal_data,
+                    endpoints: Vec::new(),
+                };
+                if view.subsystems.insert(id.clone(), entry).is_some() {
+                    return Err(ViewError(format!("subsystem {id} is listed twice")));
+                }
+            }
+            for server in &member.servers {
+                let id = ServerId(part(&member.id, &server.code)?);
+                let der = one_cert(&server.tls_cert, &format!("TLS certificate of {id}"))?;
+                let endpoint = Endpoint {
+                    server: id.clone(),
+                    address: server.address.clone(),
+                    tls: Fingerprint::of(&der),
+                };
+                view.server_certs
+                    .entry(member.id.clone())
+                    .or_default()
+                    .insert(endpoint.tls, id.clone());
+                for code in &server.subsystems {
+                    let sub = SubsystemId(part(&member.id, code)?);
+                    let entry = view.subsystems.get_mut(&sub).ok_or_else(|| {
+                        ViewError(format!(
+                            "server {id} provides {sub}, which is not a subsystem of {}",
+                            member.id
+                        ))
+                    })?;
+                    entry.endpoints.push(endpoint.clone());
+                }
+                if view.servers.insert(id.clone(), endpoint).is_some() {
+                    return Err(ViewError(format!("server {id} is listed twice")));
+                }
+            }
+        }
+        for purpose in &conf.purposes {
+            let code = purpose.code.to_string();
+            if view
+                .purposes
+                .insert(code.clone(), purpose.clone())
+                .is_some()
+            {
+                return Err(ViewError(format!("purpose {code} is listed twice")));
+            }
+        }
+        Ok(view)
+    }
+
+    /// The document.
+    pub fn conf(&self) -> &GlobalConf {
+        &self.conf
+    }
+
+    /// The serial number of the document.
+    pub fn serial(&self) -> u64 {
+        self.conf.serial
+    }
+
+    /// When the document expires.
+    pub fn expires_at(&self) -> OffsetDateTime {
+        self.conf.expires_at
+    }
+
+    /// The member's signing key with this certificate fingerprint.
+    pub fn signing_key(&self, member: &MemberId, key_id: &Fingerprint) -> Option<&VerifyingKey> {
+        self.signing_keys
+            .get(member)?
+            .iter()
+            .find(|k| &k.key_id() == key_id)
+    }
+
+    /// The server of `member` whose TLS certificate has this fingerprint.
+    pub fn server_of(&self, member: &MemberId, tls: &Fingerprint) -> Option<&ServerId> {
+        self.server_certs.get(member)?.get(tls)
+    }
+
+    /// A server by id.
+    pub fn server(&self, id: &ServerId) -> Option<&Endpoint> {
+        self.servers.get(id)
+    }
+
+    /// A subsystem (as a service) by id.
+    pub fn service(&self, id: &SubsystemId) -> Option<&ServiceEntry> {
+        self.subsystems.get(id)
+    }
+
+    /// A purpose by code.
+    pub fn purpose(&self, code: &str) -> Option<&Purpose> {
+        self.purposes.get(code)
+    }
+}
+
+fn part(member: &MemberId, code: &str) -> Result<MemberPart, ViewError> {
+    format!("{member}/{code}")
+        .parse::<SubsystemId>()
+        .map(|s| s.0)
+        .map_err(|e| ViewError(e.to_string()))
+}

@@ -1,0 +1,370 @@
+//! Assembles one security server: its listeners, the TLS in front of them, the
+//! tower layers at the edge, and the services behind each port.
+//!
+//! - client port: the member's information systems call registry methods here;
+//!   health and reflection answer too, every other path goes to
+//!   [`exchange::consumer`].
+//! - peer port: other security servers, mutual TLS only: `kopir.v1.Exchange`
+//!   ([`exchange::provider`]), health, reflection.
+//! - admin port (optional): operators, mutual TLS: health, reflection.
+
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{service::Routes, transport::Server};
+use tonic_health::ServingStatus;
+
+use crate::{
+    audit::AuditLog,
+    config::ServerConfig,
+    exchange::{
+        Gateway, consumer, peers::Peers, provider::Provider, replay::ReplayGuard,
+        upstream::Registry,
+    },
+    globalconf::watch::watch as watch_conf,
+    pki::{
+        Fingerprint, PkiError, load_certs, load_key,
+        sign::{SigningKey, VerifyingKey},
+        tls::server_config,
+    },
+    policy::AccessPolicy,
+    proto::{FILE_DESCRIPTOR_SET, kopir::v1::exchange_server::ExchangeServer},
+};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Key material could not be loaded.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The server's listeners, bound before it starts (so that tests and the demo
+/// can bind port 0 and publish the real addresses first).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Client port.
+    pub client: TcpListener,
+    /// Peer port.
+    pub peer: TcpListener,
+    /// Admin port.
+    pub admin: Option<TcpListener>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+impl Listeners {
+    /// Binds the addresses a configuration names.
+    pub async fn bind(config: &ServerConfig) -> Result<Self, ServerError> {
+        Ok(Self {
+            client: bind(config.listen.client).await?,
+            peer: bind(config.listen.peer).await?,
+            admin: match config.listen.admin {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where the client port listens.
+    pub client_addr: SocketAddr,
+    /// Where the peer port listens.
+    pub peer_addr: SocketAddr,
+    /// Where the admin port listens.
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets calls in flight finish, and waits for the ports to close.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            match task.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "port closed with an error"),
+                Err(e) => tracing::warn!(error = %e, "port task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HANDSHAKES: usize = 256;
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow
+/// client cannot hold up the others), yielding finished TLS streams.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn builder(
+    gw: &Gateway,
+) -> Server<tower::layer::util::Stack<tower::load_shed::LoadShedLayer, tower::layer::util::Identity>>
+{
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .concurrency_limit_per_connection(gw.limits.max_concurrent_calls)
+        .layer(tower::load_shed::LoadShedLayer::new())
+}
+
+/// Starts a security server on pre-bound listeners, writing audit records to `audit`.
+pub async fn start(
+    config: ServerConfig,
+    listeners: Listeners,
+    audit: Arc<dyn AuditLog>,
+) -> Result<RunningServer, ServerError> {
+    let chain = load_certs(&config.tls.cert)?;
+    let key = load_key(&config.tls.key)?;
+    let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
+    let anchors = config
+        .globalconf
+        .anchors
+        .iter()
+        .map(|p| VerifyingKey::from_cert(load_certs(p)?[0].as_ref()))
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    if anchors.is_empty() {
+        return Err(ServerError::Config(
+            "globalconf.anchors names no trust anchor".into(),
+        ));
+    }
+    let conf = watch_conf(
+        config.globalconf.path.clone(),
+        anchors,
+        Duration::from_secs(config.globalconf.refresh_secs.max(1)),
+    );
+    let mut clients = HashMap::new();
+    for c in &config.clients {
+        clients.insert(
+            c.id.clone(),
+            Fingerprint::of(load_certs(&c.cert)?[0].as_ref()),
+        );
+    }
+    let mut services = HashMap::new();
+    for s in &config.services {
+        let registry = Registry::new(
+            &s.endpoint,
+            config.limits.connect_timeout(),
+            config.limits.max_body_bytes,
+        )
+        .map_err(|e| {
+            ServerError::Config(format!("service {}: endpoint {:?}: {e}", s.id, s.endpoint))
+        })?;
+        services.insert(s.id.clone(), registry);
+    }
+    let plaintext = config.listen.plaintext_client;
+    if plaintext
+        && !listeners
+            .client
+            .local_addr()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(false)
+    {
+        return Err(ServerError::Config(
+            "listen.plaintext_client is for development and needs a loopback client address".into(),
+        ));
+    }
+    let gw = Arc::new(Gateway {
+        server_id: config.server_id.clone(),
+        conf: conf.clone(),
+        signer,
+        audit,
+        replay: ReplayGuard::new(
+            config.limits.max_clock_skew_ms,
+            config.limits.replay_capacity,
+        ),
+        peers: Peers::new(
+            chain.clone(),
+            key.clone_key(),
+            config.limits.connect_timeout(),
+            config.limits.max_body_bytes + 64 * 1024,
+        ),
+        limits: config.limits.clone(),
+        clients,
+        plaintext_clients: plaintext,
+        services,
+        policy: AccessPolicy::new(config.access.clone()),
+    });
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key)?));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let stop = move || {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(health, conf.clone(), stop()));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Config(format!("reflection: {e}")))
+    };
+
+    let client_addr = listeners
+        .client
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.client,
+            source,
+        })?;
+    let peer_addr = listeners
+        .peer
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.peer,
+            source,
+        })?;
+    let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
+    let mut tasks = Vec::new();
+
+    // Client port: health, reflection, and the pass-through for everything else.
+    let passthrough = {
+        let gw = gw.clone();
+        tower::service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(consumer::handle(gw, req).await) }
+        })
+    };
+    let router = Routes::new(health_service.clone())
+        .add_service(reflection()?)
+        .into_axum_router()
+        .fallback_service(passthrough);
+    let client = builder(&gw).add_routes(Routes::from(router));
+    tasks.push(if plaintext {
+        tokio::spawn(
+            client.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.client), stop()),
+        )
+    } else {
+        tokio::spawn(
+            client.serve_with_incoming_shutdown(
+                tls_incoming(listeners.client, acceptor.clone()),
+                stop(),
+            ),
+        )
+    });
+
+    // Peer port: the exchange protocol, mutual TLS only.
+    let exchange = ExchangeServer::new(Provider::new(gw.clone()))
+        .max_decoding_message_size(gw.limits.max_body_bytes + 64 * 1024)
+        .max_encoding_message_size(gw.limits.max_body_bytes + 64 * 1024);
+    let peer = builder(&gw)
+        .add_service(health_service.clone())
+        .add_service(reflection()?)
+        .add_service(exchange);
+    tasks.push(tokio::spawn(peer.serve_with_incoming_shutdown(
+        tls_incoming(listeners.peer, acceptor.clone()),
+        stop(),
+    )));
+
+    // Admin port.
+    if let Some(admin) = listeners.admin {
+        let router = builder(&gw)
+            .add_service(health_service)
+            .add_service(reflection()?);
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
+            tls_incoming(admin, acceptor),
+            stop(),
+        )));
+    }
+    tracing::info!(server = %config.server_id, %client_addr, %peer_addr, ?admin_addr, "security server started");
+    Ok(RunningServer {
+        client_addr,
+        peer_addr,
+        admin_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Keeps the health status in line with the global configuration: a server
+/// that would refuse every exchange reports NOT_SERVING.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    conf: crate::globalconf::GlobalConfHandle,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = None;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        let status = if conf.current().is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            for name in ["", "kopir.v1.Exchange"] {
+                reporter.set_service_status(name, status).await;
+            }
+            last = Some(status);
+        }
+    }
+}

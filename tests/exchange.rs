@@ -1,0 +1,558 @@
+//! End-to-end tests of the exchange path: the demo federation on 127.0.0.1:0
+//! with real mutual TLS, real signatures and real gRPC clients; each refusal is
+//! checked for its status and `kopir-error` reason.
+
+use std::{sync::Arc, time::Duration};
+
+use kopir::{
+    error::{ERROR_KEY, REQUEST_ID_KEY},
+    exchange::{envelope, meta::CallMeta, now_ms},
+    federation::{BENEFITS, LocalFederation, tls_channel},
+    id::Iin,
+    pki::{
+        self, Fingerprint, load_certs, load_key, sha256, sign::SigningKey,
+        tls::pinned_client_config,
+    },
+    proto::{
+        kopir::v1::{ForwardRequest, exchange_client::ExchangeClient},
+        kz::population::v1::{
+            GetPersonRequest, population_registry_client::PopulationRegistryClient,
+        },
+    },
+    registry::RegistryKind,
+};
+use prost::Message;
+use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
+
+const POPULATION: &str = "KZ/GOV/MOJ/population";
+const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
+
+struct Harness {
+    fed: LocalFederation,
+    _dir: tempfile::TempDir,
+    parent: Iin,
+}
+
+async fn launch(adjust: kopir::federation::Adjust<'_>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = LocalFederation::launch(dir.path(), adjust).await.unwrap();
+    let parent = fed.dataset.sample_parents(1)[0];
+    Harness {
+        fed,
+        _dir: dir,
+        parent,
+    }
+}
+
+fn with_meta<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
+    let mut r = Request::new(message);
+    for (k, v) in pairs {
+        r.metadata_mut()
+            .insert(*k, MetadataValue::try_from(*v).unwrap());
+    }
+    r
+}
+
+impl Harness {
+    async fn benefits(&self) -> Channel {
+        self.fed.client_channel("mlspp", BENEFITS).await.unwrap()
+    }
+
+    fn get_person(&self) -> Request<GetPersonRequest> {
+        self.get_person_with(&[])
+    }
+
+    fn get_person_with(&self, overrides: &[(&'static str, &str)]) -> Request<GetPersonRequest> {
+        let subject = format!("iin:{}", self.parent);
+        let mut pairs: Vec<(&'static str, String)> = vec![
+            ("kopir-client", BENEFITS.into()),
+            ("kopir-service", POPULATION.into()),
+            ("kopir-purpose", "child-benefit".into()),
+            ("kopir-subject", subject),
+        ];
+        for (k, v) in overrides {
+            pairs.retain(|(key, _)| key != k);
+            if !v.is_empty() {
+                pairs.push((k, v.to_string()));
+            }
+        }
+        let pairs: Vec<(&'static str, &str)> =
+            pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        with_meta(
+            GetPersonRequest {
+                iin: self.parent.to_string(),
+            },
+            &pairs,
+        )
+    }
+
+    /// A raw client of MOJ's peer port presenting `tls` (cert chain, key).
+    async fn peer_client(
+        &self,
+        tls: (
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+    ) -> ExchangeClient<Channel> {
+        let moj = self.fed.node("moj");
+        let moj_fp = Fingerprint::of(load_certs(&moj.config.tls.cert).unwrap()[0].as_ref());
+        let config = pinned_client_config(tls.0, tls.1, vec![moj_fp]).unwrap();
+        ExchangeClient::new(tls_channel(moj.server.peer_addr, config).await.unwrap())
+    }
+
+    /// MLSPP's own TLS identity, as a compromised link would have it.
+    fn mlspp_tls(
+        &self,
+    ) -> (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let c = &self.fed.node("mlspp").config;
+        (
+            load_certs(&c.tls.cert).unwrap(),
+            load_key(&c.tls.key).unwrap(),
+        )
+    }
+
+    /// A correctly signed request from MLSPP for GetPerson of the parent.
+    fn signed_forward(&self) -> ForwardRequest {
+        let c = &self.fed.node("mlspp").config;
+        let signer = SigningKey::load(&c.signing.cert, &c.signing.key).unwrap();
+        let body = GetPersonRequest {
+            iin: self.parent.to_string(),
+        }
+        .encode_to_vec();
+        let meta = CallMeta::from_headers(
+            GET_PERSON,
+            &self.get_person().metadata().clone().into_headers(),
+        )
+        .unwrap();
+        let header = meta.to_header(now_ms(), sha256(&body));
+        let (signature, _) = envelope::sign_request(&header, c.server_id.member(), &signer);
+        ForwardRequest {
+            header: Some(header),
+            signature: Some(signature),
+            body: body.into(),
+        }
+    }
+}
+
+#[track_caller]
+fn assert_refused(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "status: {status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get(ERROR_KEY)
+            .and_then(|v| v.to_str().ok()),
+        Some(reason),
+        "status: {status:?}"
+    );
+    assert!(!status.message().is_empty(), "a refusal says why");
+}
+
+async fn get_person_status(
+    _h: &Harness,
+    channel: Channel,
+    req: Request<GetPersonRequest>,
+) -> Status {
+    PopulationRegistryClient::new(channel)
+        .get_person(req)
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn happy_path_matches_the_registry_and_echoes_the_request_id() {
+    let h = launch(&|_, _| {}).await;
+    let via_gateway = PopulationRegistryClient::new(h.benefits().await)
+        .get_person(h.get_person_with(&[("kopir-request-id", "demo-req-1")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        via_gateway.metadata().get(REQUEST_ID_KEY).unwrap(),
+        "demo-req-1"
+    );
+    let direct =
+        PopulationRegistryClient::connect(h.fed.registries[&RegistryKind::Population].uri())
+            .await
+            .unwrap()
+            .get_person(GetPersonRequest {
+                iin: h.parent.to_string(),
+            })
+            .await
+            .unwrap();
+    assert_eq!(via_gateway.into_inner(), direct.into_inner());
+    // Both sides recorded the exchange durably, under the same request id.
+    let steps = |node: &str| {
+        h.fed
+            .node(node)
+            .audit
+            .read_all()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.request_id == "demo-req-1")
+            .map(|r| r.step)
+            .collect::<Vec<_>>()
+    };
+    use kopir::audit::Step;
+    assert_eq!(steps("mlspp"), [Step::Forwarded, Step::Answered]);
+    assert_eq!(steps("moj"), [Step::Accepted, Step::Answered]);
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn registry_errors_pass_through_unchanged() {
+    let h = launch(&|_, _| {}).await;
+    // A valid IIN that the register does not hold.
+    let stranger = Iin::from_parts(1901, 1, 1, false, 7).unwrap();
+    let mut req = h.get_person();
+    req.get_mut().iin = stranger.to_string();
+    let status = get_person_status(&h, h.benefits().await, req).await;
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.metadata().get(ERROR_KEY).is_none(),
+        "a registry's own answer is not a kopir refusal"
+    );
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_client_is_refused() {
+    let h = launch(&|_, _| {}).await;
+    let req = h.get_person_with(&[("kopir-client", "KZ/GOV/MLSPP/payroll")]);
+    let status = get_person_status(&h, h.benefits().await, req).await;
+    assert_refused(&status, Code::Unauthenticated, "client.unknown");
+    let refusals: Vec<_> = h
+        .fed
+        .node("mlspp")
+        .audit
+        .read_all()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.step == kopir::audit::Step::Refused)
+        .collect();
+    assert_eq!(refusals.len(), 1);
+    assert_eq!(refusals[0].reason.as_deref(), Some("client.unknown"));
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn information_system_without_a_valid_client_certificate_is_refused() {
+    let h = launch(&|_, _| {}).await;
+    let addr = h.fed.node("mlspp").server.client_addr;
+    // No certificate at all.
+    let bare = h.fed.channel_to(addr, None).await.unwrap();
+    assert_refused(
+        &get_person_status(&h, bare, h.get_person()).await,
+        Code::Unauthenticated,
+        "client.certificate_missing",
+    );
+    // A self-signed certificate.
+    let (cert, key) = pki::dev::self_signed_tls("KZ/GOV/MLSPP/benefits").unwrap();
+    let identity = (
+        pki::certs_from_pem(cert.as_bytes(), "t").unwrap(),
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    );
+    let forged = h.fed.channel_to(addr, Some(identity)).await.unwrap();
+    assert_refused(
+        &get_person_status(&h, forged, h.get_person()).await,
+        Code::Unauthenticated,
+        "client.certificate_mismatch",
+    );
+    // Another information system's real certificate.
+    let other = h
+        .fed
+        .client_channel("mlspp", "KZ/GOV/MOJ/population")
+        .await
+        .unwrap();
+    assert_refused(
+        &get_person_status(&h, other, h.get_person()).await,
+        Code::Unauthenticated,
+        "client.certificate_mismatch",
+    );
+    h.fed.shutdown().await;
+}
+
+use rustls::pki_types::pem::PemObject;
+
+#[tokio::test]
+async fn access_rule_denies() {
+    let h = launch(&|_, _| {}).await;
+    // MOJ lets the benefits system read realty only for the means test.
+    let mut req = h.get_person_with(&[("kopir-service", "KZ/GOV/MOJ/realty")]);
+    req.get_mut().iin = h.parent.to_string();
+    let status = kopir::proto::kz::realty::v1::realty_registry_client::RealtyRegistryClient::new(
+        h.benefits().await,
+    )
+    .list_properties({
+        let mut r = Request::new(kopir::proto::kz::realty::v1::ListPropertiesRequest {
+            iin: h.parent.to_string(),
+        });
+        *r.metadata_mut() = req.metadata().clone();
+        r
+    })
+    .await
+    .unwrap_err();
+    assert_refused(&status, Code::PermissionDenied, "access.denied");
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_purpose_and_malformed_metadata_are_refused() {
+    let h = launch(&|_, _| {}).await;
+    let ch = h.benefits().await;
+    let s = get_person_status(
+        &h,
+        ch.clone(),
+        h.get_person_with(&[("kopir-purpose", "curiosity")]),
+    )
+    .await;
+    assert_refused(&s, Code::InvalidArgument, "purpose.unknown");
+    let s = get_person_status(
+        &h,
+        ch.clone(),
+        h.get_person_with(&[("kopir-subject", "iin:900101300123")]),
+    )
+    .await;
+    assert_refused(&s, Code::InvalidArgument, "metadata.invalid");
+    assert!(s.message().contains("check digit"), "{}", s.message());
+    let s = get_person_status(
+        &h,
+        ch.clone(),
+        h.get_person_with(&[("kopir-service", "KZ/GOV/MOJ")]),
+    )
+    .await;
+    assert_refused(&s, Code::InvalidArgument, "metadata.invalid");
+    let s = get_person_status(&h, ch.clone(), h.get_person_with(&[("kopir-service", "")])).await;
+    assert_refused(&s, Code::InvalidArgument, "metadata.missing");
+    let s = get_person_status(&h, ch.clone(), h.get_person_with(&[("kopir-subject", "")])).await;
+    assert_refused(&s, Code::InvalidArgument, "subject.required");
+    let s = get_person_status(
+        &h,
+        ch,
+        h.get_person_with(&[("kopir-service", "KZ/GOV/MOJ/archive")]),
+    )
+    .await;
+    assert_refused(&s, Code::NotFound, "service.unknown");
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn altered_body_or_header_between_servers_is_refused() {
+    let h = launch(&|_, _| {}).await;
+    let mut client = h.peer_client(h.mlspp_tls()).await;
+    let mut body_altered = h.signed_forward();
+    body_altered.body = GetPersonRequest {
+        iin: Iin::from_parts(1980, 2, 2, true, 1).unwrap().to_string(),
+    }
+    .encode_to_vec()
+    .into();
+    let s = client.forward(body_altered).await.unwrap_err();
+    assert_refused(&s, Code::Unauthenticated, "body.digest_mismatch");
+    let mut header_altered = h.signed_forward();
+    header_altered.header.as_mut().unwrap().purpose = "benefit-means-test".into();
+    let s = client.forward(header_altered).await.unwrap_err();
+    assert_refused(&s, Code::Unauthenticated, "signature.invalid");
+    // The untouched request goes through.
+    client.forward(h.signed_forward()).await.unwrap();
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn forged_signature_is_refused() {
+    let h = launch(&|_, _| {}).await;
+    let mut client = h.peer_client(h.mlspp_tls()).await;
+    // Signed with a key of the attacker's, claiming MLSPP's key id.
+    let (cert, key) = pki::dev::signing_pair("attacker").unwrap();
+    let attacker = SigningKey::from_pkcs8(&key, &cert).unwrap();
+    let mut forged = h.signed_forward();
+    let header = forged.header.clone().unwrap();
+    let real = forged.signature.clone().unwrap();
+    let canonical = envelope::request_canonical(&header, &real.signer, &real.key_id);
+    forged.signature.as_mut().unwrap().value = attacker.sign(&canonical).into();
+    assert_refused(
+        &client.forward(forged).await.unwrap_err(),
+        Code::Unauthenticated,
+        "signature.invalid",
+    );
+    // Signed with a key the configuration does not list.
+    let mut unknown = h.signed_forward();
+    let (sig, _) = envelope::sign_request(&header, &"KZ/GOV/MLSPP".parse().unwrap(), &attacker);
+    unknown.signature = Some(sig);
+    assert_refused(
+        &client.forward(unknown).await.unwrap_err(),
+        Code::Unauthenticated,
+        "signature.unknown_key",
+    );
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn impostor_peer_is_refused() {
+    let h = launch(&|_, _| {}).await;
+    let (cert, key) = pki::dev::self_signed_tls("KZ/GOV/MLSPP/ss1").unwrap();
+    let identity = (
+        pki::certs_from_pem(cert.as_bytes(), "t").unwrap(),
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    );
+    let mut client = h.peer_client(identity).await;
+    assert_refused(
+        &client.forward(h.signed_forward()).await.unwrap_err(),
+        Code::Unauthenticated,
+        "peer.unknown",
+    );
+    // A real server of another member is not MLSPP's either.
+    let src = &h.fed.node("src").config;
+    let mut client = h
+        .peer_client((
+            load_certs(&src.tls.cert).unwrap(),
+            load_key(&src.tls.key).unwrap(),
+        ))
+        .await;
+    assert_refused(
+        &client.forward(h.signed_forward()).await.unwrap_err(),
+        Code::Unauthenticated,
+        "peer.unknown",
+    );
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn replayed_and_stale_requests_are_refused() {
+    let h = launch(&|_, _| {}).await;
+    let mut client = h.peer_client(h.mlspp_tls()).await;
+    let request = h.signed_forward();
+    client.forward(request.clone()).await.unwrap();
+    assert_refused(
+        &client.forward(request).await.unwrap_err(),
+        Code::AlreadyExists,
+        "request.replayed",
+    );
+    // Signed ten minutes ago.
+    let c = &h.fed.node("mlspp").config;
+    let signer = SigningKey::load(&c.signing.cert, &c.signing.key).unwrap();
+    let mut old = h.signed_forward();
+    let header = old.header.as_mut().unwrap();
+    header.timestamp_ms -= 600_000;
+    let (sig, _) = envelope::sign_request(header, c.server_id.member(), &signer);
+    old.signature = Some(sig);
+    assert_refused(
+        &client.forward(old).await.unwrap_err(),
+        Code::Unauthenticated,
+        "timestamp.out_of_window",
+    );
+    h.fed.shutdown().await;
+}
+
+async fn eventually_refused(h: &Harness, code: Code, reason: &str) {
+    let ch = h.benefits().await;
+    for _ in 0..50 {
+        let result = PopulationRegistryClient::new(ch.clone())
+            .get_person(h.get_person())
+            .await;
+        if let Err(s) = &result
+            && s.metadata().get(ERROR_KEY).is_some_and(|v| v == reason)
+        {
+            assert_refused(s, code, reason);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never refused with {reason}");
+}
+
+#[tokio::test]
+async fn forged_global_configuration_is_refused() {
+    let h = launch(&|_, _| {}).await;
+    PopulationRegistryClient::new(h.benefits().await)
+        .get_person(h.get_person())
+        .await
+        .unwrap();
+    // Change one byte of the signed document: add a member by editing the payload.
+    let text = std::fs::read_to_string(&h.fed.globalconf_path).unwrap();
+    let mut envelope: serde_json::Value = serde_json::from_str(&text).unwrap();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let payload =
+        String::from_utf8(b64.decode(envelope["payload"].as_str().unwrap()).unwrap()).unwrap();
+    let tampered = payload.replace("Ministry of Justice", "Ministry of Justise");
+    assert_ne!(payload, tampered);
+    envelope["payload"] = b64.encode(tampered).into();
+    kopir::federation::write_atomically(&h.fed.globalconf_path, envelope.to_string().as_bytes())
+        .unwrap();
+    eventually_refused(&h, Code::FailedPrecondition, "globalconf.invalid").await;
+    // A properly signed one restores service.
+    h.fed.publish(time::Duration::hours(1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    PopulationRegistryClient::new(h.benefits().await)
+        .get_person(h.get_person())
+        .await
+        .unwrap();
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_global_configuration_is_refused() {
+    let h = launch(&|_, _| {}).await;
+    h.fed.publish(time::Duration::seconds(-1)).unwrap();
+    eventually_refused(&h, Code::FailedPrecondition, "globalconf.stale").await;
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn registry_down_is_unavailable_not_a_hang() {
+    let mut h = launch(&|_, _| {}).await;
+    h.fed
+        .registries
+        .remove(&RegistryKind::Population)
+        .unwrap()
+        .shutdown()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let s = get_person_status(&h, h.benefits().await, h.get_person()).await;
+    assert_refused(&s, Code::Unavailable, "registry.unavailable");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_refused() {
+    let h = launch(&|name, c| {
+        if name == "mlspp" {
+            c.limits.max_body_bytes = 1024;
+        }
+    })
+    .await;
+    let mut req = h.get_person();
+    req.get_mut().iin = "9".repeat(4096);
+    let s = get_person_status(&h, h.benefits().await, req).await;
+    assert_refused(&s, Code::ResourceExhausted, "body.too_large");
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_answer_on_the_client_port() {
+    let h = launch(&|_, _| {}).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(h.benefits().await);
+    let mut serving = false;
+    for _ in 0..30 {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        if r.into_inner().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        {
+            serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(serving);
+    let _ = Arc::new(());
+    h.fed.shutdown().await;
+}
