@@ -6,12 +6,47 @@
 //! forwarded or the answer released. A failed append stops the exchange with
 //! `UNAVAILABLE` / `audit.unavailable`.
 //!
-//! [`journal`] is the durable log the server uses today: one JSON line per
-//! record, fsynced before `append` returns.
+//! The parts, in the order a record meets them:
+//!
+//! - [`pseudonym`]: the subject is replaced by a keyed pseudonym (HMAC-SHA256
+//!   under a key kept outside the log) before anything is stored;
+//! - [`handle`]: [`AuditHandle`], the server's [`AuditLog`]; its single writer
+//!   task batches concurrent appends into one transaction (group commit) and
+//!   signs [`checkpoint`]s at an interval, on demand and at shutdown;
+//! - [`record`]: the stored form of a record, its canonical bytes and the hash
+//!   chain (each record carries the SHA-256 of the one before);
+//! - [`merkle`]: an RFC 6962 Merkle tree over the record hashes, with inclusion
+//!   and consistency proofs, so one record can be checked against a signed
+//!   checkpoint without reading the whole log;
+//! - [`store`]: one [`store::AuditStore`] trait, with an embedded SQLite store
+//!   (the default, `<data_dir>/audit.db`) and a PostgreSQL store (shared by the
+//!   server nodes of one member);
+//! - [`verify`]: walks the chain and checkpoints and names the first bad record;
+//! - [`export`]: self-contained archives of a range, verifiable offline;
+//! - [`service`]: the gRPC `AuditService` for the admin port;
+//! - [`cli`] and [`bench`]: `kopir audit ...` and `kopir bench audit`;
+//! - [`pgtest`]: a throwaway PostgreSQL cluster for tests and the benchmark;
+//! - [`testing`]: logs for tests (one that refuses every write, one in memory).
 
-pub mod journal;
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
+pub mod export;
+pub mod handle;
+pub mod inspect;
+pub mod merkle;
+pub mod pgtest;
+pub mod pseudonym;
+pub mod record;
+pub mod service;
+pub mod store;
+pub mod testing;
+#[cfg(test)]
+mod tests;
+pub mod verify;
 
-pub use journal::{AuditConfig, AuditHandle, open};
+pub use handle::{AuditConfig, AuditHandle, WriterOptions, open};
+pub use service::AuditServiceImpl;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};

@@ -33,6 +33,18 @@ pub enum Command {
     Registry(registry::Command),
     /// Run the whole federation on loopback and the child-benefit life event through it.
     Demo(demo::Args),
+    /// Inspect, verify and export a server's audit log.
+    Audit(Box<crate::audit::cli::AuditArgs>),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Durable appends/s of the audit stores, query and verify times.
+    Audit(crate::audit::bench::BenchAuditArgs),
 }
 
 impl Cli {
@@ -44,6 +56,8 @@ impl Cli {
             Command::Certs(c) => c.run(),
             Command::Registry(c) => c.run().await,
             Command::Demo(a) => a.run().await,
+            Command::Audit(a) => a.run().await,
+            Command::Bench(Bench::Audit(a)) => a.run().await,
         }
     }
 }

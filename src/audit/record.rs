@@ -1,0 +1,416 @@
+//! The stored form of an audit record, its canonical bytes and the hash chain.
+//!
+//! A store keeps an [`Entry`] (an [`AuditRecord`] with the subject replaced by
+//! its keyed pseudonym and the writing node named) under a sequence number,
+//! together with `prev_hash` (the hash of the record before it, 32 zero bytes
+//! for the first) and `hash`, the SHA-256 of the record's canonical bytes.
+//!
+//! # Canonical bytes (`kopir-audit/1`)
+//!
+//! Protobuf and JSON are not canonical, so the hash covers a byte string built
+//! field by field. Every field is written as a 4-byte big-endian length and
+//! then that many bytes; an absent optional field is written as the length
+//! `0xFFFF_FFFF` and no bytes (so `None` and `Some("")` differ). Numbers are
+//! fixed-width big-endian (length 8 for `u64`/`i64`, 4 for `i32`), hashes are
+//! their 32 raw bytes, texts their UTF-8 bytes. The fields, in order:
+//!
+//! 1. the tag `"kopir-audit/1"`;
+//! 2. `seq` (u64), 3. `prev_hash`, 4. `node`, 5. `request_id`, 6. `at_ms` (i64),
+//! 7. `side` and 8. `step` (their lower-case names), 9. `client`, 10. `service`,
+//! 11. `method`, 12. `purpose`, 13. `subject` (the 32-byte pseudonym, optional),
+//! 14. `basis`, 15. `user`, 16. `peer` (optional texts), 17. `status` (i32),
+//! 18. `reason`, 19. `message` (optional texts), 20. `body_sha256`,
+//! 21. `request_hash` (optional 32 bytes), 22. `signature` (optional bytes).
+//!
+//! Because `seq` and `prev_hash` are inside the hashed bytes, moving a record
+//! to another position changes its hash, and changing any record breaks the
+//! link from the record after it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{AuditRecord, Side, Step, pseudonym::PseudonymKey};
+
+/// A SHA-256 value.
+pub type Hash = [u8; 32];
+
+/// The `prev_hash` of the first record of a log.
+pub const GENESIS: Hash = [0u8; 32];
+
+/// The tag that starts every record's canonical bytes.
+pub const RECORD_TAG: &str = "kopir-audit/1";
+
+/// What a store keeps of one step of one exchange, before it is chained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The server node that wrote it (several nodes may share one store).
+    pub node: String,
+    /// Correlation id shared by every record of the exchange on both sides.
+    pub request_id: String,
+    /// When the step happened, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// Which side of the exchange wrote it.
+    pub side: Side,
+    /// Which step.
+    pub step: Step,
+    /// Consumer subsystem id.
+    pub client: String,
+    /// Provider subsystem id.
+    pub service: String,
+    /// gRPC method path.
+    pub method: String,
+    /// Purpose code.
+    pub purpose: String,
+    /// Keyed pseudonym of the data subject (HMAC-SHA256), never the subject.
+    #[serde(with = "opt_hex32")]
+    pub subject: Option<Hash>,
+    /// Legal basis or consent id.
+    pub basis: Option<String>,
+    /// The official acting.
+    pub user: Option<String>,
+    /// The other security server.
+    pub peer: Option<String>,
+    /// gRPC status code of the outcome.
+    pub status: i32,
+    /// `kopir-error` reason.
+    pub reason: Option<String>,
+    /// Human-readable detail.
+    pub message: Option<String>,
+    /// SHA-256 of the body.
+    #[serde(with = "opt_hex32")]
+    pub body_sha256: Option<Hash>,
+    /// SHA-256 of the canonical signed request.
+    #[serde(with = "opt_hex32")]
+    pub request_hash: Option<Hash>,
+    /// The signature this step produced or verified.
+    #[serde(with = "opt_hex")]
+    pub signature: Option<Vec<u8>>,
+}
+
+impl Entry {
+    /// The stored form of `record`, written by `node`, with the subject
+    /// replaced by its pseudonym under `key`.
+    pub fn from_record(record: AuditRecord, node: &str, key: &PseudonymKey) -> Self {
+        Self {
+            node: node.to_owned(),
+            subject: record.subject.as_deref().map(|s| key.pseudonym(s)),
+            request_id: record.request_id,
+            at_ms: record.at_ms,
+            side: record.side,
+            step: record.step,
+            client: record.client,
+            service: record.service,
+            method: record.method,
+            purpose: record.purpose,
+            basis: record.basis,
+            user: record.user,
+            peer: record.peer,
+            status: record.status,
+            reason: record.reason,
+            message: record.message,
+            body_sha256: record.body_sha256,
+            request_hash: record.request_hash,
+            signature: record.signature,
+        }
+    }
+
+    /// Appends this entry's canonical bytes at position `seq` after `prev` to `out`.
+    pub fn canonical_into(&self, seq: u64, prev: &Hash, out: &mut Vec<u8>) {
+        let mut c = Canon(out);
+        c.bytes(RECORD_TAG.as_bytes());
+        c.bytes(&seq.to_be_bytes());
+        c.bytes(prev);
+        c.bytes(self.node.as_bytes());
+        c.bytes(self.request_id.as_bytes());
+        c.bytes(&self.at_ms.to_be_bytes());
+        c.bytes(self.side.as_str().as_bytes());
+        c.bytes(self.step.as_str().as_bytes());
+        c.bytes(self.client.as_bytes());
+        c.bytes(self.service.as_bytes());
+        c.bytes(self.method.as_bytes());
+        c.bytes(self.purpose.as_bytes());
+        c.opt(self.subject.as_ref().map(|h| &h[..]));
+        c.opt(self.basis.as_deref().map(str::as_bytes));
+        c.opt(self.user.as_deref().map(str::as_bytes));
+        c.opt(self.peer.as_deref().map(str::as_bytes));
+        c.bytes(&self.status.to_be_bytes());
+        c.opt(self.reason.as_deref().map(str::as_bytes));
+        c.opt(self.message.as_deref().map(str::as_bytes));
+        c.opt(self.body_sha256.as_ref().map(|h| &h[..]));
+        c.opt(self.request_hash.as_ref().map(|h| &h[..]));
+        c.opt(self.signature.as_deref());
+    }
+
+    /// The canonical bytes of this entry at position `seq` after `prev`.
+    pub fn canonical(&self, seq: u64, prev: &Hash) -> Vec<u8> {
+        let mut out = Vec::with_capacity(384);
+        self.canonical_into(seq, prev, &mut out);
+        out
+    }
+
+    /// The chain hash of this entry at position `seq` after `prev`, reusing
+    /// `scratch` for the canonical bytes.
+    pub fn hash_with(&self, seq: u64, prev: &Hash, scratch: &mut Vec<u8>) -> Hash {
+        scratch.clear();
+        self.canonical_into(seq, prev, scratch);
+        crate::pki::sha256(scratch)
+    }
+
+    /// The chain hash of this entry at position `seq` after `prev`.
+    pub fn hash(&self, seq: u64, prev: &Hash) -> Hash {
+        self.hash_with(seq, prev, &mut Vec::with_capacity(384))
+    }
+}
+
+struct Canon<'a>(&'a mut Vec<u8>);
+
+impl Canon<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        // Fields are far below 4 GiB: a record is built from bounded metadata.
+        let len = u32::try_from(b.len()).unwrap_or(u32::MAX - 1);
+        self.0.extend_from_slice(&len.to_be_bytes());
+        self.0.extend_from_slice(b);
+    }
+    fn opt(&mut self, b: Option<&[u8]>) {
+        match b {
+            Some(b) => self.bytes(b),
+            None => self.0.extend_from_slice(&u32::MAX.to_be_bytes()),
+        }
+    }
+}
+
+/// A record as a store keeps it: its position, its links and its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// Position in the log, from 1, in commit order.
+    pub seq: u64,
+    /// Hash of the record before (all zeros for the first).
+    #[serde(with = "hex32")]
+    pub prev_hash: Hash,
+    /// SHA-256 of this record's canonical bytes, as stored.
+    #[serde(with = "hex32")]
+    pub hash: Hash,
+    /// The content.
+    #[serde(flatten)]
+    pub entry: Entry,
+}
+
+/// A stored record reads as its content: `record.request_id`, `record.step`...
+impl std::ops::Deref for StoredRecord {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+impl StoredRecord {
+    /// Recomputes the hash from the stored fields (it equals `hash` unless
+    /// the record was altered).
+    pub fn recompute(&self) -> Hash {
+        self.entry.hash(self.seq, &self.prev_hash)
+    }
+
+    /// Recomputes the hash into a caller's scratch buffer (for long walks).
+    pub fn recompute_with(&self, scratch: &mut Vec<u8>) -> Hash {
+        self.entry.hash_with(self.seq, &self.prev_hash, scratch)
+    }
+
+    /// The canonical bytes the hash covers.
+    pub fn canonical(&self) -> Vec<u8> {
+        self.entry.canonical(self.seq, &self.prev_hash)
+    }
+}
+
+/// The position and hash a record was given when it was appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    /// Sequence number.
+    pub seq: u64,
+    /// Chain hash.
+    pub hash: Hash,
+}
+
+/// Chains `entries` after `head` (the last stored record, or `None` for an
+/// empty log): the sequence numbers, previous hashes and hashes a store must
+/// write, in order.
+pub fn chain(head: Option<Link>, entries: &[Entry]) -> Vec<(u64, Hash, Hash)> {
+    let (mut seq, mut prev) = head.map(|l| (l.seq, l.hash)).unwrap_or((0, GENESIS));
+    let mut scratch = Vec::with_capacity(512);
+    entries
+        .iter()
+        .map(|e| {
+            seq += 1;
+            let hash = e.hash_with(seq, &prev, &mut scratch);
+            let out = (seq, prev, hash);
+            prev = hash;
+            out
+        })
+        .collect()
+}
+
+/// Converts a stored 32-byte column.
+pub fn hash_from_slice(bytes: &[u8]) -> Option<Hash> {
+    bytes.try_into().ok()
+}
+
+/// Serde helpers: a 32-byte hash as hex.
+pub mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    /// Serializes as 64 hex digits.
+    pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(h))
+    }
+
+    /// Parses 64 hex digits.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(&text).map_err(D::Error::custom)?;
+        bytes
+            .try_into()
+            .map_err(|_| D::Error::custom("expected 32 bytes"))
+    }
+}
+
+/// Serde helpers: an optional 32-byte hash as hex or null.
+pub mod opt_hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    /// Serializes as 64 hex digits or null.
+    pub fn serialize<S: Serializer>(h: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match h {
+            Some(h) => s.serialize_some(&hex::encode(h)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Parses 64 hex digits or null.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => {
+                let bytes = hex::decode(&text).map_err(D::Error::custom)?;
+                Ok(Some(
+                    bytes
+                        .try_into()
+                        .map_err(|_| D::Error::custom("expected 32 bytes"))?,
+                ))
+            }
+        }
+    }
+}
+
+/// Serde helpers: optional bytes as hex or null.
+pub mod opt_hex {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    /// Serializes as hex or null.
+    pub fn serialize<S: Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => s.serialize_some(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Parses hex or null.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| hex::decode(t).map_err(D::Error::custom))
+            .transpose()
+    }
+}
+
+/// Serde helpers: bytes as base64.
+pub mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    /// Serializes as standard base64.
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    /// Parses standard base64.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u64) -> Entry {
+        Entry {
+            node: "n1".into(),
+            request_id: format!("req-{i}"),
+            at_ms: 1_700_000_000_000 + i as i64,
+            side: Side::Consumer,
+            step: Step::Forwarded,
+            client: "KZ/GOV/MLSPP/benefits".into(),
+            service: "KZ/GOV/MOJ/population".into(),
+            method: "/kz.population.v1.PopulationRegistry/GetPerson".into(),
+            purpose: "benefit".into(),
+            subject: Some([7; 32]),
+            basis: None,
+            user: Some(String::new()),
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: Some([1; 32]),
+            request_hash: None,
+            signature: Some(vec![1, 2, 3]),
+        }
+    }
+
+    #[test]
+    fn none_and_empty_differ_and_every_field_counts() {
+        let a = entry(1);
+        let mut b = a.clone();
+        b.user = None;
+        assert_ne!(a.hash(1, &GENESIS), b.hash(1, &GENESIS));
+        assert_ne!(a.hash(1, &GENESIS), a.hash(2, &GENESIS));
+        assert_ne!(a.hash(1, &GENESIS), a.hash(1, &[1; 32]));
+        let mut c = a.clone();
+        c.status = 1;
+        assert_ne!(a.hash(1, &GENESIS), c.hash(1, &GENESIS));
+    }
+
+    #[test]
+    fn chain_links_each_record_to_the_one_before() {
+        let entries: Vec<_> = (1..=3).map(entry).collect();
+        let links = chain(None, &entries);
+        assert_eq!(links[0].0, 1);
+        assert_eq!(links[0].1, GENESIS);
+        assert_eq!(links[1].1, links[0].2);
+        assert_eq!(links[2].1, links[1].2);
+        let more = chain(
+            Some(Link {
+                seq: 3,
+                hash: links[2].2,
+            }),
+            &entries[..1],
+        );
+        assert_eq!(more[0].0, 4);
+        assert_eq!(more[0].1, links[2].2);
+    }
+
+    #[test]
+    fn stored_record_json_round_trips() {
+        let e = entry(5);
+        let r = StoredRecord {
+            seq: 1,
+            prev_hash: GENESIS,
+            hash: e.hash(1, &GENESIS),
+            entry: e,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        let back: StoredRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.recompute(), r.hash);
+    }
+}

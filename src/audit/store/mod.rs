@@ -1,0 +1,392 @@
+//! Where records and checkpoints are kept: one [`AuditStore`] trait and its
+//! two implementations.
+//!
+//! - [`sqlite::SqliteStore`]: the embedded default, `<data_dir>/audit.db`, in
+//!   WAL mode with `synchronous=FULL` (a commit is durable when it returns);
+//! - [`postgres::PostgresStore`]: `postgres://...`, which several server nodes
+//!   of one member may share; chain appends are serialised by `SELECT ... FOR
+//!   UPDATE` on a one-row head table, and each node's records carry its name.
+//!
+//! A store chains what it appends itself (under its own lock), because only it
+//! knows the true head when several nodes write. It never sees a subject in
+//! clear: [`Entry`] carries the pseudonym.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::{path::Path, sync::Arc};
+
+use futures_util::future::BoxFuture;
+
+use super::{
+    AuditError, Side, Step,
+    checkpoint::Checkpoint,
+    record::{Entry, Hash, Link, StoredRecord},
+};
+
+/// The most records one page of a query may return.
+pub const MAX_PAGE: usize = 1000;
+
+/// Filters of a query; every given filter must match. Results come newest
+/// first (by sequence number), `limit` at a time, before the cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Exact request id.
+    pub request_id: Option<String>,
+    /// Exact client subsystem id.
+    pub client: Option<String>,
+    /// Exact provider subsystem id.
+    pub service: Option<String>,
+    /// Exact method path.
+    pub method: Option<String>,
+    /// Subject pseudonym (see [`super::pseudonym::PseudonymKey::pseudonym`]).
+    pub subject: Option<Hash>,
+    /// Exact purpose code.
+    pub purpose: Option<String>,
+    /// The step (outcome) of the record.
+    pub step: Option<Step>,
+    /// The side that wrote it.
+    pub side: Option<Side>,
+    /// gRPC status code.
+    pub status: Option<i32>,
+    /// `kopir-error` reason.
+    pub reason: Option<String>,
+    /// Writing node.
+    pub node: Option<String>,
+    /// Only records at or after this time (ms since the epoch).
+    pub from_ms: Option<i64>,
+    /// Only records before this time (ms since the epoch, exclusive).
+    pub to_ms: Option<i64>,
+    /// Cursor: only records with a smaller sequence number (the previous
+    /// page's last `seq`).
+    pub before_seq: Option<u64>,
+    /// Page size (at most [`MAX_PAGE`]; 0 means the default of 50).
+    pub limit: usize,
+}
+
+impl Query {
+    /// The page size to use.
+    pub fn page_size(&self) -> usize {
+        match self.limit {
+            0 => 50,
+            n => n.min(MAX_PAGE),
+        }
+    }
+}
+
+/// One page of query results.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Records, newest first.
+    pub records: Vec<StoredRecord>,
+    /// The cursor for the next page (`Query::before_seq`), if there may be more.
+    pub next: Option<u64>,
+}
+
+impl Page {
+    /// Builds a page from a result of at most `limit` rows.
+    pub fn from_rows(records: Vec<StoredRecord>, limit: usize) -> Self {
+        let next = if records.len() == limit {
+            records.last().map(|r| r.seq)
+        } else {
+            None
+        };
+        Self { records, next }
+    }
+}
+
+/// One row of [`AuditStore::scan`].
+pub type Scanned = Result<StoredRecord, Malformed>;
+
+/// A stored row that is not a well-formed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    /// Its sequence number as stored.
+    pub seq: i64,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+/// A stored checkpoint with the writer's Merkle frontier at that point (a
+/// cache that spares a restart from rereading every record hash; it is not
+/// signed and is checked against the signed root before use).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// The checkpoint.
+    pub checkpoint: Checkpoint,
+    /// [`super::merkle::Frontier::encode`] of the tree it signs.
+    pub frontier: Vec<u8>,
+}
+
+/// A storage backend for the audit log.
+///
+/// Appends are only ever called by one writer task per node; reads may run
+/// concurrently with it.
+pub trait AuditStore: Send + Sync + 'static {
+    /// A short description for messages (`sqlite:/path`, `postgres://host/db`).
+    fn describe(&self) -> String;
+
+    /// Appends `entries` after the current head in one transaction, durable
+    /// when this resolves; returns each entry's sequence number and hash, in
+    /// order. On error nothing was appended.
+    fn append(&self, entries: Vec<Entry>) -> BoxFuture<'_, Result<Vec<Link>, AuditError>>;
+
+    /// The last record's sequence number and hash (`None` for an empty log).
+    fn head(&self) -> BoxFuture<'_, Result<Option<Link>, AuditError>>;
+
+    /// Up to `limit` rows with `seq >= from`, in sequence order; a row that
+    /// cannot be read as a record (only tampering makes one) is returned as a
+    /// [`Malformed`] so that `verify` can name it.
+    fn scan(&self, from: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Scanned>, AuditError>>;
+
+    /// The hashes of the records with `from <= seq <= to`, in sequence order.
+    fn hashes(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<(u64, Hash)>, AuditError>>;
+
+    /// One page of records matching `query`, newest first.
+    fn query(&self, query: Query) -> BoxFuture<'_, Result<Page, AuditError>>;
+
+    /// Every record of one exchange, in sequence order.
+    fn by_request(
+        &self,
+        request_id: String,
+    ) -> BoxFuture<'_, Result<Vec<StoredRecord>, AuditError>>;
+
+    /// The smallest and largest sequence numbers of records with
+    /// `from_ms <= at_ms < to_ms` (`None` if there are none).
+    fn seq_range(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<(u64, u64)>, AuditError>>;
+
+    /// Stores a signed checkpoint.
+    fn put_checkpoint(&self, checkpoint: StoredCheckpoint)
+    -> BoxFuture<'_, Result<(), AuditError>>;
+
+    /// Every checkpoint, by sequence number then storing order.
+    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<Checkpoint>, AuditError>>;
+
+    /// The checkpoint with the highest sequence number, with its frontier.
+    fn latest_checkpoint(&self) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, AuditError>>;
+
+    /// Every record, oldest first, read synchronously (for tests and tools on
+    /// small logs; the embedded store only, others say they cannot).
+    fn read_all_blocking(&self) -> Result<Vec<StoredRecord>, AuditError> {
+        Err(AuditError::Invalid(format!(
+            "{} cannot be read synchronously; use AuditHandle::records",
+            self.describe()
+        )))
+    }
+}
+
+/// Where a store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// The embedded store in this folder (`<dir>/audit.db`).
+    Embedded(std::path::PathBuf),
+    /// A PostgreSQL URL.
+    Postgres(String),
+}
+
+impl Location {
+    /// `database` if given, else the embedded store under `data_dir`.
+    pub fn new(data_dir: &Path, database: Option<&str>) -> Self {
+        match database {
+            Some(url) if !url.trim().is_empty() => Location::Postgres(url.trim().to_owned()),
+            _ => Location::Embedded(data_dir.to_path_buf()),
+        }
+    }
+}
+
+/// Opens (creating if needed) the store at `location`.
+pub async fn open(location: &Location) -> Result<Arc<dyn AuditStore>, AuditError> {
+    Ok(match location {
+        Location::Embedded(dir) => Arc::new(sqlite::SqliteStore::open_in(dir).await?),
+        Location::Postgres(url) => Arc::new(postgres::PostgresStore::connect(url).await?),
+    })
+}
+
+/// Opens an existing store for inspection (the embedded file must exist).
+pub async fn open_existing(location: &Location) -> Result<Arc<dyn AuditStore>, AuditError> {
+    if let Location::Embedded(dir) = location {
+        let file = sqlite::db_path(dir);
+        if !file.exists() {
+            return Err(AuditError::Open(format!(
+                "no audit log at {} (give --data-dir or --database)",
+                file.display()
+            )));
+        }
+    }
+    open(location).await
+}
+
+/// A query's conditions as SQL, with `$n`/`?n` placeholders from `next`.
+pub(crate) struct Conditions {
+    pub(crate) clauses: Vec<String>,
+    pub(crate) values: Vec<SqlValue>,
+}
+
+/// A query parameter, converted by each store to its own type.
+#[derive(Debug, Clone)]
+pub(crate) enum SqlValue {
+    Text(String),
+    Int(i64),
+    Int4(i32),
+    Bytes(Vec<u8>),
+}
+
+impl Conditions {
+    /// Builds the conditions; `placeholder(n)` names parameter `n` (from 1).
+    pub(crate) fn of(q: &Query, placeholder: impl Fn(usize) -> String) -> Self {
+        let mut c = Conditions {
+            clauses: Vec::new(),
+            values: Vec::new(),
+        };
+        let mut add = |column: &str, op: &str, v: SqlValue| {
+            c.values.push(v);
+            c.clauses
+                .push(format!("{column} {op} {}", placeholder(c.values.len())));
+        };
+        let text = |s: &Option<String>| s.clone().map(SqlValue::Text);
+        for (column, value) in [
+            ("request_id", text(&q.request_id)),
+            ("client", text(&q.client)),
+            ("service", text(&q.service)),
+            ("method", text(&q.method)),
+            ("purpose", text(&q.purpose)),
+            ("reason", text(&q.reason)),
+            ("node", text(&q.node)),
+            ("step", q.step.map(|s| SqlValue::Text(s.as_str().into()))),
+            ("side", q.side.map(|s| SqlValue::Text(s.as_str().into()))),
+            ("subject", q.subject.map(|h| SqlValue::Bytes(h.to_vec()))),
+            ("status", q.status.map(SqlValue::Int4)),
+        ] {
+            if let Some(v) = value {
+                add(column, "=", v);
+            }
+        }
+        if let Some(t) = q.from_ms {
+            add("at_ms", ">=", SqlValue::Int(t));
+        }
+        if let Some(t) = q.to_ms {
+            add("at_ms", "<", SqlValue::Int(t));
+        }
+        if let Some(s) = q.before_seq {
+            add("seq", "<", SqlValue::Int(seq_to_db(s)));
+        }
+        c
+    }
+
+    /// `WHERE a AND b ...`, or nothing.
+    pub(crate) fn where_clause(&self) -> String {
+        if self.clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", self.clauses.join(" AND "))
+        }
+    }
+}
+
+/// The columns of the records table, in the order the stores read them.
+pub(crate) const COLUMNS: &str = "seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature";
+
+/// Sequence numbers are `u64` in Rust and `BIGINT` in the stores.
+pub(crate) fn seq_to_db(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// A stored sequence number (negative ones come only from tampering).
+pub(crate) fn seq_from_db(seq: i64) -> u64 {
+    u64::try_from(seq).unwrap_or(0)
+}
+
+/// A row as read by either store, before checking.
+pub(crate) struct RawRow {
+    pub(crate) seq: i64,
+    pub(crate) prev_hash: Vec<u8>,
+    pub(crate) hash: Vec<u8>,
+    pub(crate) node: String,
+    pub(crate) request_id: String,
+    pub(crate) at_ms: i64,
+    pub(crate) side: String,
+    pub(crate) step: String,
+    pub(crate) client: String,
+    pub(crate) service: String,
+    pub(crate) method: String,
+    pub(crate) purpose: String,
+    pub(crate) subject: Option<Vec<u8>>,
+    pub(crate) basis: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) peer: Option<String>,
+    pub(crate) status: i32,
+    pub(crate) reason: Option<String>,
+    pub(crate) message: Option<String>,
+    pub(crate) body_sha256: Option<Vec<u8>>,
+    pub(crate) request_hash: Option<Vec<u8>>,
+    pub(crate) signature: Option<Vec<u8>>,
+}
+
+fn stored_hash(what: &str, seq: i64, bytes: &[u8]) -> Result<Hash, Malformed> {
+    bytes.try_into().map_err(|_| Malformed {
+        seq,
+        why: format!("{what} is not 32 bytes"),
+    })
+}
+
+fn opt_hash(what: &str, seq: i64, bytes: Option<Vec<u8>>) -> Result<Option<Hash>, Malformed> {
+    bytes.map(|b| stored_hash(what, seq, &b)).transpose()
+}
+
+/// A stored 32-byte column of a checkpoint; a wrong length (tampering) gives
+/// a value whose signature cannot verify rather than an error.
+pub(crate) fn lossy_hash(bytes: &[u8]) -> Hash {
+    let mut out = [0u8; 32];
+    let n = bytes.len().min(32);
+    out[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+impl RawRow {
+    /// Converts to a record. A row whose columns cannot even be represented
+    /// (a hash of the wrong length, an unknown step) is an error that names
+    /// it; `verify` reports it as a bad record.
+    pub(crate) fn into_record(self) -> Result<StoredRecord, AuditError> {
+        self.into_scanned()
+            .map_err(|m| AuditError::Read(format!("record {} is malformed: {}", m.seq, m.why)))
+    }
+
+    /// Converts to a record, or says why the row is not one.
+    pub(crate) fn into_scanned(self) -> Scanned {
+        let seq = self.seq;
+        let bad = |what: &str| Malformed {
+            seq,
+            why: what.to_owned(),
+        };
+        Ok(StoredRecord {
+            seq: u64::try_from(seq).map_err(|_| bad("negative sequence number"))?,
+            prev_hash: stored_hash("prev_hash", seq, &self.prev_hash)?,
+            hash: stored_hash("hash", seq, &self.hash)?,
+            entry: Entry {
+                node: self.node,
+                request_id: self.request_id,
+                at_ms: self.at_ms,
+                side: Side::parse(&self.side).ok_or_else(|| bad("unknown side"))?,
+                step: Step::parse(&self.step).ok_or_else(|| bad("unknown step"))?,
+                client: self.client,
+                service: self.service,
+                method: self.method,
+                purpose: self.purpose,
+                subject: opt_hash("subject", seq, self.subject)?,
+                basis: self.basis,
+                user: self.user,
+                peer: self.peer,
+                status: self.status,
+                reason: self.reason,
+                message: self.message,
+                body_sha256: opt_hash("body_sha256", seq, self.body_sha256)?,
+                request_hash: opt_hash("request_hash", seq, self.request_hash)?,
+                signature: self.signature,
+            },
+        })
+    }
+}

@@ -1,0 +1,927 @@
+//! The embedded store: SQLite (compiled into kopir) at `<data_dir>/audit.db`.
+//!
+//! WAL mode with `synchronous=FULL`: a commit returns once the WAL is synced,
+//! so one transaction costs one fsync however many records it holds. Writes go
+//! through one connection (used only by the writer task); reads use a small
+//! pool of their own connections and run beside the writer.
+//!
+//! # Indexes
+//!
+//! Time is indexed directly: it grows with the log, so an append touches the
+//! same last pages of that index. Subject pseudonyms and request ids are
+//! random, and an ordinary index on them would dirty one random page per
+//! record, which (written whole to the WAL at every commit) costs more than
+//! everything else together. They, and the client and service ids, are instead
+//! kept in `audit_keys (chunk, kind, key, seq)`, a compact index (the first 8
+//! bytes of the pseudonym, or of the SHA-256 of the id) written *in sorted
+//! runs*, one per chunk of [`KEY_CHUNK`] records, a slice riding in each append
+//! transaction. Each run goes at the end of the index, so its pages are
+//! written once and in order, whatever the log's size (a small LSM tree with
+//! one level). `audit_meta.keys_upto` says how far it reaches; a query by one
+//! of those probes each run newest first (a few dozen probes on a million
+//! records), scans the (at most about one chunk long) tail after the last run,
+//! and always checks the full value on the record itself. The key index is
+//! derived data, not part of the chain: `verify` never reads it.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use futures_util::future::BoxFuture;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use super::{
+    AuditStore, COLUMNS, Conditions, Page, Query, RawRow, Scanned, SqlValue, StoredCheckpoint,
+    lossy_hash, seq_from_db, seq_to_db,
+};
+use crate::audit::{
+    AuditError,
+    checkpoint::Checkpoint,
+    record::{Entry, Hash, Link, StoredRecord, chain, hash_from_slice},
+};
+
+/// The file name of the embedded store under the data directory.
+pub const DB_FILE: &str = "audit.db";
+
+/// `<data_dir>/audit.db`.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DB_FILE)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_records (
+    seq INTEGER PRIMARY KEY,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    node TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    side TEXT NOT NULL,
+    step TEXT NOT NULL,
+    client TEXT NOT NULL,
+    service TEXT NOT NULL,
+    method TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    subject BLOB,
+    basis TEXT,
+    user_id TEXT,
+    peer TEXT,
+    status INTEGER NOT NULL,
+    reason TEXT,
+    message TEXT,
+    body_sha256 BLOB,
+    request_hash BLOB,
+    signature BLOB
+);
+CREATE TABLE IF NOT EXISTS audit_keys (
+    chunk INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (chunk, kind, key, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_records_at ON audit_records(at_ms);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    root BLOB NOT NULL,
+    at_ms INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    key_id BLOB NOT NULL,
+    cert_der BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    frontier BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_checkpoints_seq ON audit_checkpoints(seq);
+";
+
+/// How many idle read connections are kept.
+const READERS: usize = 4;
+
+/// Records per sorted chunk of the key index.
+pub const KEY_CHUNK: u64 = 32_768;
+/// Key-index entries written after each append, at least.
+const KEY_SLICE: usize = 4096;
+/// `audit_keys.kind` of subject pseudonyms.
+const KIND_SUBJECT: i64 = 0;
+/// `audit_keys.kind` of request ids.
+const KIND_REQUEST: i64 = 1;
+/// `audit_keys.kind` of client subsystem ids.
+const KIND_CLIENT: i64 = 2;
+/// `audit_keys.kind` of provider subsystem ids.
+const KIND_SERVICE: i64 = 3;
+
+/// The key of a subject pseudonym in `audit_keys`.
+fn subject_key(h: &Hash) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[..8]);
+    i64::from_be_bytes(b)
+}
+
+/// The key of a request, client or service id in `audit_keys`.
+fn text_key(id: &str) -> i64 {
+    subject_key(&crate::pki::sha256(id.as_bytes()))
+}
+
+/// A chunk of the key index being written, sorted by (kind, key, seq).
+#[derive(Debug, Default)]
+struct KeyJob {
+    end: u64,
+    entries: Vec<(i64, i64, i64)>,
+    /// Entries committed.
+    done: usize,
+    /// Entries written in the transaction now open.
+    pending: usize,
+}
+
+#[derive(Debug, Default)]
+struct Keys {
+    /// `audit_meta.keys_upto`: records up to here are in `audit_keys`.
+    upto: u64,
+    job: Option<KeyJob>,
+    /// Records per chunk ([`KEY_CHUNK`], smaller in tests).
+    chunk: u64,
+}
+
+impl Keys {
+    /// The transaction that carried the last slice committed.
+    fn settle(&mut self) {
+        if let Some(job) = self.job.as_mut() {
+            job.done += std::mem::take(&mut job.pending);
+            if job.done == job.entries.len() {
+                self.upto = job.end;
+                self.job = None;
+            }
+        }
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    keys: Mutex<Keys>,
+}
+
+/// The embedded SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_err(path: &Path) -> impl Fn(rusqlite::Error) -> AuditError + '_ {
+    move |e| AuditError::Open(format!("{}: {e}", path.display()))
+}
+
+fn read_err(e: rusqlite::Error) -> AuditError {
+    AuditError::Read(format!("sqlite: {e}"))
+}
+
+fn write_err(e: rusqlite::Error) -> AuditError {
+    AuditError::Write(format!("sqlite: {e}"))
+}
+
+/// Durability and cache settings of every connection. `synchronous=FULL`
+/// makes each commit durable; a larger WAL before it is folded back into the
+/// database file lets repeated writes of the same pages (the last pages of
+/// the table and its indexes) be folded once.
+const PRAGMAS: &str = "PRAGMA synchronous=FULL; PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=10000; PRAGMA journal_size_limit=134217728;";
+
+/// The writer's page cache: small, since it only appends (a large cache
+/// costs a scan of it at every commit).
+const WRITER_PRAGMAS: &str = "PRAGMA cache_size=-8000;";
+
+fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal_mode is {mode}, not wal"
+        )));
+    }
+    conn.execute_batch(PRAGMAS)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `<data_dir>/audit.db`.
+    pub async fn open_in(data_dir: &Path) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| AuditError::Open(format!("cannot create {}: {e}", data_dir.display())))?;
+        Self::open(&db_path(data_dir)).await
+    }
+
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open(path: &Path) -> Result<Self, AuditError> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let conn = connect(&path).map_err(open_err(&path))?;
+            conn.execute_batch(SCHEMA).map_err(open_err(&path))?;
+            conn.execute_batch(WRITER_PRAGMAS)
+                .map_err(open_err(&path))?;
+            let upto = keys_upto(&conn).map_err(open_err(&path))?;
+            Ok(Self {
+                inner: Arc::new(Inner {
+                    path,
+                    writer: Mutex::new(conn),
+                    readers: Mutex::new(Vec::new()),
+                    keys: Mutex::new(Keys {
+                        upto,
+                        job: None,
+                        chunk: KEY_CHUNK,
+                    }),
+                }),
+            })
+        })
+        .await
+        .map_err(|e| AuditError::Open(format!("sqlite open task: {e}")))?
+    }
+
+    /// Sets how many records go into one sorted chunk of the key index (for
+    /// tests that want the indexed path on short logs).
+    #[doc(hidden)]
+    pub fn set_key_chunk(&self, records: u64) {
+        if let Ok(mut k) = self.inner.keys.lock() {
+            k.chunk = records.max(1);
+        }
+    }
+
+    /// How far the key index reaches (records `1..=n` are in it).
+    pub fn keys_indexed(&self) -> u64 {
+        self.inner.keys.lock().map(|k| k.upto).unwrap_or(0)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on a read connection in the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, AuditError> + Send + 'static,
+    ) -> Result<T, AuditError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = inner
+                .readers
+                .lock()
+                .map_err(|_| AuditError::Read("reader pool poisoned".into()))?
+                .pop();
+            let conn = match idle {
+                Some(c) => c,
+                None => connect(&inner.path).map_err(read_err)?,
+            };
+            let out = f(&conn);
+            if let Ok(mut pool) = inner.readers.lock()
+                && pool.len() < READERS
+            {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| AuditError::Read(format!("sqlite read task: {e}")))?
+    }
+
+    /// Runs `f` on the write connection in the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &Mutex<Keys>) -> Result<T, AuditError> + Send + 'static,
+    ) -> Result<T, AuditError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner
+                .writer
+                .lock()
+                .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
+            f(&mut conn, &inner.keys)
+        })
+        .await
+        .map_err(|e| AuditError::Write(format!("sqlite write task: {e}")))?
+    }
+}
+
+fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        seq: r.get(0)?,
+        prev_hash: r.get(1)?,
+        hash: r.get(2)?,
+        node: r.get(3)?,
+        request_id: r.get(4)?,
+        at_ms: r.get(5)?,
+        side: r.get(6)?,
+        step: r.get(7)?,
+        client: r.get(8)?,
+        service: r.get(9)?,
+        method: r.get(10)?,
+        purpose: r.get(11)?,
+        subject: r.get(12)?,
+        basis: r.get(13)?,
+        user: r.get(14)?,
+        peer: r.get(15)?,
+        status: r.get(16)?,
+        reason: r.get(17)?,
+        message: r.get(18)?,
+        body_sha256: r.get(19)?,
+        request_hash: r.get(20)?,
+        signature: r.get(21)?,
+    })
+}
+
+fn records(
+    conn: &Connection,
+    sql: &str,
+    values: &[SqlValue],
+) -> Result<Vec<StoredRecord>, AuditError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(read_err)?;
+    let params = rusqlite::params_from_iter(values.iter().map(to_sql));
+    let rows = stmt
+        .query_map(params, raw_row)
+        .map_err(read_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_err)?;
+    rows.into_iter().map(RawRow::into_record).collect()
+}
+
+fn to_sql(v: &SqlValue) -> rusqlite::types::Value {
+    use rusqlite::types::Value;
+    match v {
+        SqlValue::Text(s) => Value::Text(s.clone()),
+        SqlValue::Int(i) => Value::Integer(*i),
+        SqlValue::Int4(i) => Value::Integer(i64::from(*i)),
+        SqlValue::Bytes(b) => Value::Blob(b.clone()),
+    }
+}
+
+fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
+    let head: Vec<u8> = r.get(1)?;
+    let root: Vec<u8> = r.get(2)?;
+    let key_id: Vec<u8> = r.get(5)?;
+    Ok(StoredCheckpoint {
+        checkpoint: Checkpoint {
+            seq: seq_from_db(r.get(0)?),
+            head: lossy_hash(&head),
+            root: lossy_hash(&root),
+            at_ms: r.get(3)?,
+            node: r.get(4)?,
+            key_id: lossy_hash(&key_id),
+            cert_der: r.get(6)?,
+            signature: r.get(7)?,
+        },
+        frontier: r.get(8)?,
+    })
+}
+
+const CHECKPOINT_COLUMNS: &str =
+    "seq, head, root, at_ms, node, key_id, cert_der, signature, frontier";
+
+fn insert_sql() -> String {
+    let marks: Vec<String> = (1..=22).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO audit_records ({COLUMNS}) VALUES ({})",
+        marks.join(", ")
+    )
+}
+
+fn keys_upto(conn: &Connection) -> Result<u64, rusqlite::Error> {
+    conn.query_row(
+        "SELECT value FROM audit_meta WHERE name = 'keys_upto'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|v| v.map(seq_from_db).unwrap_or(0))
+}
+
+/// Writes the next slice (at least `want` entries) of the key index, starting
+/// a new sorted chunk when a whole one is waiting.
+fn index_keys(
+    conn: &Connection,
+    keys: &Mutex<Keys>,
+    head: u64,
+    want: usize,
+) -> Result<(), rusqlite::Error> {
+    let mut k = keys
+        .lock()
+        .map_err(|_| rusqlite::Error::InvalidParameterName("key index poisoned".into()))?;
+    if k.job.is_none() {
+        let chunk = k.chunk.max(1);
+        if head < k.upto + chunk {
+            return Ok(());
+        }
+        let (from, end) = (k.upto + 1, k.upto + chunk);
+        let mut entries = Vec::with_capacity(4 * chunk as usize);
+        {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, subject, request_id, client, service FROM audit_records WHERE seq >= ?1 AND seq <= ?2",
+            )?;
+            let rows = stmt.query_map(params![seq_to_db(from), seq_to_db(end)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<Vec<u8>>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?;
+            for row in rows {
+                let (seq, subject, request_id, client, service) = row?;
+                if let Some(h) = subject.as_deref().and_then(hash_from_slice) {
+                    entries.push((KIND_SUBJECT, subject_key(&h), seq));
+                }
+                entries.push((KIND_REQUEST, text_key(&request_id), seq));
+                entries.push((KIND_CLIENT, text_key(&client), seq));
+                entries.push((KIND_SERVICE, text_key(&service), seq));
+            }
+        }
+        entries.sort_unstable();
+        k.job = Some(KeyJob {
+            end,
+            entries,
+            done: 0,
+            pending: 0,
+        });
+    }
+    let Some(job) = k.job.as_mut() else {
+        return Ok(());
+    };
+    // A slice written in a transaction that then failed to commit is redone.
+    job.pending = 0;
+    let take = want.max(KEY_SLICE).min(job.entries.len() - job.done);
+    let last = job.done + take == job.entries.len();
+    {
+        let mut stmt = conn.prepare_cached(
+            "INSERT OR IGNORE INTO audit_keys (chunk, kind, key, seq) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let chunk = seq_to_db(job.end);
+        for (kind, key, seq) in &job.entries[job.done..job.done + take] {
+            stmt.execute(params![chunk, kind, key, seq])?;
+        }
+        if last {
+            conn.execute(
+                "INSERT INTO audit_meta (name, value) VALUES ('keys_upto', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![seq_to_db(job.end)],
+            )?;
+        }
+    }
+    // Counted as done once the enclosing transaction commits (`Keys::settle`).
+    job.pending = take;
+    Ok(())
+}
+
+/// A query through the key index when it names a subject or request id:
+/// the unindexed tail first (newest), then the indexed part, in one read
+/// transaction. Other queries go straight to the table.
+fn query_keyed(
+    conn: &Connection,
+    query: &Query,
+    limit: usize,
+) -> Result<Vec<StoredRecord>, AuditError> {
+    // The most selective key the query names.
+    let key = if let Some(id) = &query.request_id {
+        Some((KIND_REQUEST, text_key(id)))
+    } else if let Some(h) = &query.subject {
+        Some((KIND_SUBJECT, subject_key(h)))
+    } else if let Some(c) = &query.client {
+        Some((KIND_CLIENT, text_key(c)))
+    } else {
+        query.service.as_ref().map(|s| (KIND_SERVICE, text_key(s)))
+    };
+    let c = Conditions::of(query, |n| format!("?{n}"));
+    let Some((kind, key)) = key else {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM audit_records {} ORDER BY seq DESC LIMIT {limit}",
+            c.where_clause()
+        );
+        return records(conn, &sql, &c.values);
+    };
+    conn.execute_batch("BEGIN").map_err(read_err)?;
+    let result = (|| {
+        let upto = seq_to_db(keys_upto(conn).map_err(read_err)?);
+        let n = c.values.len();
+        let mut values = c.values.clone();
+        values.push(SqlValue::Int(upto));
+        let mut clauses = c.clauses.clone();
+        clauses.push(format!("seq > ?{}", n + 1));
+        let tail = format!(
+            "SELECT {COLUMNS} FROM audit_records WHERE {} ORDER BY seq DESC LIMIT {limit}",
+            clauses.join(" AND ")
+        );
+        let mut out = records(conn, &tail, &values)?;
+        // Then each sorted run, newest first. A run is named by its last
+        // sequence number.
+        let prefixed = Conditions::of(query, |n| format!("?{n}"));
+        let mut clauses: Vec<String> = prefixed
+            .clauses
+            .iter()
+            .map(|cl| format!("r.{cl}"))
+            .collect();
+        clauses.push(format!(
+            "k.chunk = ?{} AND k.kind = ?{} AND k.key = ?{}",
+            n + 1,
+            n + 2,
+            n + 3
+        ));
+        let cols: Vec<String> = COLUMNS.split(", ").map(|c| format!("r.{c}")).collect();
+        let mut next_chunk = conn
+            .query_row(
+                "SELECT MAX(chunk) FROM audit_keys WHERE chunk <= ?1",
+                params![upto],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map_err(read_err)?;
+        while let Some(chunk) = next_chunk {
+            if out.len() >= limit {
+                break;
+            }
+            let below = conn
+                .query_row(
+                    "SELECT MAX(chunk) FROM audit_keys WHERE chunk < ?1",
+                    params![chunk],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .map_err(read_err)?;
+            // Runs wholly at or after the cursor hold nothing for this page.
+            let skip =
+                matches!((query.before_seq, below), (Some(b), Some(lo)) if seq_to_db(b) <= lo + 1);
+            if !skip {
+                let indexed = format!(
+                    "SELECT {} FROM audit_keys k JOIN audit_records r ON r.seq = k.seq WHERE {} ORDER BY k.seq DESC LIMIT {}",
+                    cols.join(", "),
+                    clauses.join(" AND "),
+                    limit - out.len()
+                );
+                let mut values = c.values.clone();
+                values.push(SqlValue::Int(chunk));
+                values.push(SqlValue::Int(kind));
+                values.push(SqlValue::Int(key));
+                out.extend(records(conn, &indexed, &values)?);
+            }
+            next_chunk = below;
+        }
+        Ok(out)
+    })();
+    let _ = conn.execute_batch("COMMIT");
+    result
+}
+
+fn head_of(conn: &Connection) -> Result<Option<Link>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1",
+        [],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+    )
+    .optional()
+    .map(|row| {
+        row.map(|(seq, hash)| Link {
+            seq: seq_from_db(seq),
+            hash: lossy_hash(&hash),
+        })
+    })
+}
+
+impl AuditStore for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.inner.path.display())
+    }
+
+    fn append(&self, entries: Vec<Entry>) -> BoxFuture<'_, Result<Vec<Link>, AuditError>> {
+        Box::pin(self.write(move |conn, keys| {
+            if entries.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(write_err)?;
+            let head = head_of(&tx).map_err(write_err)?;
+            let chained = chain(head, &entries);
+            {
+                let mut stmt = tx.prepare_cached(&insert_sql()).map_err(write_err)?;
+                for (e, (seq, prev, hash)) in entries.iter().zip(&chained) {
+                    stmt.execute(params![
+                        seq_to_db(*seq),
+                        &prev[..],
+                        &hash[..],
+                        e.node,
+                        e.request_id,
+                        e.at_ms,
+                        e.side.as_str(),
+                        e.step.as_str(),
+                        e.client,
+                        e.service,
+                        e.method,
+                        e.purpose,
+                        e.subject.as_ref().map(|h| &h[..]),
+                        e.basis,
+                        e.user,
+                        e.peer,
+                        e.status,
+                        e.reason,
+                        e.message,
+                        e.body_sha256.as_ref().map(|h| &h[..]),
+                        e.request_hash.as_ref().map(|h| &h[..]),
+                        e.signature.as_deref(),
+                    ])
+                    .map_err(write_err)?;
+                }
+            }
+            // A slice of the key index rides in the same transaction (and
+            // fsync). Should it fail, the records still go in: the slice is
+            // redone later from `keys_upto`.
+            let head = chained.last().map(|c| c.0).unwrap_or(0);
+            let slice_ok = match tx.savepoint() {
+                Ok(sp) => match index_keys(&sp, keys, head, entries.len() * 8) {
+                    Ok(()) => sp.commit().is_ok(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit key index: will retry");
+                        false
+                    }
+                },
+                Err(_) => false,
+            };
+            tx.commit().map_err(write_err)?;
+            if let Ok(mut k) = keys.lock() {
+                if !slice_ok {
+                    k.job = None;
+                } else {
+                    k.settle();
+                }
+            }
+            Ok(chained
+                .into_iter()
+                .map(|(seq, _, hash)| Link { seq, hash })
+                .collect())
+        }))
+    }
+
+    fn head(&self) -> BoxFuture<'_, Result<Option<Link>, AuditError>> {
+        Box::pin(self.read(|conn| head_of(conn).map_err(read_err)))
+    }
+
+    fn scan(&self, from: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Scanned>, AuditError>> {
+        Box::pin(self.read(move |conn| {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM audit_records WHERE seq >= ?1 ORDER BY seq LIMIT ?2"
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(read_err)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt
+                .query_map(params![seq_to_db(from), limit], raw_row)
+                .map_err(read_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row.map_err(read_err)?.into_scanned());
+            }
+            Ok(out)
+        }))
+    }
+
+    fn hashes(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<(u64, Hash)>, AuditError>> {
+        Box::pin(self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, hash FROM audit_records WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq",
+                )
+                .map_err(read_err)?;
+            let rows = stmt
+                .query_map(params![seq_to_db(from), seq_to_db(to)], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(read_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, hash) = row.map_err(read_err)?;
+                out.push((seq_from_db(seq), lossy_hash(&hash)));
+            }
+            Ok(out)
+        }))
+    }
+
+    fn query(&self, query: Query) -> BoxFuture<'_, Result<Page, AuditError>> {
+        Box::pin(self.read(move |conn| {
+            let limit = query.page_size();
+            Ok(Page::from_rows(query_keyed(conn, &query, limit)?, limit))
+        }))
+    }
+
+    fn by_request(
+        &self,
+        request_id: String,
+    ) -> BoxFuture<'_, Result<Vec<StoredRecord>, AuditError>> {
+        Box::pin(self.read(move |conn| {
+            let q = Query {
+                request_id: Some(request_id),
+                ..Query::default()
+            };
+            let mut rows = query_keyed(conn, &q, 100_000)?;
+            rows.reverse();
+            Ok(rows)
+        }))
+    }
+
+    fn seq_range(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<(u64, u64)>, AuditError>> {
+        Box::pin(self.read(move |conn| {
+            let (lo, hi): (Option<i64>, Option<i64>) = conn
+                .query_row(
+                    "SELECT MIN(seq), MAX(seq) FROM audit_records WHERE at_ms >= ?1 AND at_ms < ?2",
+                    params![from_ms, to_ms],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(read_err)?;
+            Ok(lo.zip(hi).map(|(a, b)| (seq_from_db(a), seq_from_db(b))))
+        }))
+    }
+
+    fn put_checkpoint(&self, cp: StoredCheckpoint) -> BoxFuture<'_, Result<(), AuditError>> {
+        Box::pin(self.write(move |conn, _| {
+            let c = &cp.checkpoint;
+            conn.execute(
+                &format!(
+                    "INSERT INTO audit_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                ),
+                params![
+                    seq_to_db(c.seq),
+                    &c.head[..],
+                    &c.root[..],
+                    c.at_ms,
+                    c.node,
+                    &c.key_id[..],
+                    c.cert_der,
+                    c.signature,
+                    cp.frontier,
+                ],
+            )
+            .map_err(write_err)?;
+            Ok(())
+        }))
+    }
+
+    fn checkpoints(&self) -> BoxFuture<'_, Result<Vec<Checkpoint>, AuditError>> {
+        Box::pin(self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq, id"
+                ))
+                .map_err(read_err)?;
+            let rows = stmt.query_map([], checkpoint_row).map_err(read_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row.map_err(read_err)?.checkpoint);
+            }
+            Ok(out)
+        }))
+    }
+
+    fn read_all_blocking(&self) -> Result<Vec<StoredRecord>, AuditError> {
+        let conn = connect(&self.inner.path).map_err(read_err)?;
+        records(
+            &conn,
+            &format!("SELECT {COLUMNS} FROM audit_records ORDER BY seq"),
+            &[],
+        )
+    }
+
+    fn latest_checkpoint(&self) -> BoxFuture<'_, Result<Option<StoredCheckpoint>, AuditError>> {
+        Box::pin(self.read(|conn| {
+            conn.query_row(
+                &format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq DESC, id DESC LIMIT 1"
+                ),
+                [],
+                checkpoint_row,
+            )
+            .optional()
+            .map_err(read_err)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Side, Step, pseudonym::PseudonymKey};
+
+    fn entry(i: u64, key: &PseudonymKey) -> Entry {
+        Entry {
+            node: "n".into(),
+            request_id: format!("req-{}", i / 3),
+            at_ms: i as i64,
+            side: Side::Consumer,
+            step: Step::Answered,
+            client: format!("c{}", i % 2),
+            service: "s".into(),
+            method: "m".into(),
+            purpose: "p".into(),
+            subject: (!i.is_multiple_of(10)).then(|| key.pseudonym(&format!("iin:{}", i % 4))),
+            basis: None,
+            user: None,
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: None,
+            request_hash: None,
+            signature: None,
+        }
+    }
+
+    /// Queries by subject and request id give the same answers whether the
+    /// records are in the key index, in the tail after it, or both.
+    #[tokio::test]
+    async fn the_key_index_and_the_tail_answer_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        store.set_key_chunk(8);
+        let key = PseudonymKey::random().unwrap();
+        let all: Vec<Entry> = (1..=61).map(|i| entry(i, &key)).collect();
+        for batch in all.chunks(5) {
+            store.append(batch.to_vec()).await.unwrap();
+        }
+        assert!(store.keys_indexed() >= 40, "{}", store.keys_indexed());
+        assert!(store.keys_indexed() < 61);
+        for s in 0..4u64 {
+            let subject = key.pseudonym(&format!("iin:{s}"));
+            let want: Vec<u64> = (1..=61u64)
+                .rev()
+                .filter(|i| i % 4 == s && i % 10 != 0)
+                .collect();
+            let mut got = Vec::new();
+            let mut q = Query {
+                subject: Some(subject),
+                limit: 3,
+                ..Query::default()
+            };
+            loop {
+                let page = store.query(q.clone()).await.unwrap();
+                got.extend(page.records.iter().map(|r| r.seq));
+                match page.next {
+                    Some(n) => q.before_seq = Some(n),
+                    None => break,
+                }
+            }
+            assert_eq!(got, want, "subject {s}");
+        }
+        let mut q = Query {
+            client: Some("c1".into()),
+            limit: 7,
+            ..Query::default()
+        };
+        let mut got = Vec::new();
+        loop {
+            let page = store.query(q.clone()).await.unwrap();
+            got.extend(page.records.iter().map(|r| r.seq));
+            match page.next {
+                Some(n) => q.before_seq = Some(n),
+                None => break,
+            }
+        }
+        let want: Vec<u64> = (1..=61u64).rev().filter(|i| i % 2 == 1).collect();
+        assert_eq!(got, want);
+        let page = store
+            .query(Query {
+                service: Some("s".into()),
+                limit: 1000,
+                ..Query::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.records.len(), 61);
+        for r in [0u64, 7, 13, 20] {
+            let rows = store.by_request(format!("req-{r}")).await.unwrap();
+            let want: Vec<u64> = (1..=61u64).filter(|i| i / 3 == r).collect();
+            let got: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+            assert_eq!(got, want, "request {r}");
+        }
+        // Reopened, the index resumes where it stopped.
+        let upto = store.keys_indexed();
+        drop(store);
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        assert_eq!(store.keys_indexed(), upto);
+    }
+}
