@@ -130,7 +130,7 @@ impl LocalFederation {
             }
             prepared.push((name.to_string(), config, listeners));
         }
-        let fed = Self {
+        let mut fed = Self {
             dir: dir.to_path_buf(),
             layout,
             description,
@@ -141,7 +141,6 @@ impl LocalFederation {
         };
         fed.publish(Duration::hours(24))?;
 
-        let mut fed = fed;
         for (name, config, listeners) in prepared {
             let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
             let audit =
@@ -168,8 +167,7 @@ impl LocalFederation {
     /// from now (negative: already expired), with a new serial.
     pub fn publish(&self, valid_for: Duration) -> anyhow::Result<()> {
         let serial = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1000;
-        let mut conf = self.description.build(serial, valid_for)?;
-        conf.expires_at = conf.issued_at + valid_for;
+        let conf = self.description.build(serial, valid_for)?;
         let key = SigningKey::load(&self.layout.authority_cert(), &self.layout.authority_key())?;
         write_atomically(&self.globalconf_path, signed::sign(&conf, &key).as_bytes())?;
         Ok(())

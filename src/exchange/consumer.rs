@@ -121,12 +121,13 @@ async fn exchange(
         .await
         .map_err(refused)?;
     // 5. Sign the canonical request.
-    let header = meta.to_header(now_ms(), sha256(&body));
+    let body_hash = sha256(&body);
+    let header = meta.to_header(now_ms(), body_hash);
     let (signature, request_hash) =
         envelope::sign_request(&header, gw.server_id.member(), &gw.signer);
     // 6. No audit, no data: the record is durable before anything leaves.
     let mut rec = known.record(Side::Consumer, Step::Forwarded);
-    rec.body_sha256 = Some(sha256(&body));
+    rec.body_sha256 = Some(body_hash);
     rec.request_hash = Some(request_hash);
     rec.signature = Some(signature.value.to_vec());
     durable(&*gw.audit, rec).await.map_err(refused)?;

@@ -129,7 +129,8 @@ async fn serve(
         now / 1000,
     )
     .map_err(refused)?;
-    if sha256(&forward.body)[..] != header.body_sha256[..] {
+    let request_body_hash = sha256(&forward.body);
+    if request_body_hash[..] != header.body_sha256[..] {
         return Err(refused(Refusal::new(
             Reason::BodyDigestMismatch,
             "the request body is not the one the consumer signed (altered in transit)",
@@ -168,7 +169,7 @@ async fn serve(
     let mut rec = known.record(Side::Provider, Step::Accepted);
     rec.basis = Some(basis.clone());
     rec.peer = Some(peer.clone());
-    rec.body_sha256 = Some(sha256(&forward.body));
+    rec.body_sha256 = Some(request_body_hash);
     rec.request_hash = Some(request_hash);
     rec.signature = forward.signature.as_ref().map(|s| s.value.to_vec());
     durable(&*gw.audit, rec).await.map_err(refused)?;
