@@ -33,6 +33,15 @@
 //! client = "KZ/GOV/MLSPP/benefits"
 //! methods = ["kz.population.v1.PopulationRegistry/*"]
 //! purposes = ["child-benefit"]
+//!
+//! operators = ["certs/operator.crt"]  # client certificates allowed on the admin port
+//!
+//! [audit]                       # all optional; the embedded store under data_dir by default
+//! database = "postgres://kopir@db/kopir_audit"
+//! pseudonym_key = "/etc/kopir/pseudonym.key"
+//! checkpoint_interval = "60s"
+//! node = "node1"
+//! store_bodies = false
 //! ```
 
 use std::{
@@ -43,6 +52,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    audit::AuditConfig,
     exchange::Limits,
     id::{ServerId, SubsystemId},
     policy::AccessRule,
@@ -80,6 +90,9 @@ pub struct ServerConfig {
     /// Certificates of operators allowed on the admin port.
     #[serde(default)]
     pub operators: Vec<PathBuf>,
+    /// The audit log (its `data_dir` is ignored: see [`Self::audit_config`]).
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -182,5 +195,16 @@ impl ServerConfig {
         self.globalconf.anchors.iter_mut().for_each(fix);
         self.clients.iter_mut().for_each(|c| fix(&mut c.cert));
         self.operators.iter_mut().for_each(fix);
+        if let Some(key) = &mut self.audit.pseudonym_key {
+            fix(key);
+        }
+    }
+
+    /// The audit log's configuration, with the server's data directory.
+    pub fn audit_config(&self) -> AuditConfig {
+        AuditConfig {
+            data_dir: self.data_dir.clone(),
+            ..self.audit.clone()
+        }
     }
 }

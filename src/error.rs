@@ -72,6 +72,7 @@ reasons! {
     DeadlineExceeded = "deadline.exceeded" => DeadlineExceeded, "The call's deadline passed before an answer arrived.";
     AuditUnavailable = "audit.unavailable" => Unavailable, "The audit record could not be made durable; nothing was forwarded or released.";
     Overloaded = "server.overloaded" => ResourceExhausted, "The server is at capacity and shed the call.";
+    OperatorUnknown = "operator.unknown" => Unauthenticated, "The admin port's caller presented no certificate, or one the server's `operators` does not list.";
     Internal = "internal" => Internal, "An unexpected internal error.";
 }
 

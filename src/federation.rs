@@ -19,7 +19,7 @@ use time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    audit::{AuditConfig, AuditHandle, AuditLog},
+    audit::AuditHandle,
     config::ServerConfig,
     globalconf::{describe::Federation, signed},
     id::SubsystemId,
@@ -143,14 +143,8 @@ impl LocalFederation {
 
         for (name, config, listeners) in prepared {
             let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
-            let audit =
-                crate::audit::open(&AuditConfig::embedded(&config.data_dir), signer).await?;
-            let server = start(
-                config.clone(),
-                listeners,
-                audit.clone() as Arc<dyn AuditLog>,
-            )
-            .await?;
+            let audit = crate::audit::open(&config.audit_config(), signer).await?;
+            let server = start(config.clone(), listeners, audit.clone()).await?;
             fed.nodes.insert(
                 name,
                 Node {
@@ -185,6 +179,18 @@ impl LocalFederation {
         let (cert, key) = self.layout.client(&id);
         let identity = Some((load_certs(&cert)?, load_key(&key)?));
         self.channel_to(self.node(node).server.client_addr, identity)
+            .await
+    }
+
+    /// A channel to a node's admin port, presenting the operator's certificate.
+    pub async fn admin_channel(&self, node: &str) -> anyhow::Result<Channel> {
+        let (cert, key) = self.layout.operator();
+        let addr = self
+            .node(node)
+            .server
+            .admin_addr
+            .context("the node has no admin port")?;
+        self.channel_to(addr, Some((load_certs(&cert)?, load_key(&key)?)))
             .await
     }
 

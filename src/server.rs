@@ -6,7 +6,8 @@
 //!   [`exchange::consumer`].
 //! - peer port: other security servers, mutual TLS only: `kopir.v1.Exchange`
 //!   ([`exchange::provider`]), health, reflection.
-//! - admin port (optional): operators, mutual TLS: health, reflection.
+//! - admin port (optional): operators, mutual TLS: the `AuditService` (only
+//!   for the client certificates `operators` lists), health, reflection.
 
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -17,8 +18,9 @@ use tonic::{service::Routes, transport::Server};
 use tonic_health::ServingStatus;
 
 use crate::{
-    audit::AuditLog,
+    audit::{AuditHandle, AuditLog, AuditServiceImpl},
     config::ServerConfig,
+    error::{Reason, Refusal},
     exchange::{
         Gateway, consumer, peers::Peers, provider::Provider, replay::ReplayGuard,
         upstream::Registry,
@@ -169,11 +171,37 @@ fn builder(
         .layer(tower::load_shed::LoadShedLayer::new())
 }
 
-/// Starts a security server on pre-bound listeners, writing audit records to `audit`.
+/// Lets a call through only if its TLS client certificate is an operator's.
+fn operator_check(
+    operators: Arc<Vec<Fingerprint>>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |request| {
+        let refuse = |why: String| Refusal::new(Reason::OperatorUnknown, why).to_status(None);
+        let cert = request
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| refuse("present an operator's TLS client certificate".into()))?;
+        let fp = Fingerprint::of(cert.as_ref());
+        if operators.contains(&fp) {
+            Ok(request)
+        } else if operators.is_empty() {
+            Err(refuse(
+                "this server lists no operators; add their certificates to `operators` in its configuration".into(),
+            ))
+        } else {
+            Err(refuse(format!(
+                "certificate {fp} is not one of this server's `operators`"
+            )))
+        }
+    }
+}
+
+/// Starts a security server on pre-bound listeners, writing audit records to
+/// `audit` (which its admin port also serves to operators).
 pub async fn start(
     config: ServerConfig,
     listeners: Listeners,
-    audit: Arc<dyn AuditLog>,
+    audit: Arc<AuditHandle>,
 ) -> Result<RunningServer, ServerError> {
     let chain = load_certs(&config.tls.cert)?;
     let key = load_key(&config.tls.key)?;
@@ -225,11 +253,17 @@ pub async fn start(
             "listen.plaintext_client is for development and needs a loopback client address".into(),
         ));
     }
+    let operators = config
+        .operators
+        .iter()
+        .map(|p| Ok(Fingerprint::of(load_certs(p)?[0].as_ref())))
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    let audit_service = AuditServiceImpl::new(audit.clone()).with_conf(conf.clone());
     let gw = Arc::new(Gateway {
         server_id: config.server_id.clone(),
         conf: conf.clone(),
         signer,
-        audit,
+        audit: audit as Arc<dyn AuditLog>,
         replay: ReplayGuard::new(
             config.limits.max_clock_skew_ms,
             config.limits.replay_capacity,
@@ -245,6 +279,7 @@ pub async fn start(
         plaintext_clients: plaintext,
         services,
         policy: AccessPolicy::new(config.access.clone()),
+        store_bodies: config.audit.store_bodies,
     });
     let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key)?));
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -320,11 +355,16 @@ pub async fn start(
         stop(),
     )));
 
-    // Admin port.
+    // Admin port: the audit log for operators (health stays open to probes).
     if let Some(admin) = listeners.admin {
+        let audit = tonic::service::interceptor::InterceptedService::new(
+            audit_service.into_server(),
+            operator_check(Arc::new(operators)),
+        );
         let router = builder(&gw)
             .add_service(health_service)
-            .add_service(reflection()?);
+            .add_service(reflection()?)
+            .add_service(audit);
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
             tls_incoming(admin, acceptor),
             stop(),

@@ -370,7 +370,7 @@ async fn forged_signature_is_refused() {
     let header = forged.header.clone().unwrap();
     let real = forged.signature.clone().unwrap();
     let canonical = envelope::request_canonical(&header, &real.signer, &real.key_id);
-    forged.signature.as_mut().unwrap().value = attacker.sign(&canonical).into();
+    forged.signature.as_mut().unwrap().value = attacker.sign(&sha256(&canonical)).into();
     assert_refused(
         &client.forward(forged).await.unwrap_err(),
         Code::Unauthenticated,

@@ -128,6 +128,9 @@ fn bench_record(i: u64, subjects: u64, at_ms: i64) -> AuditRecord {
         body_sha256: Some(crate::pki::sha256(&i.to_be_bytes())),
         request_hash: Some(crate::pki::sha256(&(!i).to_be_bytes())),
         signature: Some(vec![0x5a; 64]),
+        signer_key: None,
+        signed_hash: None,
+        body: None,
     }
 }
 

@@ -15,15 +15,19 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 
 use super::{
-    Side, Step,
+    AuditConfig, Side, Step,
     export::{Archive, export_range, verify_archive},
     inspect::{self, ShownRecord},
-    pseudonym::{self, PseudonymKey},
+    pseudonym::PseudonymKey,
     record::StoredRecord,
-    store::{self, AuditStore, Location, Query},
+    store::{self, AuditStore, Query},
     verify::{VerifyOptions, VerifyReport, check_checkpoints, verify_store},
 };
-use crate::pki::{Fingerprint, load_certs};
+use crate::{
+    config::ServerConfig,
+    globalconf::{ConfView, signed},
+    pki::{Fingerprint, load_certs, sign::VerifyingKey},
+};
 
 /// Default page size of `kopir audit query`.
 pub const DEFAULT_PAGE: usize = 50;
@@ -61,17 +65,18 @@ impl AuditArgs {
     }
 }
 
-/// Where the log is.
-#[derive(Debug, Clone, Args)]
+/// Where the log is: the server's configuration file, or the store named
+/// directly (the flags override what the file says).
+#[derive(Debug, Clone, Default, Args)]
 pub struct StoreArgs {
-    /// The server's data directory (the embedded store is DIR/audit.db).
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "data",
-        env = "KOPIR_DATA_DIR"
-    )]
-    pub data_dir: PathBuf,
+    /// The server's configuration file: its data directory, `[audit]` section
+    /// and global configuration (to check exchange signatures).
+    #[arg(long, short, value_name = "FILE", env = "KOPIR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The server's data directory (the embedded store is DIR/audit.db);
+    /// default `data`.
+    #[arg(long, value_name = "DIR", env = "KOPIR_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// A PostgreSQL URL, instead of the embedded store.
     #[arg(long, value_name = "URL", env = "KOPIR_AUDIT_DATABASE")]
     pub database: Option<String>,
@@ -81,21 +86,70 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// The store `dir` names (the embedded store under it).
+    pub fn embedded(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: Some(dir.into()),
+            ..Self::default()
+        }
+    }
+
+    fn server_config(&self) -> anyhow::Result<Option<ServerConfig>> {
+        self.config
+            .as_deref()
+            .map(ServerConfig::load)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// The audit configuration in force: the file's, then the flags.
+    pub fn resolve(&self) -> anyhow::Result<AuditConfig> {
+        let mut audit = match self.server_config()? {
+            Some(c) => c.audit_config(),
+            None => AuditConfig::embedded("data"),
+        };
+        if let Some(dir) = &self.data_dir {
+            audit.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.database {
+            audit.database = Some(url.clone());
+        }
+        if let Some(key) = &self.pseudonym_key {
+            audit.pseudonym_key = Some(key.clone());
+        }
+        Ok(audit)
+    }
+
     /// Opens the existing store.
     pub async fn open(&self) -> anyhow::Result<Arc<dyn AuditStore>> {
-        let location = Location::new(&self.data_dir, self.database.as_deref());
-        Ok(store::open_existing(&location).await?)
+        Ok(store::open_existing(&self.resolve()?.location()).await?)
     }
 
     /// Loads the pseudonym key (never creates one: a new key would match nothing).
     pub fn pseudonyms(&self) -> anyhow::Result<PseudonymKey> {
-        let path = self
-            .pseudonym_key
-            .clone()
-            .unwrap_or_else(|| pseudonym::default_path(&self.data_dir));
+        let path = self.resolve()?.pseudonym_key_path();
         PseudonymKey::load(&path).with_context(
             || "querying by subject needs the server's pseudonym key (--pseudonym-key FILE)",
         )
+    }
+
+    /// The server's current global configuration, when `--config` names the
+    /// server (it lists the keys that exchange signatures are checked with).
+    pub fn globalconf(&self) -> anyhow::Result<Option<ConfView>> {
+        let Some(config) = self.server_config()? else {
+            return Ok(None);
+        };
+        let source = &config.globalconf;
+        let anchors = source
+            .anchors
+            .iter()
+            .map(|p| Ok(VerifyingKey::from_cert(load_certs(p)?[0].as_ref())?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let text = std::fs::read(&source.path)
+            .with_context(|| format!("cannot read {}", source.path.display()))?;
+        let conf = signed::verify(&text, &anchors)
+            .with_context(|| format!("global configuration {}", source.path.display()))?;
+        Ok(Some(ConfView::new(conf)?))
     }
 }
 
@@ -292,7 +346,9 @@ impl ShowArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let expected = expected_signer(self.cert.as_deref())?;
         let store = self.store.open().await?;
-        let shown = inspect::show(&store, &self.request_id, expected.as_ref()).await?;
+        let view = self.store.globalconf()?;
+        let shown =
+            inspect::show(&store, &self.request_id, expected.as_ref(), view.as_ref()).await?;
         if shown.is_empty() {
             bail!("no records of request {}", self.request_id);
         }
@@ -306,6 +362,13 @@ impl ShowArgs {
         }
         if shown.iter().any(|s| !s.hash_ok) {
             bail!("some records do not match their hash: run `kopir audit verify`");
+        }
+        if let Some(bad) = shown.iter().find(|s| !s.signature.is_acceptable()) {
+            bail!(
+                "record {} keeps an exchange signature that does not verify: {}",
+                bad.record.seq,
+                bad.signature
+            );
         }
         Ok(())
     }
@@ -353,7 +416,17 @@ fn print_shown(out: &mut impl Write, s: &ShownRecord) -> std::io::Result<()> {
         "  request     {}",
         hx(e.request_hash.as_ref().map(|h| &h[..]))
     )?;
-    writeln!(out, "  signature   {}", hx(e.signature.as_deref()))?;
+    writeln!(
+        out,
+        "  signature   {} over {} by key {}",
+        hx(e.signature.as_deref()),
+        hx(e.signed_hash.as_ref().map(|h| &h[..])),
+        hx(e.signer_key.as_ref().map(|h| &h[..]))
+    )?;
+    writeln!(out, "              {}", s.signature)?;
+    if let Some(body) = &e.body {
+        writeln!(out, "  stored body {} bytes", body.len())?;
+    }
     writeln!(
         out,
         "  hash        {} {}",
@@ -538,6 +611,7 @@ impl ExportArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::store::Location;
     use clap::Parser;
 
     #[derive(Debug, Parser)]
@@ -627,16 +701,15 @@ mod tests {
                     body_sha256: None,
                     request_hash: None,
                     signature: None,
+                    signer_key: None,
+                    signed_hash: None,
+                    body: None,
                 })
                 .await
                 .unwrap();
         }
         handle.shutdown().await;
-        let store_args = StoreArgs {
-            data_dir: dir.path().to_path_buf(),
-            database: None,
-            pseudonym_key: None,
-        };
+        let store_args = StoreArgs::embedded(dir.path());
         let out = dir.path().join("archive.json");
         ExportArgs {
             store: store_args.clone(),
@@ -697,11 +770,7 @@ mod tests {
         .await
         .unwrap();
         // No store at all: a clear error, not an empty new one.
-        let missing = StoreArgs {
-            data_dir: dir.path().join("nope"),
-            database: None,
-            pseudonym_key: None,
-        };
+        let missing = StoreArgs::embedded(dir.path().join("nope"));
         assert!(missing.open().await.is_err());
         assert!(!dir.path().join("nope").exists());
     }

@@ -52,8 +52,10 @@ const CATCH_UP_CHUNK: u64 = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
-    /// The server's data directory: the embedded store is `<data_dir>/audit.db`
-    /// and the default pseudonym key `<data_dir>/pseudonym.key`.
+    /// The server's data directory (its top-level `data_dir`, not part of the
+    /// section): the embedded store is `<data_dir>/audit.db` and the default
+    /// pseudonym key `<data_dir>/pseudonym.key`.
+    #[serde(skip)]
     pub data_dir: PathBuf,
     /// A PostgreSQL URL (`postgres://user@host/db`); when set, the log is kept
     /// there instead of the embedded store.
@@ -73,6 +75,9 @@ pub struct AuditConfig {
     /// The largest number of records written in one transaction (1 = one
     /// fsync per record).
     pub max_batch: usize,
+    /// Keep message bodies in the log. Off by default: a record keeps only the
+    /// body's SHA-256, so a copy of the store holds no registry data.
+    pub store_bodies: bool,
 }
 
 impl Default for AuditConfig {
@@ -84,6 +89,7 @@ impl Default for AuditConfig {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             node: "node1".into(),
             max_batch: DEFAULT_MAX_BATCH,
+            store_bodies: false,
         }
     }
 }
@@ -648,17 +654,18 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_duration("7 weeks"), None);
-        let c: AuditConfig = toml::from_str(
-            "data_dir = \"/var/lib/kopir\"\ncheckpoint_interval = \"30s\"\nnode = \"ss1\"\n",
-        )
-        .unwrap();
+        let mut c: AuditConfig =
+            toml::from_str("checkpoint_interval = \"30s\"\nnode = \"ss1\"\n").unwrap();
         assert_eq!(c.checkpoint_interval, Duration::from_secs(30));
         assert_eq!(c.node, "ss1");
         assert_eq!(c.max_batch, DEFAULT_MAX_BATCH);
+        assert!(!c.store_bodies);
+        c.data_dir = PathBuf::from("/var/lib/kopir");
         assert_eq!(
             c.pseudonym_key_path(),
             PathBuf::from("/var/lib/kopir/pseudonym.key")
         );
+        assert!(toml::from_str::<AuditConfig>("data_dir = \"x\"").is_err());
         let c: AuditConfig = toml::from_str("checkpoint_interval = 10").unwrap();
         assert_eq!(c.checkpoint_interval, Duration::from_secs(10));
         assert!(toml::from_str::<AuditConfig>("checkpoint_interval = \"soon\"").is_err());

@@ -10,10 +10,11 @@ use super::{
     checkpoint::Checkpoint,
     merkle::{self, Levels, leaf_hash},
     record::{Hash, StoredRecord, hex32},
+    signatures::{self, SignatureCheck},
     store::AuditStore,
     verify::check_checkpoints,
 };
-use crate::pki::Fingerprint;
+use crate::{globalconf::ConfView, pki::Fingerprint};
 
 /// A record of one exchange as `show` presents it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +30,8 @@ pub struct ShownRecord {
     /// The signed checkpoint whose Merkle tree includes this record (its
     /// signature and the inclusion proof both checked), if one covers it yet.
     pub checkpoint: Option<u64>,
+    /// The exchange signature the record keeps, checked.
+    pub signature: SignatureCheck,
 }
 
 /// A record with the proof that it is in a signed checkpoint's tree.
@@ -114,13 +117,14 @@ async fn latest_valid(
     Ok(trusted.into_iter().last())
 }
 
-/// Every record of one exchange, each with its hash recomputed and, when a
-/// valid signed checkpoint covers it, its inclusion in that checkpoint's tree
-/// checked.
+/// Every record of one exchange, each with its hash recomputed, its exchange
+/// signature checked against `view` and, when a valid signed checkpoint
+/// covers it, its inclusion in that checkpoint's tree checked.
 pub async fn show(
     store: &Arc<dyn AuditStore>,
     request_id: &str,
     expected: Option<&Fingerprint>,
+    view: Option<&ConfView>,
 ) -> Result<Vec<ShownRecord>, AuditError> {
     let records = store.by_request(request_id.to_owned()).await?;
     let checkpoint = latest_valid(store.as_ref(), expected).await?;
@@ -149,6 +153,7 @@ pub async fn show(
                 _ => false,
             };
             ShownRecord {
+                signature: signatures::check(&record.entry, view),
                 hash_ok: recomputed == record.hash,
                 recomputed,
                 checkpoint: checkpoint.as_ref().map(|c| c.seq).filter(|_| included),

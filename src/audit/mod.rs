@@ -22,6 +22,7 @@
 //!   (the default, `<data_dir>/audit.db`) and a PostgreSQL store (shared by the
 //!   server nodes of one member);
 //! - [`verify`]: walks the chain and checkpoints and names the first bad record;
+//! - [`signatures`]: checks the exchange signature a record keeps;
 //! - [`export`]: self-contained archives of a range, verifiable offline;
 //! - [`service`]: the gRPC `AuditService` for the admin port;
 //! - [`cli`] and [`bench`]: `kopir audit ...` and `kopir bench audit`;
@@ -39,8 +40,8 @@ pub mod pgtest;
 pub mod pseudonym;
 pub mod record;
 pub mod service;
+pub mod signatures;
 pub mod store;
-pub mod testing;
 #[cfg(test)]
 mod tests;
 pub mod verify;
@@ -166,6 +167,13 @@ pub struct AuditRecord {
     pub request_hash: Option<[u8; 32]>,
     /// The signature this step produced or verified (request or response).
     pub signature: Option<Vec<u8>>,
+    /// Fingerprint of the signing certificate whose key made `signature`.
+    pub signer_key: Option<[u8; 32]>,
+    /// The digest `signature` covers (request hash or response hash).
+    pub signed_hash: Option<[u8; 32]>,
+    /// The body, only when the server is configured to store bodies; by
+    /// default only `body_sha256` is kept.
+    pub body: Option<Vec<u8>>,
 }
 
 /// Why a record could not be made durable.

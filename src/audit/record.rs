@@ -20,7 +20,11 @@
 //! 11. `method`, 12. `purpose`, 13. `subject` (the 32-byte pseudonym, optional),
 //! 14. `basis`, 15. `user`, 16. `peer` (optional texts), 17. `status` (i32),
 //! 18. `reason`, 19. `message` (optional texts), 20. `body_sha256`,
-//! 21. `request_hash` (optional 32 bytes), 22. `signature` (optional bytes).
+//! 21. `request_hash` (optional 32 bytes), 22. `signature` (optional bytes),
+//! 23. `signer_key` and 24. `signed_hash` (optional 32 bytes).
+//!
+//! A stored body (only with `store_bodies`) is not part of these bytes: the
+//! `body_sha256` they cover pins it, and `verify` checks it against that hash.
 //!
 //! Because `seq` and `prev_hash` are inside the hashed bytes, moving a record
 //! to another position changes its hash, and changing any record breaks the
@@ -84,6 +88,16 @@ pub struct Entry {
     /// The signature this step produced or verified.
     #[serde(with = "opt_hex")]
     pub signature: Option<Vec<u8>>,
+    /// Fingerprint of the signing certificate whose key made `signature`.
+    #[serde(with = "opt_hex32")]
+    pub signer_key: Option<Hash>,
+    /// The digest `signature` covers: the request hash for the request's
+    /// signature, the response hash for the response's.
+    #[serde(with = "opt_hex32")]
+    pub signed_hash: Option<Hash>,
+    /// The body itself, kept only when the server stores bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex")]
+    pub body: Option<Vec<u8>>,
 }
 
 impl Entry {
@@ -110,6 +124,9 @@ impl Entry {
             body_sha256: record.body_sha256,
             request_hash: record.request_hash,
             signature: record.signature,
+            signer_key: record.signer_key,
+            signed_hash: record.signed_hash,
+            body: record.body,
         }
     }
 
@@ -138,6 +155,8 @@ impl Entry {
         c.opt(self.body_sha256.as_ref().map(|h| &h[..]));
         c.opt(self.request_hash.as_ref().map(|h| &h[..]));
         c.opt(self.signature.as_deref());
+        c.opt(self.signer_key.as_ref().map(|h| &h[..]));
+        c.opt(self.signed_hash.as_ref().map(|h| &h[..]));
     }
 
     /// The canonical bytes of this entry at position `seq` after `prev`.
@@ -364,6 +383,9 @@ mod tests {
             body_sha256: Some([1; 32]),
             request_hash: None,
             signature: Some(vec![1, 2, 3]),
+            signer_key: None,
+            signed_hash: None,
+            body: None,
         }
     }
 

@@ -16,10 +16,12 @@ use super::{
     export,
     inspect::{self, ShownRecord},
     record::StoredRecord,
+    signatures::SignatureCheck,
     store::Query,
     verify::{VerifyOptions, VerifyReport, verify_store},
 };
 use crate::{
+    globalconf::GlobalConfHandle,
     pki::Fingerprint,
     proto::kopir::v1::{
         AuditCheckpoint, AuditCheckpointRequest, AuditCheckpointResponse, AuditConsistencyRequest,
@@ -35,12 +37,19 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AuditServiceImpl {
     handle: Arc<AuditHandle>,
+    conf: Option<GlobalConfHandle>,
 }
 
 impl AuditServiceImpl {
     /// The service over `handle`.
     pub fn new(handle: Arc<AuditHandle>) -> Self {
-        Self { handle }
+        Self { handle, conf: None }
+    }
+
+    /// Checks exchange signatures in `Show` against this global configuration.
+    pub fn with_conf(mut self, conf: GlobalConfHandle) -> Self {
+        self.conf = Some(conf);
+        self
     }
 
     /// The tonic service to mount.
@@ -86,6 +95,9 @@ pub fn entry_to_proto(r: &StoredRecord) -> AuditEntry {
         body_sha256: e.body_sha256.map(|h| bytes_of(&h)).unwrap_or_default(),
         request_hash: e.request_hash.map(|h| bytes_of(&h)).unwrap_or_default(),
         signature: e.signature.as_deref().map(bytes_of).unwrap_or_default(),
+        signer_key: e.signer_key.map(|h| bytes_of(&h)).unwrap_or_default(),
+        signed_hash: e.signed_hash.map(|h| bytes_of(&h)).unwrap_or_default(),
+        body: e.body.as_deref().map(bytes_of).unwrap_or_default(),
         prev_hash: bytes_of(&r.prev_hash),
         hash: bytes_of(&r.hash),
     }
@@ -134,6 +146,14 @@ fn shown_to_proto(s: &ShownRecord) -> AuditShownEntry {
         recomputed_hash: bytes_of(&s.recomputed),
         hash_ok: s.hash_ok,
         checkpoint_seq: s.checkpoint.unwrap_or(0),
+        signature_result: match &s.signature {
+            SignatureCheck::Absent => "absent",
+            SignatureCheck::Valid(_) => "valid",
+            SignatureCheck::Invalid(_) => "invalid",
+            SignatureCheck::Unchecked(_) => "unchecked",
+        }
+        .into(),
+        signature_detail: s.signature.to_string(),
     }
 }
 
@@ -203,7 +223,8 @@ impl AuditService for AuditServiceImpl {
         if id.is_empty() {
             return Err(Status::invalid_argument("request_id is required"));
         }
-        let shown = inspect::show(self.handle.store(), &id, None)
+        let view = self.conf.as_ref().and_then(|c| c.current().ok());
+        let shown = inspect::show(self.handle.store(), &id, None, view.as_deref())
             .await
             .map_err(status)?;
         if shown.is_empty() {
@@ -366,6 +387,9 @@ mod tests {
             body_sha256: Some([1; 32]),
             request_hash: Some([2; 32]),
             signature: Some(vec![3; 64]),
+            signer_key: None,
+            signed_hash: None,
+            body: None,
         }
     }
 

@@ -128,8 +128,8 @@ impl Backend {
                 .unwrap_or_else(|| "NULL".into())
         };
         self.exec(&format!(
-            "INSERT INTO audit_records (seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature)
-             VALUES ({}, {}, {}, '{}', '{}', {}, '{}', '{}', '{}', '{}', '{}', '{}', {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
+            "INSERT INTO audit_records (seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature, signer_key, signed_hash, body)
+             VALUES ({}, {}, {}, '{}', '{}', {}, '{}', '{}', '{}', '{}', '{}', '{}', {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
             r.seq,
             self.bytes(&r.prev_hash),
             self.bytes(&r.hash),
@@ -152,6 +152,9 @@ impl Backend {
             opt(e.body_sha256.as_ref().map(|h| &h[..])),
             opt(e.request_hash.as_ref().map(|h| &h[..])),
             opt(e.signature.as_deref()),
+            opt(e.signer_key.as_ref().map(|h| &h[..])),
+            opt(e.signed_hash.as_ref().map(|h| &h[..])),
+            opt(e.body.as_deref()),
         ))
         .await;
     }
@@ -206,6 +209,10 @@ fn record(i: u64) -> AuditRecord {
         body_sha256: Some(crate::pki::sha256(&i.to_be_bytes())),
         request_hash: Some([3; 32]),
         signature: Some(vec![9; 64]),
+        signer_key: None,
+        signed_hash: None,
+        // Even records keep their body, as with `store_bodies`.
+        body: i.is_multiple_of(2).then(|| i.to_be_bytes().to_vec()),
     }
 }
 
@@ -425,13 +432,13 @@ async fn show_and_proofs(kind: Kind) {
     log.handle.append(record(23)).await.unwrap();
     let store = log.store();
     // req-10 is records 20 and 21 (covered), req-11 is 22 and 23 (not yet).
-    let shown = inspect::show(&store, "req-10", None).await.unwrap();
+    let shown = inspect::show(&store, "req-10", None, None).await.unwrap();
     assert_eq!(shown.len(), 2);
     assert!(
         shown.iter().all(|s| s.hash_ok && s.checkpoint == Some(21)),
         "{shown:#?}"
     );
-    let shown = inspect::show(&store, "req-11", None).await.unwrap();
+    let shown = inspect::show(&store, "req-11", None, None).await.unwrap();
     assert!(shown.iter().all(|s| s.hash_ok && s.checkpoint.is_none()));
     assert!(shown[0].record.entry.signature.is_some());
     for seq in [1, 9, 20, 21] {
@@ -451,7 +458,7 @@ async fn show_and_proofs(kind: Kind) {
     log.backend
         .exec("UPDATE audit_records SET purpose = 'curiosity' WHERE seq = 20")
         .await;
-    let shown = inspect::show(&store, "req-10", None).await.unwrap();
+    let shown = inspect::show(&store, "req-10", None, None).await.unwrap();
     assert!(!shown[0].hash_ok && shown[1].hash_ok);
     assert_eq!(shown[0].checkpoint, None);
 }
@@ -558,6 +565,15 @@ async fn tamper_edit(kind: Kind) {
         .exec("UPDATE audit_records SET client = 'KZ/GOV/EVIL/app' WHERE seq = 7")
         .await;
     assert_bad(&log.verify().await, ProblemKind::Altered, 7);
+}
+
+async fn tamper_stored_body(kind: Kind) {
+    let log = Log::new(kind, 20, &[20]).await;
+    // The body is not in the record hash; its hash is, and verify checks it.
+    log.backend
+        .exec("UPDATE audit_records SET body = signature WHERE seq = 8")
+        .await;
+    assert_bad(&log.verify().await, ProblemKind::Altered, 8);
 }
 
 async fn tamper_edit_with_fresh_hash(kind: Kind) {
@@ -817,6 +833,7 @@ for_each_store!(
     restart_continues_the_chain_and_tree,
     two_nodes_share_one_store,
     tamper_edit,
+    tamper_stored_body,
     tamper_edit_with_fresh_hash,
     tamper_delete,
     tamper_delete_and_renumber,

@@ -309,6 +309,19 @@ impl Walker {
             self.diagnose_bad_link(&r);
             return false;
         }
+        if let Some(body) = &r.body
+            && Some(crate::pki::sha256(body)) != r.body_sha256
+        {
+            self.fail(
+                ProblemKind::Altered,
+                r.seq,
+                format!(
+                    "record {}'s stored body does not match the body hash it was written with",
+                    r.seq
+                ),
+            );
+            return false;
+        }
         self.accept(&r);
         true
     }

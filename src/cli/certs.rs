@@ -31,7 +31,7 @@ impl Command {
         let spec = fed.dev_pki_spec()?;
         dev::generate(&spec, &out)?;
         println!(
-            "wrote a development PKI to {}: CA, authority, {} member signing, {} server TLS, {} client certificates",
+            "wrote a development PKI to {}: CA, authority, {} member signing, {} server TLS, {} client certificates and an operator certificate",
             out.display(),
             spec.members.len(),
             spec.servers.len(),

@@ -40,7 +40,14 @@ impl Command {
             listener.local_addr()?,
             dataset.persons().len()
         );
-        serve(kind, dataset, listener, super::stop_signal()).await?;
+        serve(
+            kind,
+            dataset,
+            listener,
+            Default::default(),
+            super::stop_signal(),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -3,7 +3,6 @@
 use std::{path::PathBuf, sync::Arc};
 
 use crate::{
-    audit::{AuditConfig, AuditLog},
     config::ServerConfig,
     pki::sign::SigningKey,
     server::{Listeners, start},
@@ -22,9 +21,9 @@ impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let config = ServerConfig::load(&self.config)?;
         let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
-        let audit = crate::audit::open(&AuditConfig::embedded(&config.data_dir), signer).await?;
+        let audit = crate::audit::open(&config.audit_config(), signer).await?;
         let listeners = Listeners::bind(&config).await?;
-        let server = start(config, listeners, audit.clone() as Arc<dyn AuditLog>).await?;
+        let server = start(config, listeners, audit.clone()).await?;
         super::stop_signal().await;
         tracing::info!("stopping");
         server.shutdown().await;

@@ -126,10 +126,15 @@ async fn exchange(
     let (signature, request_hash) =
         envelope::sign_request(&header, gw.server_id.member(), &gw.signer);
     // 6. No audit, no data: the record is durable before anything leaves.
-    let mut rec = known.record(Side::Consumer, Step::Forwarded);
-    rec.body_sha256 = Some(body_hash);
+    let mut rec = known.signed_record(
+        Side::Consumer,
+        Step::Forwarded,
+        Some(&signature),
+        request_hash,
+        body_hash,
+    );
     rec.request_hash = Some(request_hash);
-    rec.signature = Some(signature.value.to_vec());
+    rec.body = gw.kept_body(&body);
     durable(&*gw.audit, rec).await.map_err(refused)?;
     let forward = ForwardRequest {
         header: Some(header),
@@ -148,7 +153,7 @@ async fn exchange(
         started,
     )
     .await;
-    let (response, peer) = match outcome {
+    let (response, response_hash, peer) = match outcome {
         Ok(ok) => ok,
         Err(refusal) => {
             let mut rec = known.refusal(Side::Consumer, Step::Failed, &refusal);
@@ -159,12 +164,17 @@ async fn exchange(
     };
     let h = response.header.unwrap_or_default();
     // 8. Record the answer durably before releasing it.
-    let mut rec = known.record(Side::Consumer, Step::Answered);
+    let mut rec = known.signed_record(
+        Side::Consumer,
+        Step::Answered,
+        response.signature.as_ref(),
+        response_hash,
+        sha256(&response.body),
+    );
     rec.peer = Some(peer);
     rec.status = h.status_code;
-    rec.body_sha256 = Some(sha256(&response.body));
     rec.request_hash = Some(request_hash);
-    rec.signature = response.signature.map(|s| s.value.to_vec());
+    rec.body = gw.kept_body(&response.body);
     durable(&*gw.audit, rec)
         .await
         .map_err(|r| (Step::Failed, r))?;
@@ -231,7 +241,8 @@ fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<()
 
 /// Sends the request to the provider's servers in turn (moving on only when a
 /// connection could not be made, so a request is never delivered twice) and
-/// verifies the answer. Returns the response and the id of the server that gave it.
+/// verifies the answer. Returns the response, its hash and the id of the
+/// server that gave it.
 #[allow(clippy::too_many_arguments)]
 async fn forward_and_verify(
     gw: &Gateway,
@@ -242,7 +253,7 @@ async fn forward_and_verify(
     request_hash: &[u8; 32],
     timeout: Duration,
     started: tokio::time::Instant,
-) -> Result<(ForwardResponse, String), Refusal> {
+) -> Result<(ForwardResponse, [u8; 32], String), Refusal> {
     let mut last = None;
     for endpoint in &entry.endpoints {
         let remaining = timeout.saturating_sub(started.elapsed());
@@ -272,7 +283,7 @@ async fn forward_and_verify(
             Ok(Ok(response)) => {
                 let response = response.into_inner();
                 let h = response.header.clone().unwrap_or_default();
-                envelope::verify_response(
+                let response_hash = envelope::verify_response(
                     view,
                     &h,
                     response.signature.as_ref(),
@@ -286,7 +297,7 @@ async fn forward_and_verify(
                         "the provider's response body does not match its signed hash; the answer was withheld",
                     ));
                 }
-                return Ok((response, endpoint.server.to_string()));
+                return Ok((response, response_hash, endpoint.server.to_string()));
             }
             Ok(Err(status)) => status,
         };

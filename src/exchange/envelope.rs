@@ -11,8 +11,11 @@
 //!   request hash (hex), status code (decimal), status message, body SHA-256
 //!   (hex), timestamp (decimal ms).
 //!
-//! The *request hash* is the SHA-256 of the request's canonical form; the
-//! response signature covers it, binding each answer to the question it answers.
+//! The *request hash* and *response hash* are the SHA-256 of these forms. The
+//! Ed25519 signature is made over that hash (not the form itself), so an audit
+//! record that keeps only the hash, the signature and the signer's key id can
+//! be checked later without keeping the subject in clear. The response form
+//! includes the request hash, binding each answer to the question it answers.
 
 use crate::{
     error::{Reason, Refusal},
@@ -79,13 +82,16 @@ pub fn response_canonical(h: &ResponseHeader, signer: &str, key_id: &[u8]) -> Ve
     c.0
 }
 
-fn signature(member: &MemberId, key: &SigningKey, canonical: &[u8]) -> Signature {
-    Signature {
+/// Signs the hash of `canonical`; returns the signature and that hash.
+fn signature(member: &MemberId, key: &SigningKey, canonical: &[u8]) -> (Signature, [u8; 32]) {
+    let hash = sha256(canonical);
+    let signature = Signature {
         signer: member.to_string(),
         key_id: bytes::Bytes::copy_from_slice(&key.key_id().0),
         algorithm: ALGORITHM.into(),
-        value: key.sign(canonical).into(),
-    }
+        value: key.sign(&hash).into(),
+    };
+    (signature, hash)
 }
 
 /// Signs a request header; returns the signature and the request hash.
@@ -94,12 +100,19 @@ pub fn sign_request(
     member: &MemberId,
     key: &SigningKey,
 ) -> (Signature, [u8; 32]) {
-    let canonical = request_canonical(h, &member.to_string(), &key.key_id().0);
-    (signature(member, key, &canonical), sha256(&canonical))
+    signature(
+        member,
+        key,
+        &request_canonical(h, &member.to_string(), &key.key_id().0),
+    )
 }
 
-/// Signs a response header.
-pub fn sign_response(h: &ResponseHeader, member: &MemberId, key: &SigningKey) -> Signature {
+/// Signs a response header; returns the signature and the response hash.
+pub fn sign_response(
+    h: &ResponseHeader,
+    member: &MemberId,
+    key: &SigningKey,
+) -> (Signature, [u8; 32]) {
     signature(
         member,
         key,
@@ -107,15 +120,16 @@ pub fn sign_response(h: &ResponseHeader, member: &MemberId, key: &SigningKey) ->
     )
 }
 
-/// Checks `sig` over `canonical` against the key the global configuration lists
-/// for `expected_signer`, valid at `now_secs`.
+/// Checks `sig` over the hash of `canonical` against the key the global
+/// configuration lists for `expected_signer`, valid at `now_secs`; returns the
+/// hash.
 fn verify(
     view: &ConfView,
     sig: Option<&Signature>,
     expected_signer: &MemberId,
     canonical: &[u8],
     now_secs: i64,
-) -> Result<(), Refusal> {
+) -> Result<[u8; 32], Refusal> {
     let sig = sig.ok_or_else(|| {
         Refusal::new(Reason::SignatureInvalid, "the message carries no signature")
     })?;
@@ -151,7 +165,8 @@ fn verify(
             format!("signing certificate {key_id} of {expected_signer} is not valid now"),
         ));
     }
-    if !key.verify(canonical, &sig.value) {
+    let hash = sha256(canonical);
+    if !key.verify(&hash, &sig.value) {
         return Err(Refusal::new(
             Reason::SignatureInvalid,
             format!(
@@ -159,7 +174,7 @@ fn verify(
             ),
         ));
     }
-    Ok(())
+    Ok(hash)
 }
 
 /// Verifies a request's signature by the client's member; returns the request hash.
@@ -173,13 +188,17 @@ pub fn verify_request(
     let (signer, key_id) = sig
         .map(|s| (s.signer.as_str(), &s.key_id[..]))
         .unwrap_or_default();
-    let canonical = request_canonical(h, signer, key_id);
-    verify(view, sig, client_member, &canonical, now_secs)?;
-    Ok(sha256(&canonical))
+    verify(
+        view,
+        sig,
+        client_member,
+        &request_canonical(h, signer, key_id),
+        now_secs,
+    )
 }
 
 /// Verifies a response's signature by the provider's member and its binding to
-/// the request hash.
+/// the request hash; returns the response hash.
 pub fn verify_response(
     view: &ConfView,
     h: &ResponseHeader,
@@ -187,12 +206,12 @@ pub fn verify_response(
     provider_member: &MemberId,
     request_hash: &[u8; 32],
     now_secs: i64,
-) -> Result<(), Refusal> {
+) -> Result<[u8; 32], Refusal> {
     let bad = |why: String| Refusal::new(Reason::ResponseSignatureInvalid, why);
     let (signer, key_id) = sig
         .map(|s| (s.signer.as_str(), &s.key_id[..]))
         .unwrap_or_default();
-    verify(
+    let response_hash = verify(
         view,
         sig,
         provider_member,
@@ -208,5 +227,5 @@ pub fn verify_response(
     if h.request_hash[..] != request_hash[..] {
         return Err(bad("the provider's response answers another request".into()));
     }
-    Ok(())
+    Ok(response_hash)
 }

@@ -36,6 +36,7 @@ use crate::{
     id::{ServerId, SubsystemId},
     pki::{Fingerprint, sign::SigningKey},
     policy::AccessPolicy,
+    proto::kopir::v1::Signature,
 };
 use meta::CallMeta;
 
@@ -107,6 +108,8 @@ pub struct Gateway {
     pub peers: peers::Peers,
     /// Replay protection.
     pub replay: replay::ReplayGuard,
+    /// Keep message bodies in the audit log (by default only their hashes).
+    pub store_bodies: bool,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -114,6 +117,13 @@ impl std::fmt::Debug for Gateway {
         f.debug_struct("Gateway")
             .field("server_id", &self.server_id)
             .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// The copy of `body` an audit record keeps: none unless bodies are stored.
+    pub(crate) fn kept_body(&self, body: &[u8]) -> Option<Vec<u8>> {
+        self.store_bodies.then(|| body.to_vec())
     }
 }
 
@@ -171,7 +181,28 @@ impl Known {
             body_sha256: None,
             request_hash: None,
             signature: None,
+            signer_key: None,
+            signed_hash: None,
+            body: None,
         }
+    }
+
+    /// A record of `step` that carries `signature` over `signed_hash` (the
+    /// request or response hash) and the hash of the body it covers.
+    pub(crate) fn signed_record(
+        &self,
+        side: Side,
+        step: Step,
+        signature: Option<&Signature>,
+        signed_hash: [u8; 32],
+        body_sha256: [u8; 32],
+    ) -> AuditRecord {
+        let mut r = self.record(side, step);
+        r.signature = signature.map(|s| s.value.to_vec());
+        r.signer_key = signature.and_then(|s| s.key_id.as_ref().try_into().ok());
+        r.signed_hash = Some(signed_hash);
+        r.body_sha256 = Some(body_sha256);
+        r
     }
 
     /// A record of a refusal or failure.

@@ -166,12 +166,17 @@ async fn serve(
     gw.policy.check(meta).map_err(refused)?;
     let basis = policy::basis(&view, meta).map_err(refused)?;
     // 7. No audit, no data: the acceptance is durable before the registry is called.
-    let mut rec = known.record(Side::Provider, Step::Accepted);
+    let mut rec = known.signed_record(
+        Side::Provider,
+        Step::Accepted,
+        forward.signature.as_ref(),
+        request_hash,
+        request_body_hash,
+    );
     rec.basis = Some(basis.clone());
     rec.peer = Some(peer.clone());
-    rec.body_sha256 = Some(request_body_hash);
     rec.request_hash = Some(request_hash);
-    rec.signature = forward.signature.as_ref().map(|s| s.value.to_vec());
+    rec.body = gw.kept_body(&forward.body);
     durable(&*gw.audit, rec).await.map_err(refused)?;
     // 8. Call the registry within the caller's deadline.
     let registry_timeout = timeout
@@ -217,14 +222,20 @@ async fn serve(
         body_sha256: bytes::Bytes::copy_from_slice(&body_hash),
         timestamp_ms: now_ms(),
     };
-    let signature = envelope::sign_response(&response_header, gw.server_id.member(), &gw.signer);
-    let mut rec = known.record(Side::Provider, Step::Answered);
+    let (signature, response_hash) =
+        envelope::sign_response(&response_header, gw.server_id.member(), &gw.signer);
+    let mut rec = known.signed_record(
+        Side::Provider,
+        Step::Answered,
+        Some(&signature),
+        response_hash,
+        body_hash,
+    );
     rec.basis = Some(basis);
     rec.peer = Some(peer);
     rec.status = answer.code;
-    rec.body_sha256 = Some(body_hash);
     rec.request_hash = Some(request_hash);
-    rec.signature = Some(signature.value.to_vec());
+    rec.body = gw.kept_body(&answer.body);
     durable(&*gw.audit, rec)
         .await
         .map_err(|r| (Step::Failed, r))?;

@@ -1,7 +1,8 @@
 //! A development PKI, made with rcgen: one CA, the governance authority's
 //! signing certificate (the trust anchor of the global configuration), each
-//! member's signing certificate, each security server's TLS certificate and each
-//! information system's client certificate.
+//! member's signing certificate, each security server's TLS certificate, each
+//! information system's client certificate and an operator's client
+//! certificate for the admin ports.
 //!
 //! Never use these in production: their private keys are written next to the
 //! certificates (and the demo's set is committed in `certs-dev/`).
@@ -72,6 +73,11 @@ impl DevLayout {
     pub fn client(&self, subsystem: &SubsystemId) -> (PathBuf, PathBuf) {
         let dir = self.root.join("clients").join(file_name(subsystem));
         (dir.join("client.crt"), dir.join("client.key"))
+    }
+    /// The operator's client certificate and key, for the admin ports.
+    pub fn operator(&self) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("operators");
+        (dir.join("operator.crt"), dir.join("operator.key"))
     }
 }
 
@@ -201,12 +207,16 @@ pub fn generate(spec: &DevPkiSpec, out: &Path) -> Result<DevLayout, PkiError> {
             )?,
         )?;
     }
-    for client in &spec.clients {
-        let params = named(&client.to_string(), vec![])?;
+    let clients = spec
+        .clients
+        .iter()
+        .map(|c| (c.to_string(), layout.client(c)))
+        .chain([("kopir operator".to_string(), layout.operator())]);
+    for (name, paths) in clients {
         write_pair(
-            layout.client(client),
+            paths,
             ca.issue(
-                params,
+                named(&name, vec![])?,
                 &PKCS_ECDSA_P256_SHA256,
                 &[ExtendedKeyUsagePurpose::ClientAuth],
             )?,

@@ -20,12 +20,20 @@ mod synth;
 #[cfg(test)]
 mod tests;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tower::util::MapRequestLayer;
 
 pub use data::{
     ASKABLE_TAX_YEARS, Address, DEFAULT_FAMILIES, DEFAULT_SEED, Dataset, Declaration, INCOME_YEARS,
@@ -62,13 +70,16 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// Serves one registry on an already-bound listener until `shutdown` resolves:
 /// plaintext HTTP/2 gRPC with the registry's service, the standard health
 /// service (SERVING for the registry's service name and for `""`) and server
-/// reflection (v1 and v1alpha).
+/// reflection (v1 and v1alpha). Each call of a registry method adds one to
+/// `calls` (so tests can tell whether a request reached the registry).
 pub async fn serve(
     kind: RegistryKind,
     dataset: Arc<Dataset>,
     listener: TcpListener,
+    calls: Arc<AtomicU64>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let registry_prefix = format!("/{}/", kind.grpc_service_name());
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(kind.grpc_service_name(), ServingStatus::Serving)
@@ -104,7 +115,13 @@ pub async fn serve(
         })
     });
 
-    let mut server = Server::builder();
+    let count = MapRequestLayer::new(move |req: http::Request<tonic::body::Body>| {
+        if req.uri().path().starts_with(&registry_prefix) {
+            calls.fetch_add(1, Ordering::Relaxed);
+        }
+        req
+    });
+    let mut server = Server::builder().layer(count);
     let router = server
         .add_service(health_service)
         .add_optional_service(reflection_v1)
@@ -127,6 +144,7 @@ pub async fn serve(
 pub struct RegistryHandle {
     kind: RegistryKind,
     addr: SocketAddr,
+    calls: Arc<AtomicU64>,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -143,13 +161,15 @@ impl RegistryHandle {
         let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
         let bound = listener.local_addr().map_err(bind_error)?;
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(kind, dataset, listener, async move {
+        let calls = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(serve(kind, dataset, listener, calls.clone(), async move {
             // A send or a dropped sender both mean "stop".
             let _ = stop.await;
         }));
         Ok(Self {
             kind,
             addr: bound,
+            calls,
             shutdown,
             task,
         })
@@ -158,6 +178,11 @@ impl RegistryHandle {
     /// Which registry this is.
     pub fn kind(&self) -> RegistryKind {
         self.kind
+    }
+
+    /// How many registry method calls it has received.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     /// The address actually bound.

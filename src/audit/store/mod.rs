@@ -288,7 +288,7 @@ impl Conditions {
 }
 
 /// The columns of the records table, in the order the stores read them.
-pub(crate) const COLUMNS: &str = "seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature";
+pub(crate) const COLUMNS: &str = "seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature, signer_key, signed_hash, body";
 
 /// Sequence numbers are `u64` in Rust and `BIGINT` in the stores.
 pub(crate) fn seq_to_db(seq: u64) -> i64 {
@@ -324,6 +324,9 @@ pub(crate) struct RawRow {
     pub(crate) body_sha256: Option<Vec<u8>>,
     pub(crate) request_hash: Option<Vec<u8>>,
     pub(crate) signature: Option<Vec<u8>>,
+    pub(crate) signer_key: Option<Vec<u8>>,
+    pub(crate) signed_hash: Option<Vec<u8>>,
+    pub(crate) body: Option<Vec<u8>>,
 }
 
 fn stored_hash(what: &str, seq: i64, bytes: &[u8]) -> Result<Hash, Malformed> {
@@ -386,6 +389,9 @@ impl RawRow {
                 body_sha256: opt_hash("body_sha256", seq, self.body_sha256)?,
                 request_hash: opt_hash("request_hash", seq, self.request_hash)?,
                 signature: self.signature,
+                signer_key: opt_hash("signer_key", seq, self.signer_key)?,
+                signed_hash: opt_hash("signed_hash", seq, self.signed_hash)?,
+                body: self.body,
             },
         })
     }

@@ -52,7 +52,10 @@ CREATE TABLE IF NOT EXISTS audit_records (
     message TEXT,
     body_sha256 BYTEA,
     request_hash BYTEA,
-    signature BYTEA
+    signature BYTEA,
+    signer_key BYTEA,
+    signed_hash BYTEA,
+    body BYTEA
 );
 CREATE INDEX IF NOT EXISTS audit_records_request ON audit_records(request_id);
 CREATE INDEX IF NOT EXISTS audit_records_subject ON audit_records(subject, seq);
@@ -82,8 +85,8 @@ CREATE INDEX IF NOT EXISTS audit_checkpoints_seq ON audit_checkpoints(seq);
 /// Advisory lock key that serialises schema creation by several nodes.
 const SCHEMA_LOCK: i64 = 0x6b6f_7069_7261_7564; // "kopiraud"
 
-const INSERT: &str = "INSERT INTO audit_records (seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature)
-SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::bytea[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[], $14::text[], $15::text[], $16::text[], $17::int4[], $18::text[], $19::text[], $20::bytea[], $21::bytea[], $22::bytea[])";
+const INSERT: &str = "INSERT INTO audit_records (seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature, signer_key, signed_hash, body)
+SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::bytea[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[], $14::text[], $15::text[], $16::text[], $17::int4[], $18::text[], $19::text[], $20::bytea[], $21::bytea[], $22::bytea[], $23::bytea[], $24::bytea[], $25::bytea[])";
 
 const CHECKPOINT_COLUMNS: &str =
     "seq, head, root, at_ms, node, key_id, cert_der, signature, frontier";
@@ -249,6 +252,9 @@ impl PostgresStore {
         let bodies = opt_bytes(|e| e.body_sha256.as_ref().map(|h| &h[..]));
         let requests = opt_bytes(|e| e.request_hash.as_ref().map(|h| &h[..]));
         let signatures = opt_bytes(|e| e.signature.as_deref());
+        let signer_keys = opt_bytes(|e| e.signer_key.as_ref().map(|h| &h[..]));
+        let signed_hashes = opt_bytes(|e| e.signed_hash.as_ref().map(|h| &h[..]));
+        let stored_bodies = opt_bytes(|e| e.body.as_deref());
         tx.execute(
             INSERT,
             &[
@@ -274,6 +280,9 @@ impl PostgresStore {
                 &bodies,
                 &requests,
                 &signatures,
+                &signer_keys,
+                &signed_hashes,
+                &stored_bodies,
             ],
         )
         .await
@@ -345,6 +354,9 @@ fn raw_row(r: &Row) -> Result<RawRow, AuditError> {
         body_sha256: r.try_get(19).map_err(get_err)?,
         request_hash: r.try_get(20).map_err(get_err)?,
         signature: r.try_get(21).map_err(get_err)?,
+        signer_key: r.try_get(22).map_err(get_err)?,
+        signed_hash: r.try_get(23).map_err(get_err)?,
+        body: r.try_get(24).map_err(get_err)?,
     })
 }
 

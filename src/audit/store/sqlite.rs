@@ -72,7 +72,10 @@ CREATE TABLE IF NOT EXISTS audit_records (
     message TEXT,
     body_sha256 BLOB,
     request_hash BLOB,
-    signature BLOB
+    signature BLOB,
+    signer_key BLOB,
+    signed_hash BLOB,
+    body BLOB
 );
 CREATE TABLE IF NOT EXISTS audit_keys (
     chunk INTEGER NOT NULL,
@@ -346,6 +349,9 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         body_sha256: r.get(19)?,
         request_hash: r.get(20)?,
         signature: r.get(21)?,
+        signer_key: r.get(22)?,
+        signed_hash: r.get(23)?,
+        body: r.get(24)?,
     })
 }
 
@@ -397,7 +403,7 @@ const CHECKPOINT_COLUMNS: &str =
     "seq, head, root, at_ms, node, key_id, cert_der, signature, frontier";
 
 fn insert_sql() -> String {
-    let marks: Vec<String> = (1..=22).map(|i| format!("?{i}")).collect();
+    let marks: Vec<String> = (1..=25).map(|i| format!("?{i}")).collect();
     format!(
         "INSERT INTO audit_records ({COLUMNS}) VALUES ({})",
         marks.join(", ")
@@ -643,6 +649,9 @@ impl AuditStore for SqliteStore {
                         e.body_sha256.as_ref().map(|h| &h[..]),
                         e.request_hash.as_ref().map(|h| &h[..]),
                         e.signature.as_deref(),
+                        e.signer_key.as_ref().map(|h| &h[..]),
+                        e.signed_hash.as_ref().map(|h| &h[..]),
+                        e.body.as_deref(),
                     ])
                     .map_err(write_err)?;
                 }
@@ -848,6 +857,9 @@ mod tests {
             body_sha256: None,
             request_hash: None,
             signature: None,
+            signer_key: None,
+            signed_hash: None,
+            body: None,
         }
     }
 
