@@ -49,7 +49,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     audit::AuditConfig,
@@ -59,7 +59,7 @@ use crate::{
 };
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// This server's id, `MEMBER/CODE`; its member signs with `signing`.
@@ -100,7 +100,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// Listening addresses.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Client port, for the member's information systems.
@@ -117,7 +117,7 @@ pub struct Listen {
 }
 
 /// A certificate file and its private key file (PEM).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyFiles {
     /// Certificate (chain) file.
@@ -127,7 +127,7 @@ pub struct KeyFiles {
 }
 
 /// Where the global configuration comes from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GlobalConfSource {
     /// The signed file the authority publishes.
@@ -144,7 +144,7 @@ fn default_refresh() -> u64 {
 }
 
 /// An information system allowed on the client port.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalClient {
     /// Its subsystem id.
@@ -154,7 +154,7 @@ pub struct LocalClient {
 }
 
 /// A registry this server provides.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalService {
     /// The provider subsystem id.
@@ -177,6 +177,15 @@ impl ServerConfig {
             toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         config.rebase(path.parent().unwrap_or(Path::new(".")));
         Ok(config)
+    }
+
+    /// Writes the configuration to `path` (TOML), e.g. to run it as its own
+    /// process or to point `kopir audit --config` at it.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = toml::to_string(self)
+            .map_err(|e| ConfigError(format!("cannot write {}: {e}", path.display())))?;
+        std::fs::write(path, text)
+            .map_err(|e| ConfigError(format!("cannot write {}: {e}", path.display())))
     }
 
     /// Makes relative paths relative to `base`.

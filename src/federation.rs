@@ -49,6 +49,9 @@ pub const BENEFITS: &str = "KZ/GOV/MLSPP/benefits";
 pub struct Node {
     /// Its configuration, as started.
     pub config: ServerConfig,
+    /// The same, written to a file with the addresses it listens on
+    /// (`kopir serve --config` or `kopir audit ... --config` can use it).
+    pub config_path: PathBuf,
     /// The running server.
     pub server: RunningServer,
     /// Its audit log.
@@ -145,10 +148,17 @@ impl LocalFederation {
             let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
             let audit = crate::audit::open(&config.audit_config(), signer).await?;
             let server = start(config.clone(), listeners, audit.clone()).await?;
+            let mut config = config;
+            config.listen.client = server.client_addr;
+            config.listen.peer = server.peer_addr;
+            config.listen.admin = server.admin_addr;
+            let config_path = fed.dir.join(format!("{name}.toml"));
+            config.save(&config_path)?;
             fed.nodes.insert(
                 name,
                 Node {
                     config,
+                    config_path,
                     server,
                     audit,
                 },
@@ -206,6 +216,18 @@ impl LocalFederation {
     ) -> anyhow::Result<Channel> {
         let tls = ca_client_config(&load_certs(&self.layout.ca_cert())?, identity)?;
         tls_channel(addr, tls).await
+    }
+
+    /// Stops one server (writing its final checkpoint) and returns its
+    /// configuration file, so that it can be run again as its own process.
+    pub async fn stop_node(&mut self, name: &str) -> anyhow::Result<PathBuf> {
+        let node = self
+            .nodes
+            .remove(name)
+            .with_context(|| format!("no node {name}"))?;
+        node.server.shutdown().await;
+        node.audit.shutdown().await;
+        Ok(node.config_path)
     }
 
     /// Stops every server (writing their final checkpoints) and registry.

@@ -27,7 +27,6 @@
 //! - [`service`]: the gRPC `AuditService` for the admin port;
 //! - [`cli`] and [`bench`]: `kopir audit ...` and `kopir bench audit`;
 //! - [`pgtest`]: a throwaway PostgreSQL cluster for tests and the benchmark;
-//! - [`testing`]: logs for tests (one that refuses every write, one in memory).
 
 pub mod bench;
 pub mod checkpoint;

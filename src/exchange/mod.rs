@@ -41,7 +41,7 @@ use crate::{
 use meta::CallMeta;
 
 /// Limits of one security server.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest request or response message, in bytes.

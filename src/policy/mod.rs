@@ -2,7 +2,7 @@
 //! purpose allows a pull, as X-Road keeps access rights on the provider's own
 //! server rather than in the global configuration.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Reason, Refusal},
@@ -20,7 +20,7 @@ use crate::{
 /// methods = ["kz.population.v1.PopulationRegistry/*"]   # or exact "/pkg.Svc/Method", or "*"
 /// purposes = ["child-benefit"]
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessRule {
     /// The provider subsystem the rule is about.

@@ -1,0 +1,488 @@
+//! End-to-end tests of the audit trail on both stores: the demo federation on
+//! 127.0.0.1:0 with each server's log in the embedded store or in a throwaway
+//! PostgreSQL cluster. Records of both sides of an exchange are twins whose
+//! signatures check; refusals are recorded; a store that refuses writes stops
+//! the exchange before the registry is called; operators read the log over
+//! the admin port with their certificate, and nobody else does.
+
+use std::sync::Arc;
+
+use kopir::{
+    audit::{
+        Side, Step,
+        pgtest::TempPostgres,
+        record::StoredRecord,
+        signatures::{self, SignatureCheck},
+        verify::{VerifyOptions, verify_store},
+    },
+    error::{ERROR_KEY, REQUEST_ID_KEY},
+    federation::{BENEFITS, LocalFederation},
+    globalconf::{ConfView, signed},
+    id::Iin,
+    pki::{load_certs, load_key, sign::VerifyingKey},
+    proto::{
+        kopir::v1::{
+            AuditQueryRequest, AuditShowRequest, audit_service_client::AuditServiceClient,
+        },
+        kz::{
+            population::v1::{
+                GetPersonRequest, population_registry_client::PopulationRegistryClient,
+            },
+            realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
+        },
+    },
+    registry::RegistryKind,
+};
+use tonic::{Code, Request, Status, metadata::MetadataValue};
+
+/// Which store the servers' logs are kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Embedded,
+    Postgres,
+}
+
+struct Harness {
+    fed: LocalFederation,
+    parent: Iin,
+    _pg: Option<Arc<TempPostgres>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn launch(store: Store) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, urls) = match store {
+        Store::Embedded => (None, Vec::new()),
+        Store::Postgres => {
+            let pg = TempPostgres::shared().unwrap();
+            let mut urls = Vec::new();
+            for node in ["mlspp", "moj", "src"] {
+                urls.push((node, pg.create_database().await.unwrap()));
+            }
+            (Some(pg), urls)
+        }
+    };
+    let fed = LocalFederation::launch(dir.path(), &|name, config| {
+        config.audit.database = urls
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, url)| url.clone());
+    })
+    .await
+    .unwrap();
+    if store == Store::Postgres {
+        assert!(
+            fed.node("moj")
+                .audit
+                .store()
+                .describe()
+                .starts_with("postgres")
+        );
+    }
+    let parent = fed.dataset.sample_parents(1)[0];
+    Harness {
+        fed,
+        parent,
+        _pg: pg,
+        _dir: dir,
+    }
+}
+
+fn request<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
+    let mut r = Request::new(message);
+    for (k, v) in pairs {
+        r.metadata_mut()
+            .insert(*k, MetadataValue::try_from(*v).unwrap());
+    }
+    r
+}
+
+impl Harness {
+    fn subject(&self) -> String {
+        format!("iin:{}", self.parent)
+    }
+
+    /// GetPerson through the benefits system's security server.
+    async fn get_person(&self, request_id: &str) -> Result<(), Status> {
+        let subject = self.subject();
+        let req = request(
+            GetPersonRequest {
+                iin: self.parent.to_string(),
+            },
+            &[
+                ("kopir-client", BENEFITS),
+                ("kopir-service", "KZ/GOV/MOJ/population"),
+                ("kopir-purpose", "child-benefit"),
+                ("kopir-subject", &subject),
+                ("kopir-request-id", request_id),
+            ],
+        );
+        let channel = self.fed.client_channel("mlspp", BENEFITS).await.unwrap();
+        let response = PopulationRegistryClient::new(channel)
+            .get_person(req)
+            .await?;
+        assert_eq!(response.metadata().get(REQUEST_ID_KEY).unwrap(), request_id);
+        Ok(())
+    }
+
+    async fn records(&self, node: &str, request_id: &str) -> Vec<StoredRecord> {
+        self.fed
+            .node(node)
+            .audit
+            .store()
+            .by_request(request_id.into())
+            .await
+            .unwrap()
+    }
+
+    fn registry_calls(&self) -> u64 {
+        self.fed.registries[&RegistryKind::Population].calls()
+    }
+
+    /// The global configuration the servers run on.
+    fn view(&self) -> ConfView {
+        let anchor = load_certs(&self.fed.layout.authority_cert()).unwrap();
+        let anchor = VerifyingKey::from_cert(anchor[0].as_ref()).unwrap();
+        let text = std::fs::read(&self.fed.globalconf_path).unwrap();
+        ConfView::new(signed::verify(&text, &[anchor]).unwrap()).unwrap()
+    }
+
+    async fn verify(&self, node: &str) {
+        let store = self.fed.node(node).audit.store().clone();
+        let report = verify_store(store, &VerifyOptions::default(), &mut |_, _| {})
+            .await
+            .unwrap();
+        assert!(report.ok(), "{node}: {report:#?}");
+    }
+}
+
+#[track_caller]
+fn assert_refused(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get(ERROR_KEY)
+            .and_then(|v| v.to_str().ok()),
+        Some(reason),
+        "{status:?}"
+    );
+}
+
+fn steps(records: &[StoredRecord]) -> Vec<(Side, Step)> {
+    records.iter().map(|r| (r.side, r.step)).collect()
+}
+
+// ---- twins: both sides, one request id, signatures that check ----
+
+async fn twin_records_share_the_request_id_and_their_signatures_check(store: Store) {
+    let h = launch(store).await;
+    h.get_person("twin-1").await.unwrap();
+    let consumer = h.records("mlspp", "twin-1").await;
+    let provider = h.records("moj", "twin-1").await;
+    assert_eq!(
+        steps(&consumer),
+        [
+            (Side::Consumer, Step::Forwarded),
+            (Side::Consumer, Step::Answered)
+        ]
+    );
+    assert_eq!(
+        steps(&provider),
+        [
+            (Side::Provider, Step::Accepted),
+            (Side::Provider, Step::Answered)
+        ]
+    );
+    let view = h.view();
+    // The request: signed by the consumer's member, kept by both sides.
+    let (forwarded, accepted) = (&consumer[0], &provider[0]);
+    // The answer: signed by the provider's member, kept by both sides.
+    let (answered_c, answered_p) = (&consumer[1], &provider[1]);
+    for (c, p, signer) in [
+        (forwarded, accepted, "KZ/GOV/MLSPP"),
+        (answered_c, answered_p, "KZ/GOV/MOJ"),
+    ] {
+        assert_eq!(c.request_id, p.request_id);
+        assert_eq!(c.request_hash, p.request_hash);
+        assert!(c.request_hash.is_some());
+        assert_eq!(c.signature, p.signature);
+        assert_eq!(c.signed_hash, p.signed_hash);
+        assert_eq!(c.signer_key, p.signer_key);
+        assert_eq!(c.body_sha256, p.body_sha256);
+        for r in [c, p] {
+            assert_eq!(
+                signatures::check(r, Some(&view)),
+                SignatureCheck::Valid(signer.into()),
+                "record {} of {:?}",
+                r.seq,
+                r.side
+            );
+        }
+    }
+    // The response signature covers the response, not the request.
+    assert_ne!(answered_c.signed_hash, answered_c.request_hash);
+    // The subject is kept only as a pseudonym, and no body by default.
+    assert!(accepted.subject.is_some());
+    assert!(provider.iter().all(|r| r.body.is_none()));
+    let serialized = serde_json::to_string(&provider).unwrap();
+    assert!(!serialized.contains(&h.parent.to_string()));
+    // A signature that was tampered with, or checked against another
+    // member's key, does not pass.
+    let mut forged = accepted.entry.clone();
+    if let Some(sig) = forged.signature.as_mut() {
+        sig[0] ^= 1;
+    }
+    assert!(matches!(
+        signatures::check(&forged, Some(&view)),
+        SignatureCheck::Invalid(_)
+    ));
+    let mut swapped = answered_p.entry.clone();
+    swapped.service = "KZ/GOV/SRC/income".into();
+    assert!(!matches!(
+        signatures::check(&swapped, Some(&view)),
+        SignatureCheck::Valid(_)
+    ));
+    h.verify("mlspp").await;
+    h.verify("moj").await;
+    h.fed.shutdown().await;
+}
+
+// ---- refusals are records too ----
+
+async fn refusals_are_recorded_on_both_sides(store: Store) {
+    let h = launch(store).await;
+    // The provider refuses: real estate may not be read for this purpose.
+    let subject = h.subject();
+    let channel = h.fed.client_channel("mlspp", BENEFITS).await.unwrap();
+    let status = RealtyRegistryClient::new(channel.clone())
+        .list_properties(request(
+            ListPropertiesRequest {
+                iin: h.parent.to_string(),
+            },
+            &[
+                ("kopir-client", BENEFITS),
+                ("kopir-service", "KZ/GOV/MOJ/realty"),
+                ("kopir-purpose", "child-benefit"),
+                ("kopir-subject", &subject),
+                ("kopir-request-id", "denied-1"),
+            ],
+        ))
+        .await
+        .unwrap_err();
+    assert_refused(&status, Code::PermissionDenied, "access.denied");
+    let provider = h.records("moj", "denied-1").await;
+    assert_eq!(steps(&provider), [(Side::Provider, Step::Refused)]);
+    assert_eq!(provider[0].reason.as_deref(), Some("access.denied"));
+    assert_eq!(provider[0].status, Code::PermissionDenied as i32);
+    assert!(
+        provider[0]
+            .message
+            .as_deref()
+            .is_some_and(|m| !m.is_empty())
+    );
+    let consumer = h.records("mlspp", "denied-1").await;
+    assert_eq!(
+        steps(&consumer),
+        [
+            (Side::Consumer, Step::Forwarded),
+            (Side::Consumer, Step::Failed)
+        ]
+    );
+    assert_eq!(consumer[1].reason.as_deref(), Some("access.denied"));
+
+    // The consumer refuses: an unknown purpose never leaves its server.
+    let status = PopulationRegistryClient::new(channel)
+        .get_person(request(
+            GetPersonRequest {
+                iin: h.parent.to_string(),
+            },
+            &[
+                ("kopir-client", BENEFITS),
+                ("kopir-service", "KZ/GOV/MOJ/population"),
+                ("kopir-purpose", "curiosity"),
+                ("kopir-subject", &subject),
+                ("kopir-request-id", "unknown-purpose-1"),
+            ],
+        ))
+        .await
+        .unwrap_err();
+    assert_refused(&status, Code::InvalidArgument, "purpose.unknown");
+    let consumer = h.records("mlspp", "unknown-purpose-1").await;
+    assert_eq!(steps(&consumer), [(Side::Consumer, Step::Refused)]);
+    assert_eq!(consumer[0].reason.as_deref(), Some("purpose.unknown"));
+    assert_eq!(consumer[0].purpose, "curiosity");
+    assert!(h.records("moj", "unknown-purpose-1").await.is_empty());
+    h.verify("mlspp").await;
+    h.verify("moj").await;
+    h.fed.shutdown().await;
+}
+
+// ---- no audit, no data ----
+
+/// Makes a node's store refuse (or accept again) every new record, with a
+/// trigger installed from outside the server: the store itself says no.
+async fn set_refusing(h: &Harness, node: &str, refuse: bool) {
+    let config = &h.fed.node(node).config;
+    match &config.audit.database {
+        None => {
+            let path = config.data_dir.join("audit.db");
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.busy_timeout(std::time::Duration::from_secs(10))
+                .unwrap();
+            conn.execute_batch(if refuse {
+                "CREATE TRIGGER refuse_writes BEFORE INSERT ON audit_records
+                 BEGIN SELECT RAISE(ABORT, 'the audit store is read-only'); END;"
+            } else {
+                "DROP TRIGGER refuse_writes;"
+            })
+            .unwrap();
+        }
+        Some(url) => {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let task = tokio::spawn(connection);
+            client
+                .batch_execute(if refuse {
+                    "CREATE FUNCTION refuse_writes() RETURNS trigger AS $$
+                     BEGIN RAISE EXCEPTION 'the audit store is read-only'; END $$ LANGUAGE plpgsql;
+                     CREATE TRIGGER refuse_writes BEFORE INSERT ON audit_records
+                     FOR EACH ROW EXECUTE FUNCTION refuse_writes();"
+                } else {
+                    "DROP TRIGGER refuse_writes ON audit_records; DROP FUNCTION refuse_writes();"
+                })
+                .await
+                .unwrap();
+            drop(client);
+            let _ = task.await;
+        }
+    }
+}
+
+async fn a_store_that_refuses_writes_stops_the_exchange(store: Store) {
+    let h = launch(store).await;
+    h.get_person("before").await.unwrap();
+    let calls = h.registry_calls();
+    assert_eq!(calls, 1);
+
+    // The consumer's store refuses: nothing is sent to the provider.
+    set_refusing(&h, "mlspp", true).await;
+    let status = h.get_person("consumer-down").await.unwrap_err();
+    assert_refused(&status, Code::Unavailable, "audit.unavailable");
+    assert_eq!(h.registry_calls(), calls, "the registry was called");
+    assert!(h.records("moj", "consumer-down").await.is_empty());
+    assert!(h.records("mlspp", "consumer-down").await.is_empty());
+    set_refusing(&h, "mlspp", false).await;
+
+    // The provider's store refuses: the registry is not called, and the
+    // consumer's log says why the exchange failed.
+    set_refusing(&h, "moj", true).await;
+    let status = h.get_person("provider-down").await.unwrap_err();
+    assert_refused(&status, Code::Unavailable, "audit.unavailable");
+    assert_eq!(h.registry_calls(), calls, "the registry was called");
+    assert!(h.records("moj", "provider-down").await.is_empty());
+    let consumer = h.records("mlspp", "provider-down").await;
+    assert_eq!(
+        steps(&consumer),
+        [
+            (Side::Consumer, Step::Forwarded),
+            (Side::Consumer, Step::Failed)
+        ]
+    );
+    assert_eq!(consumer[1].reason.as_deref(), Some("audit.unavailable"));
+    set_refusing(&h, "moj", false).await;
+
+    // Once the stores accept writes again, exchanges resume on intact logs.
+    h.get_person("after").await.unwrap();
+    assert_eq!(h.registry_calls(), calls + 1);
+    h.verify("mlspp").await;
+    h.verify("moj").await;
+    h.fed.shutdown().await;
+}
+
+// ---- the admin port: operators only ----
+
+async fn operators_read_the_log_over_the_admin_port(store: Store) {
+    let h = launch(store).await;
+    h.get_person("admin-1").await.unwrap();
+    let mut audit = AuditServiceClient::new(h.fed.admin_channel("moj").await.unwrap());
+    let shown = audit
+        .show(AuditShowRequest {
+            request_id: "admin-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(shown.len(), 2);
+    for s in &shown {
+        assert!(s.hash_ok);
+        assert_eq!(s.signature_result, "valid", "{}", s.signature_detail);
+    }
+    // Query by subject: the operator names the subject, the server
+    // pseudonymises it.
+    let page = audit
+        .query(AuditQueryRequest {
+            subject: Some(h.subject()),
+            ..AuditQueryRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.entries.len(), 2);
+    assert!(page.entries.iter().all(|e| e.request_id == "admin-1"));
+
+    // An information system's certificate is not an operator's.
+    let (cert, key) = h.fed.layout.client(&BENEFITS.parse().unwrap());
+    let addr = h.fed.node("moj").server.admin_addr.unwrap();
+    let stranger = h
+        .fed
+        .channel_to(
+            addr,
+            Some((load_certs(&cert).unwrap(), load_key(&key).unwrap())),
+        )
+        .await
+        .unwrap();
+    let status = AuditServiceClient::new(stranger)
+        .show(AuditShowRequest {
+            request_id: "admin-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&status, Code::Unauthenticated, "operator.unknown");
+    // Nor is no certificate at all.
+    let anonymous = h.fed.channel_to(addr, None).await.unwrap();
+    let status = AuditServiceClient::new(anonymous)
+        .show(AuditShowRequest {
+            request_id: "admin-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&status, Code::Unauthenticated, "operator.unknown");
+    h.fed.shutdown().await;
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Store::Embedded).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Store::Postgres).await;
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    twin_records_share_the_request_id_and_their_signatures_check,
+    refusals_are_recorded_on_both_sides,
+    a_store_that_refuses_writes_stops_the_exchange,
+    operators_read_the_log_over_the_admin_port,
+);
