@@ -1,7 +1,9 @@
 //! `kopir demo`: the whole federation on loopback, and the child-birth benefit
 //! life event run through it: the benefits system of the Ministry of Labour
 //! pulls the parent and children from the population register, the parent's
-//! income and property, each through the security servers.
+//! income and property, each through the security servers. At the end an
+//! operator reads one exchange's audit records from both servers' admin ports
+//! and verifies both logs.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -9,6 +11,10 @@ use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     federation::{BENEFITS, LocalFederation},
+    proto::kopir::v1::{
+        AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest,
+        audit_service_client::AuditServiceClient,
+    },
     id::Iin,
     proto::kz::{
         income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
@@ -178,23 +184,95 @@ impl Args {
             return Ok(());
         }
         let mut result = Ok(());
+        let mut first_exchange = None;
         for iin in fed.dataset.sample_parents(self.citizens) {
             println!("\nchild-birth benefit claim of iin:{iin}");
             let t = Instant::now();
             match life_event(&channel, &iin).await {
-                Ok(_) => println!(
+                Ok(ids) => {
+                    first_exchange = first_exchange.or(ids.into_iter().next());
+                    println!(
                     "  all four registers answered in {:.2} ms; the citizen typed nothing the state already knew",
-                    t.elapsed().as_secs_f64() * 1e3
-                ),
+                        t.elapsed().as_secs_f64() * 1e3
+                    )
+                }
                 Err(e) => {
                     println!("  FAILED: {e}");
                     result = Err(e);
                 }
             }
         }
+        if let Some(id) = first_exchange
+            && result.is_ok()
+        {
+            result = print_audit(&fed, &id).await;
+        }
         fed.shutdown().await;
         result
     }
+}
+
+/// What an operator sees of one exchange on both servers, over their admin
+/// ports, and the verification of both logs.
+async fn print_audit(fed: &LocalFederation, request_id: &str) -> anyhow::Result<()> {
+    println!("\naudit trail of exchange {request_id}, as the operators of both servers see it:");
+    let mut described = false;
+    for node in ["mlspp", "moj"] {
+        let mut audit = AuditServiceClient::new(fed.admin_channel(node).await?);
+        // Sign a checkpoint now rather than at the next interval.
+        audit.checkpoint(AuditCheckpointRequest::default()).await?;
+        let shown = audit
+            .show(AuditShowRequest {
+                request_id: request_id.into(),
+            })
+            .await?
+            .into_inner()
+            .entries;
+        for s in &shown {
+            let Some(e) = &s.entry else { continue };
+            if !described {
+                println!(
+                    "  {} called {} for {} (purpose {}, official {})",
+                    e.client,
+                    e.method,
+                    e.service,
+                    e.purpose,
+                    e.user.as_deref().unwrap_or("-")
+                );
+                described = true;
+            }
+            println!(
+                "  {node:<5} record {:<3} {:<8} {:<9} status {}  hash {}  in checkpoint {}  signature {}",
+                e.seq,
+                e.side,
+                e.step,
+                e.status,
+                if s.hash_ok { "ok" } else { "MISMATCH" },
+                s.checkpoint_seq,
+                s.signature_detail,
+            );
+            if let Some(basis) = &e.basis {
+                println!("                   basis {basis}");
+            }
+        }
+        let report = audit
+            .verify(AuditVerifyRequest::default())
+            .await?
+            .into_inner();
+        println!(
+            "  {node:<5} verify: {} ({} records, {} signed checkpoints)",
+            if report.ok { "ok" } else { "FAILED" },
+            report.records,
+            report.checkpoints
+        );
+        if !report.ok {
+            anyhow::bail!("the audit log of {node} does not verify");
+        }
+    }
+    println!(
+        "  the subject is kept only as a keyed pseudonym; with --dir DIR the logs stay, and `kopir audit show --config DIR/moj.toml {request_id}` shows the same"
+    );
+    Ok(())
 }
 
 fn print_how_to_call(fed: &LocalFederation) {
