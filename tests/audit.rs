@@ -5,8 +5,11 @@
 //! the exchange before the registry is called; operators read the log over
 //! the admin port with their certificate, and nobody else does.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{assert_refused, with_meta};
 use kopir::{
     audit::{
         Side, Step,
@@ -15,7 +18,7 @@ use kopir::{
         signatures::{self, SignatureCheck},
         verify::{VerifyOptions, verify_store},
     },
-    error::{ERROR_KEY, REQUEST_ID_KEY},
+    error::REQUEST_ID_KEY,
     federation::{BENEFITS, LocalFederation},
     globalconf::{ConfView, signed},
     id::Iin,
@@ -33,7 +36,7 @@ use kopir::{
     },
     registry::RegistryKind,
 };
-use tonic::{Code, Request, Status, metadata::MetadataValue};
+use tonic::{Code, Status};
 
 /// Which store the servers' logs are kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,15 +91,6 @@ async fn launch(store: Store) -> Harness {
     }
 }
 
-fn request<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
-    let mut r = Request::new(message);
-    for (k, v) in pairs {
-        r.metadata_mut()
-            .insert(*k, MetadataValue::try_from(*v).unwrap());
-    }
-    r
-}
-
 impl Harness {
     fn subject(&self) -> String {
         format!("iin:{}", self.parent)
@@ -105,7 +99,7 @@ impl Harness {
     /// GetPerson through the benefits system's security server.
     async fn get_person(&self, request_id: &str) -> Result<(), Status> {
         let subject = self.subject();
-        let req = request(
+        let req = with_meta(
             GetPersonRequest {
                 iin: self.parent.to_string(),
             },
@@ -154,19 +148,6 @@ impl Harness {
             .unwrap();
         assert!(report.ok(), "{node}: {report:#?}");
     }
-}
-
-#[track_caller]
-fn assert_refused(status: &Status, code: Code, reason: &str) {
-    assert_eq!(status.code(), code, "{status:?}");
-    assert_eq!(
-        status
-            .metadata()
-            .get(ERROR_KEY)
-            .and_then(|v| v.to_str().ok()),
-        Some(reason),
-        "{status:?}"
-    );
 }
 
 fn steps(records: &[StoredRecord]) -> Vec<(Side, Step)> {
@@ -256,7 +237,7 @@ async fn refusals_are_recorded_on_both_sides(store: Store) {
     let subject = h.subject();
     let channel = h.fed.client_channel("mlspp", BENEFITS).await.unwrap();
     let status = RealtyRegistryClient::new(channel.clone())
-        .list_properties(request(
+        .list_properties(with_meta(
             ListPropertiesRequest {
                 iin: h.parent.to_string(),
             },
@@ -293,7 +274,7 @@ async fn refusals_are_recorded_on_both_sides(store: Store) {
 
     // The consumer refuses: an unknown purpose never leaves its server.
     let status = PopulationRegistryClient::new(channel)
-        .get_person(request(
+        .get_person(with_meta(
             GetPersonRequest {
                 iin: h.parent.to_string(),
             },

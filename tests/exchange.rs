@@ -2,8 +2,11 @@
 //! with real mutual TLS, real signatures and real gRPC clients; each refusal is
 //! checked for its status and `kopir-error` reason.
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
+use common::{assert_refused, with_meta};
 use kopir::{
     error::{ERROR_KEY, REQUEST_ID_KEY},
     exchange::{envelope, meta::CallMeta, now_ms},
@@ -22,7 +25,7 @@ use kopir::{
     registry::RegistryKind,
 };
 use prost::Message;
-use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
+use tonic::{Code, Request, Status, transport::Channel};
 
 const POPULATION: &str = "KZ/GOV/MOJ/population";
 const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
@@ -42,15 +45,6 @@ async fn launch(adjust: kopir::federation::Adjust<'_>) -> Harness {
         _dir: dir,
         parent,
     }
-}
-
-fn with_meta<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
-    let mut r = Request::new(message);
-    for (k, v) in pairs {
-        r.metadata_mut()
-            .insert(*k, MetadataValue::try_from(*v).unwrap());
-    }
-    r
 }
 
 impl Harness {
@@ -135,20 +129,6 @@ impl Harness {
             body: body.into(),
         }
     }
-}
-
-#[track_caller]
-fn assert_refused(status: &Status, code: Code, reason: &str) {
-    assert_eq!(status.code(), code, "status: {status:?}");
-    assert_eq!(
-        status
-            .metadata()
-            .get(ERROR_KEY)
-            .and_then(|v| v.to_str().ok()),
-        Some(reason),
-        "status: {status:?}"
-    );
-    assert!(!status.message().is_empty(), "a refusal says why");
 }
 
 async fn get_person_status(

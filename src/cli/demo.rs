@@ -11,11 +11,11 @@ use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     federation::{BENEFITS, LocalFederation},
+    id::Iin,
     proto::kopir::v1::{
         AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest,
         audit_service_client::AuditServiceClient,
     },
-    id::Iin,
     proto::kz::{
         income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
         population::v1::{
@@ -192,7 +192,7 @@ impl Args {
                 Ok(ids) => {
                     first_exchange = first_exchange.or(ids.into_iter().next());
                     println!(
-                    "  all four registers answered in {:.2} ms; the citizen typed nothing the state already knew",
+                        "  all four registers answered in {:.2} ms; the citizen typed nothing the state already knew",
                         t.elapsed().as_secs_f64() * 1e3
                     )
                 }
