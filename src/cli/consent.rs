@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 use tonic::transport::Channel;
 
 use crate::{
-    consent::{channel::ca_channel, config::ConsentConfig, server},
+    consent::{channel::ca_channel, config::ConsentConfig, rfc3339, server},
     error::Refusal,
     pki::{load_certs, load_key},
     proto::kopir::v1::{
@@ -129,16 +129,6 @@ fn refused(status: tonic::Status) -> anyhow::Error {
     }
 }
 
-fn time(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
-}
-
 fn print(c: &Consent) {
     let state = if c.revoked_at_ms != 0 {
         "revoked"
@@ -156,8 +146,8 @@ fn print(c: &Consent) {
         c.service,
         c.methods.join(","),
         c.purpose,
-        time(c.not_before),
-        time(c.not_after),
+        rfc3339(c.not_before),
+        rfc3339(c.not_after),
         c.subject
     );
 }
@@ -204,7 +194,7 @@ impl Command {
                     .map_err(refused)?
                     .into_inner();
                 println!("{}", answer.token);
-                eprintln!("expires {}", time(answer.expires_at));
+                eprintln!("expires {}", rfc3339(answer.expires_at));
                 Ok(())
             }
         }

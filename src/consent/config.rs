@@ -6,6 +6,7 @@
 //! data_dir = "data/consent"              # embedded store: data/consent/consent.db
 //! # database = "postgres://kopir@db/consent"   # instead of the embedded store
 //! token_ttl_secs = 3600                  # a token lives at most this long (and never past its consent)
+//! portals = ["certs/portal/client.crt"]  # pinned: may grant, list and revoke for any subject
 //!
 //! [tls]                                  # as listed in the global configuration
 //! cert = "certs/consent/tls.crt"
@@ -16,8 +17,6 @@
 //! [globalconf]
 //! path = "globalconf.json"
 //! anchors = ["certs/authority/signing.crt"]
-//!
-//! portals = ["certs/portal/client.crt"]  # pinned: may grant, list and revoke for any subject
 //!
 //! [[consumers]]                          # information systems that may fetch tokens themselves
 //! id = "KZ/GOV/MLSPP/benefits"
@@ -103,5 +102,22 @@ impl ConsentConfig {
         self.globalconf.anchors.iter_mut().for_each(fix);
         self.portals.iter_mut().for_each(fix);
         self.consumers.iter_mut().for_each(|c| fix(&mut c.cert));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deployed_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/consent.toml");
+        let config = ConsentConfig::load(&path).unwrap();
+        assert_eq!(config.portals.len(), 1);
+        assert!(config.portals[0].ends_with("certs-dev/portal/client.crt"));
+        assert!(config.portals[0].is_file());
+        assert!(config.signing.cert.is_file());
+        assert_eq!(config.consumers.len(), 1);
+        assert_eq!(config.heartbeat_ms, 1000);
     }
 }

@@ -258,7 +258,8 @@ impl Authority {
             return Err(Refusal::new(
                 Reason::ConsentRevoked,
                 format!(
-                    "the subject revoked consent {id} (at {at} ms since the epoch); the subject must grant a new one"
+                    "the subject revoked consent {id} at {}; the subject must grant a new one",
+                    super::rfc3339(at.div_euclid(1000))
                 ),
             ));
         }

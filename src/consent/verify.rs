@@ -31,6 +31,7 @@ use std::sync::Arc;
 use super::{
     grant::covers,
     revocations::{RevocationSet, Status},
+    rfc3339,
     store::{ConsentStore, UseOutcome},
     token::{self, Claims, TokenError},
 };
@@ -135,16 +136,6 @@ fn mismatch(field: &str, token: &str, call: &str) -> Refusal {
             "the consent token's {field} is {token:?} but this call's is {call:?}: use the token of a consent the subject gave for this {field}"
         ),
     )
-}
-
-fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
 }
 
 impl ConsentVerifier {
