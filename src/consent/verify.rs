@@ -178,12 +178,12 @@ impl ConsentVerifier {
                 view.serial()
             ))
         })?;
-        let claims = token::verify(token, |kid| view.consent_key(kid))?;
-        let key_valid = token::key_id(token)
-            .ok()
-            .and_then(|kid| view.consent_key(&kid))
-            .is_some_and(|k| k.valid_at(now));
-        if !key_valid {
+        let mut key = None;
+        let claims = token::verify(token, |kid| {
+            key = view.consent_key(kid);
+            key
+        })?;
+        if !key.is_some_and(|k| k.valid_at(now)) {
             return Err(invalid(
                 "the consent authority's signing certificate for this token is not valid now",
             ));
