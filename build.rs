@@ -7,6 +7,7 @@ use std::{env, path::PathBuf};
 const PROTOS: &[&str] = &[
     "kopir/v1/exchange.proto",
     "kopir/v1/audit.proto",
+    "kopir/v1/consent.proto",
     "kz/population/v1/population.proto",
     "kz/income/v1/income.proto",
     "kz/realty/v1/realty.proto",

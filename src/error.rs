@@ -62,7 +62,17 @@ reasons! {
     RequestReplayed = "request.replayed" => AlreadyExists, "A request with this client and request id was already accepted.";
     AccessDenied = "access.denied" => PermissionDenied, "No access rule of the provider allows this client, service, method and purpose.";
     ConsentMissing = "consent.missing" => PermissionDenied, "The purpose requires the subject's consent and no consent token was given.";
-    ConsentInvalid = "consent.invalid" => PermissionDenied, "The consent token cannot be accepted.";
+    ConsentInvalid = "consent.invalid" => PermissionDenied, "The consent token cannot be accepted: malformed, forged, or signed by a key the global configuration does not list for the consent authority.";
+    ConsentNotYetValid = "consent.not_yet_valid" => PermissionDenied, "The consent's validity window has not begun.";
+    ConsentExpired = "consent.expired" => PermissionDenied, "The consent (or its token) has expired.";
+    ConsentMismatch = "consent.mismatch" => PermissionDenied, "The consent is for another subject, client, service, method or purpose (the message names which).";
+    ConsentRevoked = "consent.revoked" => PermissionDenied, "The subject revoked the consent.";
+    ConsentExhausted = "consent.exhausted" => ResourceExhausted, "The consent's maximum number of uses is reached.";
+    ConsentUnverified = "consent.unverified" => Unavailable, "The consent's revocation status is unknown: the provider has not heard from the consent authority recently, or cannot count the use.";
+    ConsentNotFound = "consent.not_found" => NotFound, "The consent authority has no such consent for this subject or consumer.";
+    ConsentCallerUnknown = "consent.caller_unknown" => PermissionDenied, "The consent authority does not accept the caller's TLS certificate for this call.";
+    ConsentRequestInvalid = "consent.request_invalid" => InvalidArgument, "A request to the consent authority is malformed (bad id, empty methods, inverted window...).";
+    ConsentStoreUnavailable = "consent.store_unavailable" => Unavailable, "The consent authority could not read or durably write its store.";
     GlobalconfInvalid = "globalconf.invalid" => FailedPrecondition, "The server's global configuration is forged, malformed or missing.";
     GlobalconfStale = "globalconf.stale" => FailedPrecondition, "The server's global configuration has expired.";
     ProviderUnavailable = "provider.unavailable" => Unavailable, "No server of the provider could be reached.";

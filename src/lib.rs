@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod consent;
 pub mod error;
 pub mod exchange;
 pub mod federation;

@@ -31,7 +31,7 @@ impl Command {
         let spec = fed.dev_pki_spec()?;
         dev::generate(&spec, &out)?;
         println!(
-            "wrote a development PKI to {}: CA, authority, {} member signing, {} server TLS, {} client certificates and an operator certificate",
+            "wrote a development PKI to {}: CA, authority, {} member signing, {} server TLS, {} client certificates, an operator certificate, the consent authority's signing and TLS certificates and the portal's client certificate",
             out.display(),
             spec.members.len(),
             spec.servers.len(),

@@ -2,6 +2,7 @@
 
 pub mod authority;
 pub mod certs;
+pub mod consent;
 pub mod demo;
 pub mod registry;
 pub mod serve;
@@ -31,6 +32,9 @@ pub enum Command {
     /// Mock registries.
     #[command(subcommand)]
     Registry(registry::Command),
+    /// Consent authority: serve it, or grant, list, revoke consents and obtain tokens.
+    #[command(subcommand)]
+    Consent(consent::Command),
     /// Run the whole federation on loopback and the child-benefit life event through it.
     Demo(demo::Args),
     /// Inspect, verify and export a server's audit log.
@@ -55,6 +59,7 @@ impl Cli {
             Command::Authority(c) => c.run().await,
             Command::Certs(c) => c.run(),
             Command::Registry(c) => c.run().await,
+            Command::Consent(c) => c.run().await,
             Command::Demo(a) => a.run().await,
             Command::Audit(a) => a.run().await,
             Command::Bench(Bench::Audit(a)) => a.run().await,

@@ -17,6 +17,13 @@
 //! # signing_cert = "path.crt"     # default: the development layout's
 //! subsystems = [{ code = "population", personal_data = true }]
 //! servers = [{ code = "ss1", address = "moj-ss1:8443", hosts = ["moj-ss1"], subsystems = ["population"] }]
+//!
+//! [consent_authority]              # optional
+//! address = "consent:8444"
+//! # issuer = "KZ/consent"          # the tokens' `iss`; default: INSTANCE/consent
+//! # hosts = ["consent"]            # development TLS certificate host names
+//! # tls_cert = "path.crt"          # default: the development layout's
+//! # signing_certs = ["path.crt"]   # default: the development layout's
 //! ```
 //!
 //! Every certificate is read from disk and checked to be issued by one of the
@@ -28,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use super::{
-    model::{Basis, GlobalConf, Member, Purpose, Server, Subsystem},
+    model::{Basis, ConsentAuthority, GlobalConf, Member, Purpose, Server, Subsystem},
     view::ConfView,
 };
 use crate::{
@@ -55,6 +62,29 @@ pub struct Federation {
     /// Members.
     #[serde(default)]
     pub members: Vec<MemberDesc>,
+    /// The consent authority, if any.
+    #[serde(default)]
+    pub consent_authority: Option<ConsentAuthorityDesc>,
+}
+
+/// The consent authority in the description.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentAuthorityDesc {
+    /// The `iss` of its tokens; default `INSTANCE/consent`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// `host:port` of its gRPC port.
+    pub address: String,
+    /// Host names its development TLS certificate is made for.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// TLS certificate file; default: the development layout's.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// Token-signing certificate files; default: the development layout's.
+    #[serde(default)]
+    pub signing_certs: Vec<PathBuf>,
 }
 
 /// A purpose in the description.
@@ -153,6 +183,12 @@ impl Federation {
                 }
             }
         }
+        if let Some(ca) = self.consent_authority.as_mut() {
+            if let Some(p) = ca.tls_cert.as_mut() {
+                fix(p);
+            }
+            ca.signing_certs.iter_mut().for_each(fix);
+        }
     }
 
     fn layout(&self, what: &str) -> Result<DevLayout, DescribeError> {
@@ -186,6 +222,13 @@ impl Federation {
                     .map_err(|e| DescribeError(format!("{e}")))?;
                 spec.clients.push(id);
             }
+        }
+        if let Some(ca) = &self.consent_authority {
+            spec.consent_hosts = ca.hosts.clone();
+            if let Some((host, _)) = ca.address.rsplit_once(':') {
+                spec.consent_hosts.push(host.to_string());
+            }
+            spec.consent_hosts.dedup();
         }
         Ok(spec)
     }
@@ -273,8 +316,43 @@ impl Federation {
                 basis,
             });
         }
+        let consent_authority = match &self.consent_authority {
+            None => None,
+            Some(ca) => {
+                let tls = match &ca.tls_cert {
+                    Some(p) => p.clone(),
+                    None => {
+                        self.layout("consent authority TLS certificate")?
+                            .consent_tls()
+                            .0
+                    }
+                };
+                let signing = if ca.signing_certs.is_empty() {
+                    vec![
+                        self.layout("consent authority signing certificate")?
+                            .consent_signing()
+                            .0,
+                    ]
+                } else {
+                    ca.signing_certs.clone()
+                };
+                Some(ConsentAuthority {
+                    issuer: ca
+                        .issuer
+                        .clone()
+                        .unwrap_or_else(|| format!("{}/consent", self.instance)),
+                    address: ca.address.clone(),
+                    tls_cert: checked(&tls, "TLS certificate of the consent authority".into())?,
+                    signing_certs: signing
+                        .iter()
+                        .map(|f| checked(f, "signing certificate of the consent authority".into()))
+                        .collect::<Result<_, _>>()?,
+                })
+            }
+        };
         let now = OffsetDateTime::now_utc();
         let conf = GlobalConf {
+            consent_authority,
             instance: self.instance.clone(),
             serial,
             issued_at: now,

@@ -26,6 +26,24 @@ pub struct GlobalConf {
     pub members: Vec<Member>,
     /// Purposes for which data may be requested, each with its basis.
     pub purposes: Vec<Purpose>,
+    /// The consent authority, if the federation has one: providers accept
+    /// consent tokens signed with its keys and hear of revocations from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_authority: Option<ConsentAuthority>,
+}
+
+/// The federation's consent authority.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentAuthority {
+    /// The `iss` claim of its tokens.
+    pub issuer: String,
+    /// `host:port` of its gRPC port (`kopir.v1.ConsentService`).
+    pub address: String,
+    /// Its TLS certificate (PEM): the only one servers accept when they connect.
+    pub tls_cert: String,
+    /// Its token-signing certificates (PEM); several during a key rollover.
+    pub signing_certs: Vec<String>,
 }
 
 /// An organisation of the federation.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use time::OffsetDateTime;
 
-use super::model::{GlobalConf, Purpose};
+use super::model::{Basis, GlobalConf, Purpose};
 use crate::{
     id::{MemberId, MemberPart, ServerId, SubsystemId},
     pki::{Fingerprint, certs_from_pem, sign::VerifyingKey},
@@ -32,10 +32,25 @@ pub struct ServiceEntry {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// The consent authority as servers see it.
+#[derive(Debug, Clone)]
+pub struct ConsentAuthorityEntry {
+    /// The `iss` claim of its tokens.
+    pub issuer: String,
+    /// `host:port` of its gRPC port.
+    pub address: String,
+    /// Fingerprint of its TLS certificate (pinned when connecting to it).
+    pub tls: Fingerprint,
+    /// Its token-signing keys.
+    pub keys: Vec<VerifyingKey>,
+}
+
 /// A verified, indexed global configuration.
 #[derive(Debug)]
 pub struct ConfView {
     conf: GlobalConf,
+    consent: Option<ConsentAuthorityEntry>,
+    server_ids: HashMap<Fingerprint, ServerId>,
     signing_keys: HashMap<MemberId, Vec<VerifyingKey>>,
     server_certs: HashMap<MemberId, HashMap<Fingerprint, ServerId>>,
     servers: HashMap<ServerId, Endpoint>,
@@ -62,8 +77,30 @@ impl ConfView {
             servers: HashMap::new(),
             subsystems: HashMap::new(),
             purposes: HashMap::new(),
+            consent: None,
+            server_ids: HashMap::new(),
             conf: conf.clone(),
         };
+        if let Some(ca) = &conf.consent_authority {
+            let tls = one_cert(&ca.tls_cert, "TLS certificate of the consent authority")?;
+            let mut keys = Vec::new();
+            for pem in &ca.signing_certs {
+                let der = one_cert(pem, "signing certificate of the consent authority")?;
+                keys.push(VerifyingKey::from_cert(&der).map_err(|e| ViewError(e.to_string()))?);
+            }
+            if keys.is_empty() || ca.issuer.is_empty() {
+                return Err(ViewError(
+                    "the consent authority needs an issuer and at least one signing certificate"
+                        .into(),
+                ));
+            }
+            view.consent = Some(ConsentAuthorityEntry {
+                issuer: ca.issuer.clone(),
+                address: ca.address.clone(),
+                tls: Fingerprint::of(&tls),
+                keys,
+            });
+        }
         for member in &conf.members {
             if member.id.instance != conf.instance {
                 return Err(ViewError(format!(
@@ -99,6 +136,7 @@ impl ConfView {
                     .entry(member.id.clone())
                     .or_default()
                     .insert(endpoint.tls, id.clone());
+                view.server_ids.insert(endpoint.tls, id.clone());
                 for code in &server.subsystems {
                     let sub = SubsystemId(part(&member.id, code)?);
                     let entry = view.subsystems.get_mut(&sub).ok_or_else(|| {
@@ -168,6 +206,33 @@ impl ConfView {
     /// A purpose by code.
     pub fn purpose(&self, code: &str) -> Option<&Purpose> {
         self.purposes.get(code)
+    }
+
+    /// True if `code` is a purpose whose basis is the subject's consent.
+    pub fn purpose_needs_consent(&self, code: &str) -> bool {
+        self.purpose(code)
+            .is_some_and(|p| matches!(p.basis, Basis::Consent))
+    }
+
+    /// The security server (of any member) whose TLS certificate has this
+    /// fingerprint.
+    pub fn server_by_tls(&self, tls: &Fingerprint) -> Option<&ServerId> {
+        self.server_ids.get(tls)
+    }
+
+    /// The consent authority, if the federation has one.
+    pub fn consent_authority(&self) -> Option<&ConsentAuthorityEntry> {
+        self.consent.as_ref()
+    }
+
+    /// The consent authority's token-signing key with this certificate
+    /// fingerprint.
+    pub fn consent_key(&self, key_id: &Fingerprint) -> Option<&VerifyingKey> {
+        self.consent
+            .as_ref()?
+            .keys
+            .iter()
+            .find(|k| &k.key_id() == key_id)
     }
 }
 

@@ -1,8 +1,9 @@
 //! A development PKI, made with rcgen: one CA, the governance authority's
 //! signing certificate (the trust anchor of the global configuration), each
 //! member's signing certificate, each security server's TLS certificate, each
-//! information system's client certificate and an operator's client
-//! certificate for the admin ports.
+//! information system's client certificate, an operator's client certificate
+//! for the admin ports, the consent authority's token-signing and TLS
+//! certificates, and the citizen portal's client certificate.
 //!
 //! Never use these in production: their private keys are written next to the
 //! certificates (and the demo's set is committed in `certs-dev/`).
@@ -59,6 +60,22 @@ impl DevLayout {
     pub fn authority_key(&self) -> PathBuf {
         self.root.join("authority/signing.key")
     }
+    /// The consent authority's token-signing certificate and key.
+    pub fn consent_signing(&self) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("consent");
+        (dir.join("signing.crt"), dir.join("signing.key"))
+    }
+    /// The consent authority's TLS certificate and key.
+    pub fn consent_tls(&self) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("consent");
+        (dir.join("tls.crt"), dir.join("tls.key"))
+    }
+    /// The citizen portal's client certificate and key (pinned by the consent
+    /// authority).
+    pub fn portal(&self) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("portal");
+        (dir.join("client.crt"), dir.join("client.key"))
+    }
     /// A member's signing certificate and key.
     pub fn member_signing(&self, member: &MemberId) -> (PathBuf, PathBuf) {
         let dir = self.root.join("members").join(file_name(member));
@@ -91,6 +108,9 @@ pub struct DevPkiSpec {
     pub servers: Vec<(ServerId, Vec<String>)>,
     /// Information systems that get a client certificate.
     pub clients: Vec<SubsystemId>,
+    /// Host names the consent authority's TLS certificate is made for
+    /// (`localhost` and `127.0.0.1` are always added).
+    pub consent_hosts: Vec<String>,
 }
 
 struct Ca {
@@ -161,6 +181,26 @@ fn write_pair(paths: (PathBuf, PathBuf), pems: (String, String)) -> Result<(), P
     write(&paths.1, &pems.1)
 }
 
+/// Parameters of a TLS certificate for `hosts` (plus `localhost` and
+/// `127.0.0.1`).
+fn tls_params(cn: &str, hosts: &[String]) -> Result<CertificateParams, PkiError> {
+    let mut names: Vec<String> = hosts.to_vec();
+    for always in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|n| n == always) {
+            names.push(always.into());
+        }
+    }
+    let mut params = named(cn, vec![])?;
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n.parse() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(n.as_str().try_into()?)),
+        })
+        .collect::<Result<_, rcgen::Error>>()?;
+    Ok(params)
+}
+
 /// Generates a whole development PKI for `spec` under `out`.
 pub fn generate(spec: &DevPkiSpec, out: &Path) -> Result<DevLayout, PkiError> {
     let layout = DevLayout::new(out);
@@ -181,24 +221,10 @@ pub fn generate(spec: &DevPkiSpec, out: &Path) -> Result<DevLayout, PkiError> {
         )?;
     }
     for (server, hosts) in &spec.servers {
-        let mut names: Vec<String> = hosts.clone();
-        for always in ["localhost", "127.0.0.1"] {
-            if !names.iter().any(|n| n == always) {
-                names.push(always.into());
-            }
-        }
-        let mut params = named(&server.to_string(), vec![])?;
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => Ok(SanType::DnsName(n.as_str().try_into()?)),
-            })
-            .collect::<Result<_, rcgen::Error>>()?;
         write_pair(
             layout.server_tls(server),
             ca.issue(
-                params,
+                tls_params(&server.to_string(), hosts)?,
                 &PKCS_ECDSA_P256_SHA256,
                 &[
                     ExtendedKeyUsagePurpose::ServerAuth,
@@ -207,11 +233,27 @@ pub fn generate(spec: &DevPkiSpec, out: &Path) -> Result<DevLayout, PkiError> {
             )?,
         )?;
     }
+    let consent = named("kopir consent authority", vec![])?;
+    write_pair(
+        layout.consent_signing(),
+        ca.issue(consent, &PKCS_ED25519, &[])?,
+    )?;
+    write_pair(
+        layout.consent_tls(),
+        ca.issue(
+            tls_params("kopir consent authority", &spec.consent_hosts)?,
+            &PKCS_ECDSA_P256_SHA256,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
+        )?,
+    )?;
     let clients = spec
         .clients
         .iter()
         .map(|c| (c.to_string(), layout.client(c)))
-        .chain([("kopir operator".to_string(), layout.operator())]);
+        .chain([
+            ("kopir operator".to_string(), layout.operator()),
+            ("kopir citizen portal".to_string(), layout.portal()),
+        ]);
     for (name, paths) in clients {
         write_pair(
             paths,
@@ -259,6 +301,7 @@ mod tests {
             members: vec![member.clone()],
             servers: vec![(server.clone(), vec!["moj-ss1".into()])],
             clients: vec![client.clone()],
+            consent_hosts: vec!["consent".into()],
         };
         let layout = generate(&spec, dir.path()).unwrap();
         let ca = load_certs(&layout.ca_cert()).unwrap();
@@ -273,5 +316,11 @@ mod tests {
             Fingerprint::of(tls[0].as_ref())
         );
         SigningKey::load(&layout.authority_cert(), &layout.authority_key()).unwrap();
+        let (cert, key) = layout.consent_signing();
+        SigningKey::load(&cert, &key).unwrap();
+        let consent_tls = load_certs(&layout.consent_tls().0).unwrap();
+        issued_by(consent_tls[0].as_ref(), ca[0].as_ref()).unwrap();
+        let portal = load_certs(&layout.portal().0).unwrap();
+        issued_by(portal[0].as_ref(), ca[0].as_ref()).unwrap();
     }
 }

@@ -1,0 +1,205 @@
+//! Assembles a consent authority: its store, keys, global configuration, the
+//! TLS listener (client certificates requested, checked per call) and the
+//! gRPC service with health and reflection.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Server;
+
+use super::{
+    config::ConsentConfig,
+    service::{Authority, ConsentServiceImpl},
+    store::{self, ConsentStore, StoreError},
+};
+use crate::{
+    globalconf::watch::watch as watch_conf,
+    pki::{
+        Fingerprint, PkiError, load_certs, load_key,
+        sign::{SigningKey, VerifyingKey},
+        tls::server_config,
+    },
+    proto::{FILE_DESCRIPTOR_SET, kopir::v1::consent_service_server::ConsentServiceServer},
+};
+
+/// Why a consent authority could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Key material could not be loaded.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The address could not be read.
+    #[error("listener: {0}")]
+    Listen(#[from] std::io::Error),
+}
+
+/// A running consent authority.
+#[derive(Debug)]
+pub struct RunningAuthority {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningAuthority {
+    /// Ends every revocation stream, stops accepting, and waits for the port
+    /// to close.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "consent port closed with an error"),
+            Err(e) => tracing::warn!(error = %e, "consent port task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections and completes TLS handshakes, each in its own
+/// task, yielding finished TLS streams.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+                _ = super::until_stopped(&mut stop) => return,
+            };
+            let Ok((tcp, remote)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Opens the store the configuration names.
+pub async fn open_store(config: &ConsentConfig) -> Result<Arc<dyn ConsentStore>, StoreError> {
+    store::open(&config.data_dir, config.database.as_deref()).await
+}
+
+/// Starts a consent authority on a pre-bound listener, with `store`.
+pub async fn start(
+    config: ConsentConfig,
+    listener: TcpListener,
+    store: Arc<dyn ConsentStore>,
+) -> Result<RunningAuthority, StartError> {
+    let chain = load_certs(&config.tls.cert)?;
+    let key = load_key(&config.tls.key)?;
+    let signer = SigningKey::load(&config.signing.cert, &config.signing.key)?;
+    let anchors = config
+        .globalconf
+        .anchors
+        .iter()
+        .map(|p| VerifyingKey::from_cert(load_certs(p)?[0].as_ref()))
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    if anchors.is_empty() {
+        return Err(StartError::Config(
+            "globalconf.anchors names no trust anchor".into(),
+        ));
+    }
+    if config.portals.is_empty() {
+        return Err(StartError::Config(
+            "portals names no portal certificate: nobody could grant consent".into(),
+        ));
+    }
+    let portals = config
+        .portals
+        .iter()
+        .map(|p| Ok(Fingerprint::of(load_certs(p)?[0].as_ref())))
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    let mut consumers = HashMap::new();
+    for c in &config.consumers {
+        consumers.insert(
+            Fingerprint::of(load_certs(&c.cert)?[0].as_ref()),
+            c.id.clone(),
+        );
+    }
+    let conf = watch_conf(
+        config.globalconf.path.clone(),
+        anchors,
+        Duration::from_secs(config.globalconf.refresh_secs.max(1)),
+    );
+    match conf.current() {
+        Ok(view) if view.consent_key(&signer.key_id()).is_none() => tracing::warn!(
+            key_id = %signer.key_id(),
+            "the global configuration does not list this signing certificate for the consent authority: providers will refuse its tokens"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "no usable global configuration yet; calls are refused until one arrives")
+        }
+    }
+    let (shutdown, stopping) = watch::channel(false);
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let authority = Arc::new(Authority {
+        store,
+        signer,
+        conf,
+        portals,
+        consumers,
+        token_ttl: Duration::from_secs(config.token_ttl_secs.max(1)),
+        heartbeat: Duration::from_millis(config.heartbeat_ms.clamp(100, 60_000)),
+        events,
+        stopping: stopping.clone(),
+    });
+    let addr = listener.local_addr()?;
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key)?));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ConsentServiceServer<ConsentServiceImpl>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ConsentServiceServer::new(ConsentServiceImpl::new(
+            authority,
+        )));
+    let mut stop = stopping.clone();
+    let incoming = tls_incoming(listener, acceptor, stopping);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    tracing::info!(%addr, "consent authority started");
+    Ok(RunningAuthority {
+        addr,
+        shutdown,
+        task,
+    })
+}
