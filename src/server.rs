@@ -118,8 +118,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 256;
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow
-/// client cannot hold up the others), yielding finished TLS streams.
-fn tls_incoming(
+/// client cannot hold up the others, and at most `MAX_HANDSHAKES` run at
+/// once), yielding finished TLS streams. Stops when the stream is dropped.
+pub fn tls_incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
 ) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>

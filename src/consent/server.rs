@@ -6,7 +6,6 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
 use super::{
@@ -22,6 +21,7 @@ use crate::{
         tls::server_config,
     },
     proto::{FILE_DESCRIPTOR_SET, kopir::v1::consent_service_server::ConsentServiceServer},
+    server::tls_incoming,
 };
 
 /// Why a consent authority could not start.
@@ -62,44 +62,6 @@ impl RunningAuthority {
             Ok(Ok(())) => {}
         }
     }
-}
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts TCP connections and completes TLS handshakes, each in its own
-/// task, yielding finished TLS streams.
-fn tls_incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    mut stop: watch::Receiver<bool>,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-                _ = super::until_stopped(&mut stop) => return,
-            };
-            let Ok((tcp, remote)) = accepted else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 /// Opens the store the configuration names.
@@ -191,8 +153,8 @@ pub async fn start(
         .add_service(ConsentServiceServer::new(ConsentServiceImpl::new(
             authority,
         )));
-    let mut stop = stopping.clone();
-    let incoming = tls_incoming(listener, acceptor, stopping);
+    let mut stop = stopping;
+    let incoming = tls_incoming(listener, acceptor);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
