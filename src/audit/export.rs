@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AuditError,
     checkpoint::Checkpoint,
+    inspect,
     merkle::{self, leaf_hash},
     record::{Hash, StoredRecord, b64},
     store::AuditStore,
@@ -112,22 +113,6 @@ pub mod hex_list {
     }
 }
 
-/// The leaf hashes of records `1..=size`, checked to be contiguous.
-async fn leaves(store: &dyn AuditStore, size: u64) -> Result<Vec<Hash>, AuditError> {
-    let hashes = store.hashes(1, size).await?;
-    if hashes.len() as u64 != size
-        || hashes
-            .iter()
-            .enumerate()
-            .any(|(i, (s, _))| *s != i as u64 + 1)
-    {
-        return Err(AuditError::Read(format!(
-            "the log has holes before record {size}; run `kopir audit verify`"
-        )));
-    }
-    Ok(hashes.iter().map(|(_, h)| leaf_hash(h)).collect())
-}
-
 /// Reads records `from..=to` and checks they are contiguous and well formed.
 pub async fn read_range(
     store: &dyn AuditStore,
@@ -193,7 +178,7 @@ pub async fn export_range(
     let latest = trusted.last().filter(|c| c.seq > covering.seq).cloned();
     let records = read_range(store.as_ref(), from, to).await?;
     let size = latest.as_ref().map(|c| c.seq).unwrap_or(covering.seq);
-    let all = leaves(store.as_ref(), size).await?;
+    let all = inspect::leaves(store.as_ref(), size).await?;
     let cover_leaves = &all[..usize::try_from(covering.seq)
         .unwrap_or(usize::MAX)
         .min(all.len())];

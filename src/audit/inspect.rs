@@ -89,8 +89,8 @@ impl ConsistencyProof {
     }
 }
 
-/// The Merkle tree of the first `size` records, checked for holes.
-async fn tree(store: &dyn AuditStore, size: u64) -> Result<Levels, AuditError> {
+/// The Merkle leaf hashes of records `1..=size`, checked to be contiguous.
+pub(super) async fn leaves(store: &dyn AuditStore, size: u64) -> Result<Vec<Hash>, AuditError> {
     let hashes = store.hashes(1, size).await?;
     if hashes.len() as u64 != size
         || hashes
@@ -102,7 +102,12 @@ async fn tree(store: &dyn AuditStore, size: u64) -> Result<Levels, AuditError> {
             "the log has holes before record {size}; run `kopir audit verify`"
         )));
     }
-    let leaves = hashes.iter().map(|(_, h)| leaf_hash(h)).collect();
+    Ok(hashes.iter().map(|(_, h)| leaf_hash(h)).collect())
+}
+
+/// The Merkle tree of the first `size` records, checked for holes.
+async fn tree(store: &dyn AuditStore, size: u64) -> Result<Levels, AuditError> {
+    let leaves = leaves(store, size).await?;
     tokio::task::spawn_blocking(move || Levels::build(leaves))
         .await
         .map_err(|e| AuditError::Read(format!("tree task: {e}")))
@@ -227,14 +232,7 @@ pub async fn consistency(
             from_cp.seq, to_cp.seq
         )));
     }
-    let hashes = store.hashes(1, to_cp.seq).await?;
-    if hashes.len() as u64 != to_cp.seq {
-        return Err(AuditError::Read(format!(
-            "the log has holes before record {}; run `kopir audit verify`",
-            to_cp.seq
-        )));
-    }
-    let leaves: Vec<Hash> = hashes.iter().map(|(_, h)| leaf_hash(h)).collect();
+    let leaves = leaves(store.as_ref(), to_cp.seq).await?;
     let m = usize::try_from(from_cp.seq).unwrap_or(usize::MAX);
     let proof = tokio::task::spawn_blocking(move || merkle::consistency_proof(&leaves, m))
         .await
