@@ -55,6 +55,7 @@ use crate::{
     audit::AuditConfig,
     exchange::Limits,
     id::{ServerId, SubsystemId},
+    pki::sign::VerifyingKey,
     policy::AccessRule,
 };
 
@@ -139,6 +140,45 @@ pub struct GlobalConfSource {
     pub refresh_secs: u64,
 }
 
+impl GlobalConfSource {
+    /// The authority's keys the file must be signed with (at least one).
+    pub fn anchor_keys(&self) -> Result<Vec<VerifyingKey>, ConfigError> {
+        let keys = self
+            .anchors
+            .iter()
+            .map(|p| VerifyingKey::load(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError(format!("globalconf.anchors: {e}")))?;
+        if keys.is_empty() {
+            return Err(ConfigError(
+                "globalconf.anchors names no trust anchor".into(),
+            ));
+        }
+        Ok(keys)
+    }
+
+    /// Makes its paths relative to `base`.
+    pub fn rebase(&mut self, base: &Path) {
+        rebase_path(base, &mut self.path);
+        self.anchors.iter_mut().for_each(|p| rebase_path(base, p));
+    }
+}
+
+impl KeyFiles {
+    /// Makes its paths relative to `base`.
+    pub fn rebase(&mut self, base: &Path) {
+        rebase_path(base, &mut self.cert);
+        rebase_path(base, &mut self.key);
+    }
+}
+
+/// Makes a relative `path` relative to `base`.
+pub fn rebase_path(base: &Path, path: &mut PathBuf) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}
+
 fn default_refresh() -> u64 {
     5
 }
@@ -190,18 +230,11 @@ impl ServerConfig {
 
     /// Makes relative paths relative to `base`.
     pub fn rebase(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
+        let fix = |p: &mut PathBuf| rebase_path(base, p);
         fix(&mut self.data_dir);
-        fix(&mut self.tls.cert);
-        fix(&mut self.tls.key);
-        fix(&mut self.signing.cert);
-        fix(&mut self.signing.key);
-        fix(&mut self.globalconf.path);
-        self.globalconf.anchors.iter_mut().for_each(fix);
+        self.tls.rebase(base);
+        self.signing.rebase(base);
+        self.globalconf.rebase(base);
         self.clients.iter_mut().for_each(|c| fix(&mut c.cert));
         self.operators.iter_mut().for_each(fix);
         if let Some(key) = &mut self.audit.pseudonym_key {

@@ -27,8 +27,7 @@ use crate::{
     },
     globalconf::watch::watch as watch_conf,
     pki::{
-        Fingerprint, PkiError, load_certs, load_key,
-        sign::{SigningKey, VerifyingKey},
+        Fingerprint, PkiError, cert_fingerprint, load_certs, load_key, sign::SigningKey,
         tls::server_config,
     },
     policy::AccessPolicy,
@@ -209,15 +208,8 @@ pub async fn start(
     let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
     let anchors = config
         .globalconf
-        .anchors
-        .iter()
-        .map(|p| VerifyingKey::from_cert(load_certs(p)?[0].as_ref()))
-        .collect::<Result<Vec<_>, PkiError>>()?;
-    if anchors.is_empty() {
-        return Err(ServerError::Config(
-            "globalconf.anchors names no trust anchor".into(),
-        ));
-    }
+        .anchor_keys()
+        .map_err(|e| ServerError::Config(e.0))?;
     let conf = watch_conf(
         config.globalconf.path.clone(),
         anchors,
@@ -225,10 +217,7 @@ pub async fn start(
     );
     let mut clients = HashMap::new();
     for c in &config.clients {
-        clients.insert(
-            c.id.clone(),
-            Fingerprint::of(load_certs(&c.cert)?[0].as_ref()),
-        );
+        clients.insert(c.id.clone(), cert_fingerprint(&c.cert)?);
     }
     let mut services = HashMap::new();
     for s in &config.services {
@@ -257,8 +246,8 @@ pub async fn start(
     let operators = config
         .operators
         .iter()
-        .map(|p| Ok(Fingerprint::of(load_certs(p)?[0].as_ref())))
-        .collect::<Result<Vec<_>, PkiError>>()?;
+        .map(|p| cert_fingerprint(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let audit_service = AuditServiceImpl::new(audit.clone()).with_conf(conf.clone());
     let gw = Arc::new(Gateway {
         server_id: config.server_id.clone(),

@@ -20,7 +20,7 @@ use kopir::{
     },
     error::REQUEST_ID_KEY,
     federation::{BENEFITS, LocalFederation},
-    globalconf::{ConfView, signed},
+    globalconf::{ConfView, watch},
     id::Iin,
     pki::{load_certs, load_key, sign::VerifyingKey},
     proto::{
@@ -134,11 +134,9 @@ impl Harness {
     }
 
     /// The global configuration the servers run on.
-    fn view(&self) -> ConfView {
-        let anchor = load_certs(&self.fed.layout.authority_cert()).unwrap();
-        let anchor = VerifyingKey::from_cert(anchor[0].as_ref()).unwrap();
-        let text = std::fs::read(&self.fed.globalconf_path).unwrap();
-        ConfView::new(signed::verify(&text, &[anchor]).unwrap()).unwrap()
+    fn view(&self) -> Arc<ConfView> {
+        let anchor = VerifyingKey::load(&self.fed.layout.authority_cert()).unwrap();
+        watch::read(&self.fed.globalconf_path, &[anchor]).unwrap()
     }
 
     async fn verify(&self, node: &str) {
@@ -176,6 +174,7 @@ async fn twin_records_share_the_request_id_and_their_signatures_check(store: Sto
         ]
     );
     let view = h.view();
+    let view = &*view;
     // The request: signed by the consumer's member, kept by both sides.
     let (forwarded, accepted) = (&consumer[0], &provider[0]);
     // The answer: signed by the provider's member, kept by both sides.
@@ -193,7 +192,7 @@ async fn twin_records_share_the_request_id_and_their_signatures_check(store: Sto
         assert_eq!(c.body_sha256, p.body_sha256);
         for r in [c, p] {
             assert_eq!(
-                signatures::check(r, Some(&view)),
+                signatures::check(r, Some(view)),
                 SignatureCheck::Valid(signer.into()),
                 "record {} of {:?}",
                 r.seq,
@@ -215,13 +214,13 @@ async fn twin_records_share_the_request_id_and_their_signatures_check(store: Sto
         sig[0] ^= 1;
     }
     assert!(matches!(
-        signatures::check(&forged, Some(&view)),
+        signatures::check(&forged, Some(view)),
         SignatureCheck::Invalid(_)
     ));
     let mut swapped = answered_p.entry.clone();
     swapped.service = "KZ/GOV/SRC/income".into();
     assert!(!matches!(
-        signatures::check(&swapped, Some(&view)),
+        signatures::check(&swapped, Some(view)),
         SignatureCheck::Valid(_)
     ));
     h.verify("mlspp").await;

@@ -25,8 +25,8 @@ use super::{
 };
 use crate::{
     config::ServerConfig,
-    globalconf::{ConfView, signed},
-    pki::{Fingerprint, load_certs, sign::VerifyingKey},
+    globalconf::{ConfView, watch},
+    pki::{Fingerprint, cert_fingerprint},
 };
 
 /// Default page size of `kopir audit query`.
@@ -135,21 +135,14 @@ impl StoreArgs {
 
     /// The server's current global configuration, when `--config` names the
     /// server (it lists the keys that exchange signatures are checked with).
-    pub fn globalconf(&self) -> anyhow::Result<Option<ConfView>> {
+    pub fn globalconf(&self) -> anyhow::Result<Option<Arc<ConfView>>> {
         let Some(config) = self.server_config()? else {
             return Ok(None);
         };
         let source = &config.globalconf;
-        let anchors = source
-            .anchors
-            .iter()
-            .map(|p| Ok(VerifyingKey::from_cert(load_certs(p)?[0].as_ref())?))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let text = std::fs::read(&source.path)
-            .with_context(|| format!("cannot read {}", source.path.display()))?;
-        let conf = signed::verify(&text, &anchors)
+        let view = watch::read(&source.path, &source.anchor_keys()?)
             .with_context(|| format!("global configuration {}", source.path.display()))?;
-        Ok(Some(ConfView::new(conf)?))
+        Ok(Some(view))
     }
 }
 
@@ -186,11 +179,7 @@ fn parse_side(text: &str) -> Result<Side, String> {
 }
 
 fn expected_signer(cert: Option<&Path>) -> anyhow::Result<Option<Fingerprint>> {
-    cert.map(|path| {
-        let certs = load_certs(path)?;
-        Ok(Fingerprint::of(certs[0].as_ref()))
-    })
-    .transpose()
+    Ok(cert.map(cert_fingerprint).transpose()?)
 }
 
 /// `kopir audit query`.
@@ -348,7 +337,7 @@ impl ShowArgs {
         let store = self.store.open().await?;
         let view = self.store.globalconf()?;
         let shown =
-            inspect::show(&store, &self.request_id, expected.as_ref(), view.as_ref()).await?;
+            inspect::show(&store, &self.request_id, expected.as_ref(), view.as_deref()).await?;
         if shown.is_empty() {
             bail!("no records of request {}", self.request_id);
         }

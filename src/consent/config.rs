@@ -30,7 +30,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, GlobalConfSource, KeyFiles, LocalClient};
+use crate::config::{ConfigError, GlobalConfSource, KeyFiles, LocalClient, rebase_path};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -88,18 +88,11 @@ impl ConsentConfig {
 
     /// Makes relative paths relative to `base`.
     pub fn rebase(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
+        let fix = |p: &mut PathBuf| rebase_path(base, p);
         fix(&mut self.data_dir);
-        fix(&mut self.tls.cert);
-        fix(&mut self.tls.key);
-        fix(&mut self.signing.cert);
-        fix(&mut self.signing.key);
-        fix(&mut self.globalconf.path);
-        self.globalconf.anchors.iter_mut().for_each(fix);
+        self.tls.rebase(base);
+        self.signing.rebase(base);
+        self.globalconf.rebase(base);
         self.portals.iter_mut().for_each(fix);
         self.consumers.iter_mut().for_each(|c| fix(&mut c.cert));
     }

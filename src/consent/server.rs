@@ -15,11 +15,7 @@ use super::{
 };
 use crate::{
     globalconf::watch::watch as watch_conf,
-    pki::{
-        Fingerprint, PkiError, load_certs, load_key,
-        sign::{SigningKey, VerifyingKey},
-        tls::server_config,
-    },
+    pki::{PkiError, cert_fingerprint, load_certs, load_key, sign::SigningKey, tls::server_config},
     proto::{FILE_DESCRIPTOR_SET, kopir::v1::consent_service_server::ConsentServiceServer},
     server::tls_incoming,
 };
@@ -80,15 +76,8 @@ pub async fn start(
     let signer = SigningKey::load(&config.signing.cert, &config.signing.key)?;
     let anchors = config
         .globalconf
-        .anchors
-        .iter()
-        .map(|p| VerifyingKey::from_cert(load_certs(p)?[0].as_ref()))
-        .collect::<Result<Vec<_>, PkiError>>()?;
-    if anchors.is_empty() {
-        return Err(StartError::Config(
-            "globalconf.anchors names no trust anchor".into(),
-        ));
-    }
+        .anchor_keys()
+        .map_err(|e| StartError::Config(e.0))?;
     if config.portals.is_empty() {
         return Err(StartError::Config(
             "portals names no portal certificate: nobody could grant consent".into(),
@@ -97,14 +86,11 @@ pub async fn start(
     let portals = config
         .portals
         .iter()
-        .map(|p| Ok(Fingerprint::of(load_certs(p)?[0].as_ref())))
-        .collect::<Result<Vec<_>, PkiError>>()?;
+        .map(|p| cert_fingerprint(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut consumers = HashMap::new();
     for c in &config.consumers {
-        consumers.insert(
-            Fingerprint::of(load_certs(&c.cert)?[0].as_ref()),
-            c.id.clone(),
-        );
+        consumers.insert(cert_fingerprint(&c.cert)?, c.id.clone());
     }
     let conf = watch_conf(
         config.globalconf.path.clone(),

@@ -68,6 +68,15 @@ impl GlobalConfHandle {
     }
 }
 
+/// Reads, verifies and indexes the file once, as a server would (for tools
+/// that look at the configuration without running a server).
+pub fn read(path: &PathBuf, anchors: &[VerifyingKey]) -> Result<Arc<ConfView>, ConfError> {
+    match load(path, anchors).1 {
+        State::Valid(view) => Ok(view),
+        State::Invalid(why) => Err(ConfError::Invalid(why)),
+    }
+}
+
 /// Loads and verifies the file once.
 fn load(path: &PathBuf, anchors: &[VerifyingKey]) -> (Vec<u8>, State) {
     let bytes = match std::fs::read(path) {

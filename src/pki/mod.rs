@@ -121,6 +121,11 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
     certs_from_pem(&read(path)?, &path.display().to_string())
 }
 
+/// The fingerprint of the first certificate in a PEM file (what pinning compares).
+pub fn cert_fingerprint(path: &Path) -> Result<Fingerprint, PkiError> {
+    Ok(Fingerprint::of(load_certs(path)?[0].as_ref()))
+}
+
 /// The first private key in a PEM file (PKCS#8, SEC1 or PKCS#1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_slice(&read(path)?).map_err(|e| PkiError::Pem {

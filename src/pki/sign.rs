@@ -92,6 +92,11 @@ impl VerifyingKey {
         })
     }
 
+    /// The public key of the first certificate in a PEM file.
+    pub fn load(cert: &Path) -> Result<Self, PkiError> {
+        Self::from_cert(super::load_certs(cert)?[0].as_ref())
+    }
+
     /// The fingerprint of the certificate the key came from.
     pub fn key_id(&self) -> Fingerprint {
         self.key_id
