@@ -153,7 +153,12 @@ async fn exchange(
         started,
     )
     .await;
-    let (response, response_hash, peer) = match outcome {
+    let Verified {
+        response,
+        response_hash,
+        body_hash,
+        peer,
+    } = match outcome {
         Ok(ok) => ok,
         Err(refusal) => {
             let mut rec = known.refusal(Side::Consumer, Step::Failed, &refusal);
@@ -169,7 +174,7 @@ async fn exchange(
         Step::Answered,
         response.signature.as_ref(),
         response_hash,
-        sha256(&response.body),
+        body_hash,
     );
     rec.peer = Some(peer);
     rec.status = h.status_code;
@@ -239,10 +244,20 @@ fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<()
     }
 }
 
+/// A provider's answer whose signature and body hash were checked.
+struct Verified {
+    response: ForwardResponse,
+    /// The hash the provider's signature covers.
+    response_hash: [u8; 32],
+    /// SHA-256 of the response body (the one the signature covers).
+    body_hash: [u8; 32],
+    /// The provider's server that answered.
+    peer: String,
+}
+
 /// Sends the request to the provider's servers in turn (moving on only when a
 /// connection could not be made, so a request is never delivered twice) and
-/// verifies the answer. Returns the response, its hash and the id of the
-/// server that gave it.
+/// verifies the answer.
 #[allow(clippy::too_many_arguments)]
 async fn forward_and_verify(
     gw: &Gateway,
@@ -253,13 +268,23 @@ async fn forward_and_verify(
     request_hash: &[u8; 32],
     timeout: Duration,
     started: tokio::time::Instant,
-) -> Result<(ForwardResponse, [u8; 32], String), Refusal> {
+) -> Result<Verified, Refusal> {
     let mut last = None;
     for endpoint in &entry.endpoints {
         let remaining = timeout.saturating_sub(started.elapsed());
         if remaining.is_zero() {
             break;
         }
+        let timed_out = || {
+            Refusal::new(
+                Reason::DeadlineExceeded,
+                format!(
+                    "{} did not answer within {} ms",
+                    endpoint.server,
+                    timeout.as_millis()
+                ),
+            )
+        };
         let mut client = gw
             .peers
             .client(endpoint)
@@ -270,16 +295,7 @@ async fn forward_and_verify(
         request.set_timeout(remaining.mul_f32(0.95));
         let call = tokio::time::timeout(remaining, client.forward(request)).await;
         let status = match call {
-            Err(_) => {
-                return Err(Refusal::new(
-                    Reason::DeadlineExceeded,
-                    format!(
-                        "{} did not answer within {} ms",
-                        endpoint.server,
-                        timeout.as_millis()
-                    ),
-                ));
-            }
+            Err(_) => return Err(timed_out()),
             Ok(Ok(response)) => {
                 let response = response.into_inner();
                 let h = response.header.clone().unwrap_or_default();
@@ -291,13 +307,19 @@ async fn forward_and_verify(
                     request_hash,
                     now_ms() / 1000,
                 )?;
-                if sha256(&response.body)[..] != h.body_sha256[..] {
+                let body_hash = sha256(&response.body);
+                if body_hash[..] != h.body_sha256[..] {
                     return Err(Refusal::new(
                         Reason::ResponseSignatureInvalid,
                         "the provider's response body does not match its signed hash; the answer was withheld",
                     ));
                 }
-                return Ok((response, response_hash, endpoint.server.to_string()));
+                return Ok(Verified {
+                    response,
+                    response_hash,
+                    body_hash,
+                    peer: endpoint.server.to_string(),
+                });
             }
             Ok(Err(status)) => status,
         };
@@ -324,14 +346,7 @@ async fn forward_and_verify(
             None if status.code() == tonic::Code::DeadlineExceeded
                 || status.code() == tonic::Code::Cancelled =>
             {
-                return Err(Refusal::new(
-                    Reason::DeadlineExceeded,
-                    format!(
-                        "{} did not answer within {} ms",
-                        endpoint.server,
-                        timeout.as_millis()
-                    ),
-                ));
+                return Err(timed_out());
             }
             None => {
                 return Err(Refusal::new(
