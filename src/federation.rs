@@ -1,10 +1,11 @@
 //! A whole federation in one process, on loopback: the development PKI, the
-//! three mock registries, the signed global configuration and the security
-//! servers of `deploy/` (MLSPP, MOJ, SRC). `kopir demo` runs it; integration
+//! three mock registries, the signed global configuration, the consent
+//! authority and the security servers of `deploy/` (MLSPP, MOJ, SRC). `kopir demo` runs it; integration
 //! tests and benchmarks start it too, adjusting the servers' configurations.
 //!
 //! It is built from the same files that `docker-compose.yml` uses
-//! (`deploy/federation.toml` and `deploy/{mlspp,moj,src}.toml`, compiled in),
+//! (`deploy/federation.toml`, `deploy/consent.toml` and
+//! `deploy/{mlspp,moj,src}.toml`, compiled in),
 //! with listen addresses, registry endpoints and folders replaced by its own.
 
 use std::{
@@ -21,6 +22,11 @@ use tonic::transport::{Channel, Endpoint};
 use crate::{
     audit::AuditHandle,
     config::ServerConfig,
+    consent::{
+        channel::ca_channel,
+        config::ConsentConfig,
+        server::{RunningAuthority, open_store, start as start_consent},
+    },
     globalconf::{describe::Federation, signed},
     id::SubsystemId,
     pki::{
@@ -41,6 +47,8 @@ pub const SERVER_TOMLS: [(&str, &str); 3] = [
     ("moj", include_str!("../deploy/moj.toml")),
     ("src", include_str!("../deploy/src.toml")),
 ];
+/// The demo's consent authority.
+pub const CONSENT_TOML: &str = include_str!("../deploy/consent.toml");
 /// The information system of the demo's life event.
 pub const BENEFITS: &str = "KZ/GOV/MLSPP/benefits";
 
@@ -75,6 +83,8 @@ pub struct LocalFederation {
     pub registries: BTreeMap<RegistryKind, RegistryHandle>,
     /// The synthetic data behind the registries.
     pub dataset: Arc<Dataset>,
+    /// The consent authority.
+    pub consent: RunningAuthority,
 }
 
 /// How to adjust a server's configuration before it starts: called with the
@@ -84,6 +94,16 @@ pub type Adjust<'a> = &'a dyn Fn(&str, &mut ServerConfig);
 impl LocalFederation {
     /// Starts the federation under `dir` (made if missing).
     pub async fn launch(dir: &Path, adjust: Adjust<'_>) -> anyhow::Result<Self> {
+        Self::launch_with(dir, adjust, &|_| {}).await
+    }
+
+    /// Starts the federation under `dir`, adjusting the servers' and the
+    /// consent authority's configurations before they start.
+    pub async fn launch_with(
+        dir: &Path,
+        adjust: Adjust<'_>,
+        adjust_consent: &dyn Fn(&mut ConsentConfig),
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let deploy = dir.join("deploy");
         std::fs::create_dir_all(&deploy)?;
@@ -103,6 +123,17 @@ impl LocalFederation {
         }
 
         let globalconf_path = dir.join("globalconf.json");
+        let consent_path = deploy.join("consent.toml");
+        std::fs::write(&consent_path, CONSENT_TOML)?;
+        let mut consent = ConsentConfig::load(&consent_path)?;
+        consent.data_dir = dir.join("data").join("consent");
+        consent.globalconf.path = globalconf_path.clone();
+        consent.globalconf.refresh_secs = 1;
+        adjust_consent(&mut consent);
+        let consent_listener = tokio::net::TcpListener::bind(loopback()).await?;
+        if let Some(ca) = description.consent_authority.as_mut() {
+            ca.address = consent_listener.local_addr()?.to_string();
+        }
         let mut prepared = Vec::new();
         for (name, text) in SERVER_TOMLS {
             let path = deploy.join(format!("{name}.toml"));
@@ -133,6 +164,9 @@ impl LocalFederation {
             }
             prepared.push((name.to_string(), config, listeners));
         }
+        publish_to(&globalconf_path, &description, &layout, Duration::hours(24))?;
+        let store = open_store(&consent).await?;
+        let consent = start_consent(consent, consent_listener, store).await?;
         let mut fed = Self {
             dir: dir.to_path_buf(),
             layout,
@@ -141,8 +175,8 @@ impl LocalFederation {
             nodes: BTreeMap::new(),
             registries,
             dataset,
+            consent,
         };
-        fed.publish(Duration::hours(24))?;
 
         for (name, config, listeners) in prepared {
             let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
@@ -164,17 +198,37 @@ impl LocalFederation {
                 },
             );
         }
+        fed.await_revocation_feeds().await?;
         Ok(fed)
+    }
+
+    /// Waits until every server has heard from the consent authority, so that
+    /// consent-based calls are not refused as unverifiable right after start.
+    pub async fn await_revocation_feeds(&self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self
+            .nodes
+            .values()
+            .all(|n| n.server.revocations().is_fresh(crate::exchange::now_ms()))
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "a security server did not hear from the consent authority within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 
     /// Signs and publishes the global configuration, valid for `valid_for`
     /// from now (negative: already expired), with a new serial.
     pub fn publish(&self, valid_for: Duration) -> anyhow::Result<()> {
-        let serial = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1000;
-        let conf = self.description.build(serial, valid_for)?;
-        let key = SigningKey::load(&self.layout.authority_cert(), &self.layout.authority_key())?;
-        write_atomically(&self.globalconf_path, signed::sign(&conf, &key).as_bytes())?;
-        Ok(())
+        publish_to(
+            &self.globalconf_path,
+            &self.description,
+            &self.layout,
+            valid_for,
+        )
     }
 
     /// A node by name.
@@ -202,6 +256,18 @@ impl LocalFederation {
             .context("the node has no admin port")?;
         self.channel_to(addr, Some((load_certs(&cert)?, load_key(&key)?)))
             .await
+    }
+
+    /// A channel to the consent authority presenting `identity` (the
+    /// portal's, or an information system's).
+    pub fn consent_channel(&self, identity: (PathBuf, PathBuf)) -> anyhow::Result<Channel> {
+        let (cert, key) = identity;
+        Ok(ca_channel(
+            &self.consent.addr.to_string(),
+            &load_certs(&self.layout.ca_cert())?,
+            Some((load_certs(&cert)?, load_key(&key)?)),
+            std::time::Duration::from_secs(2),
+        )?)
     }
 
     /// A channel to `addr` over TLS trusting the development CA, presenting
@@ -236,10 +302,26 @@ impl LocalFederation {
             node.server.shutdown().await;
             node.audit.shutdown().await;
         }
+        self.consent.shutdown().await;
         for (_, registry) in self.registries {
             let _ = registry.shutdown().await;
         }
     }
+}
+
+/// Signs `description` with the authority's key of `layout` and publishes it
+/// at `path`, valid for `valid_for` from now, with a new serial.
+fn publish_to(
+    path: &Path,
+    description: &Federation,
+    layout: &DevLayout,
+    valid_for: Duration,
+) -> anyhow::Result<()> {
+    let serial = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1000;
+    let conf = description.build(serial, valid_for)?;
+    let key = SigningKey::load(&layout.authority_cert(), &layout.authority_key())?;
+    write_atomically(path, signed::sign(&conf, &key).as_bytes())?;
+    Ok(())
 }
 
 /// A channel to `addr` over TLS with the given client configuration.

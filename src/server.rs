@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 use crate::{
     audit::{AuditHandle, AuditLog, AuditServiceImpl},
     config::ServerConfig,
+    consent::{ConsentVerifier, DEFAULT_MAX_SILENCE, FeedOptions, RevocationFeed, RevocationSet},
     error::{Reason, Refusal},
     exchange::{
         Gateway, consumer, peers::Peers, provider::Provider, replay::ReplayGuard,
@@ -44,6 +45,9 @@ pub enum ServerError {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// The store that counts consent uses could not be opened.
+    #[error("consent use counts: {0}")]
+    ConsentStore(#[from] crate::consent::store::StoreError),
     /// A port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -97,12 +101,20 @@ pub struct RunningServer {
     pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    revocations: RevocationFeed,
 }
 
 impl RunningServer {
+    /// This server's view of consent revocations, kept fresh by the feed from
+    /// the consent authority.
+    pub fn revocations(&self) -> &RevocationSet {
+        self.revocations.set()
+    }
+
     /// Stops accepting, lets calls in flight finish, and waits for the ports to close.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.revocations.stop().await;
         for task in self.tasks {
             match task.await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "port closed with an error"),
@@ -249,6 +261,20 @@ pub async fn start(
         .map(|p| cert_fingerprint(p))
         .collect::<Result<Vec<_>, _>>()?;
     let audit_service = AuditServiceImpl::new(audit.clone()).with_conf(conf.clone());
+    // Consent: revocations pushed by the consent authority the global
+    // configuration names (the feed waits while it names none), and use counts
+    // in the same store family as the audit log.
+    let uses =
+        crate::consent::store::open(&config.data_dir, config.audit.database.as_deref()).await?;
+    let revocations = RevocationFeed::spawn(
+        conf.clone(),
+        (chain.clone(), key.clone_key()),
+        RevocationSet::new(DEFAULT_MAX_SILENCE),
+        FeedOptions {
+            connect_timeout: config.limits.connect_timeout(),
+            ..FeedOptions::default()
+        },
+    );
     let gw = Arc::new(Gateway {
         server_id: config.server_id.clone(),
         conf: conf.clone(),
@@ -269,6 +295,7 @@ pub async fn start(
         plaintext_clients: plaintext,
         services,
         policy: AccessPolicy::new(config.access.clone()),
+        consent: ConsentVerifier::new(revocations.set().clone(), uses),
         store_bodies: config.audit.store_bodies,
     });
     let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key)?));
@@ -367,6 +394,7 @@ pub async fn start(
         admin_addr,
         shutdown,
         tasks,
+        revocations,
     })
 }
 

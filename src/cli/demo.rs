@@ -1,11 +1,15 @@
 //! `kopir demo`: the whole federation on loopback, and the child-birth benefit
 //! life event run through it: the benefits system of the Ministry of Labour
-//! pulls the parent and children from the population register, the parent's
-//! income and property, each through the security servers. At the end an
-//! operator reads one exchange's audit records from both servers' admin ports
-//! and verifies both logs.
+//! pulls the parent and children from the population register (on a legal
+//! basis), the parent's income and property (on the parent's consent, granted
+//! through the portal), each through the security servers. Then an operator
+//! reads one exchange's audit records from both servers' admin ports and
+//! verifies both logs, and the citizen revokes a consent and the next read is
+//! refused.
 
 use std::{path::PathBuf, time::Instant};
+
+use anyhow::Context;
 
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
@@ -13,8 +17,9 @@ use crate::{
     federation::{BENEFITS, LocalFederation},
     id::Iin,
     proto::kopir::v1::{
-        AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest,
-        audit_service_client::AuditServiceClient,
+        AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest, GrantRequest,
+        IssueTokenRequest, RevokeRequest, audit_service_client::AuditServiceClient,
+        consent_service_client::ConsentServiceClient,
     },
     proto::kz::{
         income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
@@ -42,6 +47,11 @@ pub struct Args {
     pub dir: Option<PathBuf>,
 }
 
+/// The purpose of the income and real-estate reads, which rests on consent.
+const MEANS_TEST: &str = "benefit-means-test";
+const INCOME: &str = "KZ/GOV/SRC/income";
+const REALTY: &str = "KZ/GOV/MOJ/realty";
+
 fn call<T>(message: T, service: &str, purpose: &str, iin: &Iin) -> Request<T> {
     let mut r = Request::new(message);
     let md = r.metadata_mut();
@@ -54,6 +64,68 @@ fn call<T>(message: T, service: &str, purpose: &str, iin: &Iin) -> Request<T> {
     r
 }
 
+/// `call`, with a consent token in `kopir-consent`.
+fn with_consent<T>(
+    message: T,
+    service: &str,
+    iin: &Iin,
+    token: &str,
+) -> anyhow::Result<Request<T>> {
+    let mut r = call(message, service, MEANS_TEST, iin);
+    r.metadata_mut()
+        .insert("kopir-consent", MetadataValue::try_from(token)?);
+    Ok(r)
+}
+
+/// A citizen's consents to the means test, as granted through the portal,
+/// and the tokens the benefits system obtained for them.
+struct Consents {
+    income: (String, String),
+    realty: (String, String),
+}
+
+/// The citizen grants, through the portal, consent to read their declared
+/// income and their real estate for the means test (valid for a day); the
+/// benefits system then asks the consent authority for the tokens.
+async fn grant_consents(fed: &LocalFederation, iin: &Iin) -> anyhow::Result<Consents> {
+    let mut portal = ConsentServiceClient::new(fed.consent_channel(fed.layout.portal())?);
+    let mut benefits =
+        ConsentServiceClient::new(fed.consent_channel(fed.layout.client(&BENEFITS.parse()?))?);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut grant = async |service: &str, method: &str| -> anyhow::Result<(String, String)> {
+        let consent = portal
+            .grant(GrantRequest {
+                subject: format!("iin:{iin}"),
+                client: BENEFITS.into(),
+                service: service.into(),
+                methods: vec![method.into()],
+                purpose: MEANS_TEST.into(),
+                not_before: 0,
+                not_after: now + 24 * 3600,
+                max_uses: 0,
+            })
+            .await?
+            .into_inner()
+            .consent
+            .context("the authority returned no consent")?;
+        let token = benefits
+            .issue_token(IssueTokenRequest {
+                consent_id: consent.id.clone(),
+            })
+            .await?
+            .into_inner()
+            .token;
+        Ok((consent.id, token))
+    };
+    let income = grant(INCOME, "/kz.income.v1.IncomeRegistry/GetDeclaredIncome").await?;
+    let realty = grant(REALTY, "/kz.realty.v1.RealtyRegistry/ListProperties").await?;
+    println!(
+        "  consent     portal -> consent authority: income {} and real estate {} for {MEANS_TEST}, valid 24 h",
+        income.0, realty.0
+    );
+    Ok(Consents { income, realty })
+}
+
 fn request_id<T>(r: &tonic::Response<T>) -> String {
     r.metadata()
         .get("kopir-request-id")
@@ -63,7 +135,11 @@ fn request_id<T>(r: &tonic::Response<T>) -> String {
 }
 
 /// Runs the life event for one citizen, printing each register's answer.
-async fn life_event(channel: &Channel, iin: &Iin) -> anyhow::Result<Vec<String>> {
+async fn life_event(
+    channel: &Channel,
+    iin: &Iin,
+    consents: &Consents,
+) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
     let via = "MLSPP/ss1 -> MOJ/ss1";
     let t = Instant::now();
@@ -112,15 +188,15 @@ async fn life_event(channel: &Channel, iin: &Iin) -> anyhow::Result<Vec<String>>
     );
     let t = Instant::now();
     let income = IncomeRegistryClient::new(channel.clone())
-        .get_declared_income(call(
+        .get_declared_income(with_consent(
             GetDeclaredIncomeRequest {
                 iin: iin.to_string(),
                 year: LAST_TAX_YEAR,
             },
-            "KZ/GOV/SRC/income",
-            "benefit-means-test",
+            INCOME,
             iin,
-        ))
+            &consents.income.1,
+        )?)
         .await?
         .into_inner();
     println!(
@@ -132,14 +208,7 @@ async fn life_event(channel: &Channel, iin: &Iin) -> anyhow::Result<Vec<String>>
     );
     let t = Instant::now();
     let props = RealtyRegistryClient::new(channel.clone())
-        .list_properties(call(
-            ListPropertiesRequest {
-                iin: iin.to_string(),
-            },
-            "KZ/GOV/MOJ/realty",
-            "benefit-means-test",
-            iin,
-        ))
+        .list_properties(realty_request(iin, &consents.realty.1)?)
         .await?
         .into_inner()
         .properties;
@@ -155,6 +224,17 @@ async fn life_event(channel: &Channel, iin: &Iin) -> anyhow::Result<Vec<String>>
             .join("; ")
     );
     Ok(ids)
+}
+
+fn realty_request(iin: &Iin, token: &str) -> anyhow::Result<Request<ListPropertiesRequest>> {
+    with_consent(
+        ListPropertiesRequest {
+            iin: iin.to_string(),
+        },
+        REALTY,
+        iin,
+        token,
+    )
 }
 
 impl Args {
@@ -185,10 +265,19 @@ impl Args {
         }
         let mut result = Ok(());
         let mut first_exchange = None;
+        let mut last = None;
         for iin in fed.dataset.sample_parents(self.citizens) {
             println!("\nchild-birth benefit claim of iin:{iin}");
+            let consents = match grant_consents(&fed, &iin).await {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("  FAILED: {e}");
+                    result = Err(e);
+                    continue;
+                }
+            };
             let t = Instant::now();
-            match life_event(&channel, &iin).await {
+            match life_event(&channel, &iin, &consents).await {
                 Ok(ids) => {
                     first_exchange = first_exchange.or(ids.into_iter().next());
                     println!(
@@ -201,11 +290,17 @@ impl Args {
                     result = Err(e);
                 }
             }
+            last = Some((iin, consents));
         }
         if let Some(id) = first_exchange
             && result.is_ok()
         {
             result = print_audit(&fed, &id).await;
+        }
+        if let Some((iin, consents)) = last
+            && result.is_ok()
+        {
+            result = revoke_and_retry(&fed, &channel, &iin, &consents).await;
         }
         fed.shutdown().await;
         result
@@ -275,6 +370,52 @@ async fn print_audit(fed: &LocalFederation, request_id: &str) -> anyhow::Result<
     Ok(())
 }
 
+/// The citizen revokes the real-estate consent through the portal; the next
+/// real-estate read with the same token is refused with `consent.revoked`
+/// once the revocation has reached MOJ's server (pushed, within seconds).
+async fn revoke_and_retry(
+    fed: &LocalFederation,
+    channel: &Channel,
+    iin: &Iin,
+    consents: &Consents,
+) -> anyhow::Result<()> {
+    let (consent_id, token) = &consents.realty;
+    println!("\niin:{iin} revokes consent {consent_id} (real estate) through the portal");
+    let revoked = Instant::now();
+    ConsentServiceClient::new(fed.consent_channel(fed.layout.portal())?)
+        .revoke(RevokeRequest {
+            subject: format!("iin:{iin}"),
+            consent_id: consent_id.clone(),
+        })
+        .await?;
+    let mut realty = RealtyRegistryClient::new(channel.clone());
+    loop {
+        match realty.list_properties(realty_request(iin, token)?).await {
+            Err(status) if reason_of(&status) == Some("consent.revoked") => {
+                println!(
+                    "  the next real-estate read, {:.0} ms later: {:?} consent.revoked: {}",
+                    revoked.elapsed().as_secs_f64() * 1e3,
+                    status.code(),
+                    status.message()
+                );
+                return Ok(());
+            }
+            Err(status) => anyhow::bail!("expected consent.revoked, got {status:?}"),
+            Ok(_) if revoked.elapsed() < std::time::Duration::from_secs(5) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Ok(_) => anyhow::bail!("the revoked consent still allowed a read after 5 s"),
+        }
+    }
+}
+
+fn reason_of(status: &tonic::Status) -> Option<&str> {
+    status
+        .metadata()
+        .get(crate::error::ERROR_KEY)
+        .and_then(|v| v.to_str().ok())
+}
+
 fn print_how_to_call(fed: &LocalFederation) {
     let node = fed.node("mlspp");
     let (cert, key) = fed.layout.client(&BENEFITS.parse().expect("valid id"));
@@ -287,7 +428,10 @@ fn print_how_to_call(fed: &LocalFederation) {
     println!(
         "               kopir-service: KZ/GOV/MOJ/population | KZ/GOV/SRC/income | KZ/GOV/MOJ/realty"
     );
-    println!("               kopir-purpose: child-benefit | benefit-means-test");
+    println!(
+        "               kopir-purpose: child-benefit (legal act) | benefit-means-test (consent: kopir-consent token from the consent authority at {})",
+        fed.consent.addr
+    );
     if let Some(iin) = fed.dataset.sample_parents(1).first() {
         println!("               kopir-subject: iin:{iin}   (a parent in the mock registers)");
     }

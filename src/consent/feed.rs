@@ -134,6 +134,8 @@ async fn run(
                 tracing::warn!(error = %e, "revocation feed interrupted; reconnecting");
                 delay = options.retry_min;
             }
+            // Nothing to follow: consent-based calls are refused as unverifiable.
+            Err(e @ FeedError::NoAuthority) => tracing::debug!(error = %e, "no revocation feed"),
             Err(e) => {
                 tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "revocation feed unavailable; consent-based calls are refused while it is stale");
             }

@@ -5,7 +5,8 @@
 //!   authenticate client cert → check global configuration → check service, purpose, subject
 //!   → sign request → AUDIT (forwarded) → forward over mutual TLS ─────▶
 //!        authenticate peer cert → check global configuration → verify signature and body
-//!        → timestamp window and replay → access rule → basis → AUDIT (accepted) → call registry
+//!        → timestamp window and replay → access rule → legal act or consent token
+//!        → AUDIT (accepted) → call registry
 //!        → sign response bound to the request hash → AUDIT (answered) ◀─────
 //!   verify response signature → AUDIT (answered) → answer
 //! ```
@@ -31,6 +32,7 @@ use tonic::Code;
 
 use crate::{
     audit::{AuditLog, AuditRecord, Side, Step},
+    consent::ConsentVerifier,
     error::{Reason, Refusal},
     globalconf::GlobalConfHandle,
     id::{ServerId, SubsystemId},
@@ -104,6 +106,8 @@ pub struct Gateway {
     pub services: HashMap<SubsystemId, upstream::Registry>,
     /// Access rules for them.
     pub policy: AccessPolicy,
+    /// Checks consent tokens for purposes that rest on consent.
+    pub consent: ConsentVerifier,
     /// Connections to peer servers.
     pub peers: peers::Peers,
     /// Replay protection.

@@ -12,7 +12,9 @@ use super::{
 };
 use crate::{
     audit::{Side, Step},
+    consent::Expected,
     error::{Reason, Refusal},
+    globalconf::model::Basis,
     pki::{Fingerprint, sha256},
     policy,
     proto::kopir::v1::{
@@ -162,9 +164,20 @@ async fn serve(
     })?;
     let personal = view.service(&meta.service).is_some_and(|e| e.personal_data);
     policy::check_purpose_and_subject(&view, meta, personal).map_err(refused)?;
-    // 6. The provider's access rules, then the basis of the pull.
+    // 6. The provider's access rules, then the basis of the pull: the legal
+    //    act, or the subject's consent (checked, and a use counted, here).
     gw.policy.check(meta).map_err(refused)?;
-    let basis = policy::basis(&view, meta).map_err(refused)?;
+    let basis = match policy::basis(&view, meta).map_err(refused)? {
+        Basis::LegalAct { act } => policy::legal_basis(act),
+        Basis::Consent => {
+            let expected = Expected::from_meta(meta).map_err(refused)?;
+            gw.consent
+                .check(&view, meta.consent.as_deref(), &expected, now)
+                .await
+                .map_err(refused)?
+                .basis()
+        }
+    };
     // 7. No audit, no data: the acceptance is durable before the registry is called.
     let mut rec = known.signed_record(
         Side::Provider,

@@ -116,29 +116,23 @@ pub fn check_purpose_and_subject(
     Ok(())
 }
 
-/// The basis on which the pull is lawful, as recorded in the audit trail:
-/// `legal:<act>` for a purpose permitted by law.
-pub fn basis(view: &ConfView, meta: &CallMeta) -> Result<String, Refusal> {
-    let purpose = view.purpose(meta.purpose.as_str()).ok_or_else(|| {
-        Refusal::new(
-            Reason::PurposeUnknown,
-            format!("purpose {} is unknown", meta.purpose),
-        )
-    })?;
-    match &purpose.basis {
-        Basis::LegalAct { act } => Ok(format!("legal:{act}")),
-        Basis::Consent if meta.consent.is_none() => Err(Refusal::new(
-            Reason::ConsentMissing,
-            format!(
-                "purpose {} requires the subject's consent: attach a consent token in kopir-consent",
-                meta.purpose
-            ),
-        )),
-        Basis::Consent => Err(Refusal::new(
-            Reason::ConsentInvalid,
-            "this federation has no consent authority whose tokens this server can check",
-        )),
-    }
+/// What the global configuration says allows a pull for the call's purpose:
+/// a legal act, or the subject's consent (which the provider then checks with
+/// its [`crate::consent::ConsentVerifier`]).
+pub fn basis<'v>(view: &'v ConfView, meta: &CallMeta) -> Result<&'v Basis, Refusal> {
+    view.purpose(meta.purpose.as_str())
+        .map(|p| &p.basis)
+        .ok_or_else(|| {
+            Refusal::new(
+                Reason::PurposeUnknown,
+                format!("purpose {} is unknown", meta.purpose),
+            )
+        })
+}
+
+/// The basis of a pull permitted by law, as the audit trail records it.
+pub fn legal_basis(act: &str) -> String {
+    format!("legal:{act}")
 }
 
 #[cfg(test)]
