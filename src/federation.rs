@@ -83,8 +83,10 @@ pub struct LocalFederation {
     pub registries: BTreeMap<RegistryKind, RegistryHandle>,
     /// The synthetic data behind the registries.
     pub dataset: Arc<Dataset>,
-    /// The consent authority.
-    pub consent: RunningAuthority,
+    /// Where the consent authority listens.
+    pub consent_addr: SocketAddr,
+    /// The consent authority (`None` once stopped).
+    pub consent: Option<RunningAuthority>,
 }
 
 /// How to adjust a server's configuration before it starts: called with the
@@ -175,7 +177,8 @@ impl LocalFederation {
             nodes: BTreeMap::new(),
             registries,
             dataset,
-            consent,
+            consent_addr: consent.addr,
+            consent: Some(consent),
         };
 
         for (name, config, listeners) in prepared {
@@ -263,7 +266,7 @@ impl LocalFederation {
     pub fn consent_channel(&self, identity: (PathBuf, PathBuf)) -> anyhow::Result<Channel> {
         let (cert, key) = identity;
         Ok(ca_channel(
-            &self.consent.addr.to_string(),
+            &self.consent_addr.to_string(),
             &load_certs(&self.layout.ca_cert())?,
             Some((load_certs(&cert)?, load_key(&key)?)),
             std::time::Duration::from_secs(2),
@@ -302,7 +305,9 @@ impl LocalFederation {
             node.server.shutdown().await;
             node.audit.shutdown().await;
         }
-        self.consent.shutdown().await;
+        if let Some(consent) = self.consent {
+            consent.shutdown().await;
+        }
         for (_, registry) in self.registries {
             let _ = registry.shutdown().await;
         }

@@ -430,7 +430,7 @@ fn print_how_to_call(fed: &LocalFederation) {
     );
     println!(
         "               kopir-purpose: child-benefit (legal act) | benefit-means-test (consent: kopir-consent token from the consent authority at {})",
-        fed.consent.addr
+        fed.consent_addr
     );
     if let Some(iin) = fed.dataset.sample_parents(1).first() {
         println!("               kopir-subject: iin:{iin}   (a parent in the mock registers)");
