@@ -284,6 +284,24 @@ fn short(h: Option<&[u8]>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The query group and hiding of a record, in words.
+fn report_fields(e: &super::record::Entry) -> String {
+    let mut parts = Vec::new();
+    if let Some(g) = &e.query_group {
+        parts.push(format!("query group {g}"));
+    }
+    if let Some(until) = e.hidden_until_ms {
+        parts.push(format!(
+            "hidden from the subject until {}",
+            format_time_ms(until)
+        ));
+    }
+    if let Some(why) = &e.hidden_reason {
+        parts.push(format!("reason: {why}"));
+    }
+    parts.join("; ")
+}
+
 fn print_table(out: &mut impl Write, records: &[StoredRecord]) -> std::io::Result<()> {
     writeln!(
         out,
@@ -311,6 +329,9 @@ fn print_table(out: &mut impl Write, records: &[StoredRecord]) -> std::io::Resul
                 .map(|r| format!("  [{r}]"))
                 .unwrap_or_default(),
         )?;
+        if e.has_report_fields() {
+            writeln!(out, "{:>8}  {}", "", report_fields(e))?;
+        }
     }
     Ok(())
 }
@@ -395,6 +416,9 @@ fn print_shown(out: &mut impl Write, s: &ShownRecord) -> std::io::Result<()> {
         hx(e.subject.as_ref().map(|h| &h[..]))
     )?;
     writeln!(out, "  user        {}  peer {}", opt(&e.user), opt(&e.peer))?;
+    if e.has_report_fields() {
+        writeln!(out, "  report      {}", report_fields(e))?;
+    }
     writeln!(
         out,
         "  body        {}",
@@ -693,6 +717,9 @@ mod tests {
                     signer_key: None,
                     signed_hash: None,
                     body: None,
+                    query_group: None,
+                    hidden_until_ms: None,
+                    hidden_reason: None,
                 })
                 .await
                 .unwrap();
