@@ -1,4 +1,5 @@
-//! `kopir audit query|show|verify|export`: the operator's and auditor's tools.
+//! `kopir audit query|show|verify|export|subject`: the operator's and auditor's
+//! tools (`subject` lives in [`crate::report::cli`]).
 //!
 //! They open the store directly (`--data-dir DIR` for the embedded store,
 //! `--database postgres://...` for PostgreSQL), so they work with the server
@@ -51,6 +52,8 @@ pub enum AuditCommand {
     Verify(VerifyArgs),
     /// Write a self-contained signed archive of a range, verifiable offline.
     Export(ExportArgs),
+    /// A subject's access report: every read of their data, from this log or the whole federation.
+    Subject(Box<crate::report::cli::SubjectArgs>),
 }
 
 impl AuditArgs {
@@ -61,6 +64,7 @@ impl AuditArgs {
             AuditCommand::Show(a) => a.run().await,
             AuditCommand::Verify(a) => a.run().await,
             AuditCommand::Export(a) => a.run().await,
+            AuditCommand::Subject(a) => a.run().await,
         }
     }
 }
