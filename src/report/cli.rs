@@ -275,8 +275,8 @@ fn print_table(out: &mut impl Write, r: &Printed<'_>) -> std::io::Result<()> {
         if let Some(until) = e.hidden_until_ms {
             writeln!(
                 out,
-                "  {}  until {}: {}",
-                if e.hidden { "HIDDEN   " } else { "was hidden" },
+                "  {:<11}until {}: {}",
+                if e.hidden { "HIDDEN" } else { "was hidden" },
                 format_time_ms(until),
                 e.hidden_reason.as_deref().unwrap_or("-")
             )?;
