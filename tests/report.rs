@@ -16,7 +16,7 @@ use kopir::{
     consent::channel::Identity,
     exchange::{envelope, meta::CallMeta, now_ms},
     federation::{BENEFITS, LocalFederation, tls_channel},
-    globalconf::{ConfView, watch},
+    globalconf::{ConfView, model::ReaderRole, watch},
     id::{Iin, Subject},
     pki::{
         Fingerprint, load_certs, load_key, sha256,
@@ -185,26 +185,20 @@ impl Harness {
 
     /// The portal's federation-wide report of `iin`.
     async fn portal_report(&self, iin: &Iin) -> FederationReport {
-        let req = self.request(iin, self.assertion(iin), false);
-        assemble(
-            &self.view,
-            self.identity(Caller::Portal),
-            &req,
-            Duration::from_secs(10),
-        )
-        .await
+        let subject = subject(iin).parse().unwrap();
+        self.fed
+            .access_report(&subject, ReaderRole::Portal, false)
+            .await
+            .unwrap()
     }
 
     /// The auditor's federation-wide report of `iin`.
     async fn auditor_report(&self, iin: &Iin, include_refused: bool) -> FederationReport {
-        let req = self.request(iin, String::new(), include_refused);
-        assemble(
-            &self.view,
-            self.identity(Caller::Auditor),
-            &req,
-            Duration::from_secs(10),
-        )
-        .await
+        let subject = subject(iin).parse().unwrap();
+        self.fed
+            .access_report(&subject, ReaderRole::Auditor, include_refused)
+            .await
+            .unwrap()
     }
 
     /// One server's report, asked directly on its peer port as `caller`.

@@ -3,7 +3,8 @@
 //! pulls the parent and children from the population register, the parent's
 //! income and property, each through the security servers. At the end an
 //! operator reads one exchange's audit records from both servers' admin ports
-//! and verifies both logs.
+//! and verifies both logs, and the first citizen reads their access report
+//! through the portal.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -51,6 +52,7 @@ fn call<T>(message: T, service: &str, purpose: &str, iin: &Iin) -> Request<T> {
     md.insert("kopir-purpose", ascii(purpose));
     md.insert("kopir-subject", ascii(&format!("iin:{iin}")));
     md.insert("kopir-user", ascii("benefits-officer-017"));
+    md.insert("kopir-query-group", ascii(&format!("claim-{iin}")));
     r
 }
 
@@ -207,6 +209,11 @@ impl Args {
         {
             result = print_audit(&fed, &id).await;
         }
+        if result.is_ok()
+            && let Some(iin) = fed.dataset.sample_parents(1).first()
+        {
+            result = print_access_report(&fed, iin).await;
+        }
         fed.shutdown().await;
         result
     }
@@ -271,6 +278,58 @@ async fn print_audit(fed: &LocalFederation, request_id: &str) -> anyhow::Result<
     }
     println!(
         "  the subject is kept only as a keyed pseudonym; with --dir DIR the logs stay, and `kopir audit show --config DIR/moj.toml {request_id}` shows the same"
+    );
+    Ok(())
+}
+
+/// What the first citizen sees of their data's reads, through the portal,
+/// assembled from every provider's security server.
+async fn print_access_report(fed: &LocalFederation, iin: &Iin) -> anyhow::Result<()> {
+    let subject = format!("iin:{iin}").parse()?;
+    let report = fed
+        .access_report(
+            &subject,
+            crate::globalconf::model::ReaderRole::Portal,
+            false,
+        )
+        .await?;
+    println!(
+        "
+access report of iin:{iin}, as the citizen sees it through the portal ({} reads, from {}):",
+        report.entries.len(),
+        report
+            .sources
+            .iter()
+            .map(|s| s.server.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for e in &report.entries {
+        println!(
+            "  {}  {} read {} of {} ({}), query {}",
+            crate::audit::cli::format_time_ms(e.at_ms),
+            e.consumer_subsystem,
+            e.method.rsplit('/').next().unwrap_or_default(),
+            e.provider_service,
+            e.provider_member_name,
+            e.query_id,
+        );
+        println!(
+            "      for {} under {}; official {}; procedure {}",
+            e.purpose,
+            e.legal_act
+                .as_deref()
+                .or(e.consent_id.as_deref())
+                .unwrap_or("-"),
+            e.user.as_deref().unwrap_or("-"),
+            e.query_group.as_deref().unwrap_or("-"),
+        );
+    }
+    if !report.complete() {
+        anyhow::bail!("the access report is incomplete: {:?}", report.sources);
+    }
+    println!(
+        "  the same with `kopir audit subject iin:{iin} --federation ...` (README, \"Access report\")"
     );
     Ok(())
 }
