@@ -12,7 +12,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use common::{assert_refused, with_meta};
 use kopir::{
-    audit::{Side, Step},
+    audit::{Side, Step, pgtest::TempPostgres},
     consent::channel::Identity,
     exchange::{envelope, meta::CallMeta, now_ms},
     federation::{BENEFITS, LocalFederation, tls_channel},
@@ -67,16 +67,37 @@ enum Caller {
 struct Harness {
     fed: LocalFederation,
     _dir: tempfile::TempDir,
+    _pg: Option<Arc<TempPostgres>>,
     a: Iin,
     b: Iin,
     view: Arc<ConfView>,
 }
 
 async fn launch() -> Harness {
+    launch_on(false).await
+}
+
+/// The federation, with the servers' audit logs in PostgreSQL if `postgres`.
+async fn launch_on(postgres: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let fed = LocalFederation::launch(dir.path(), &|_, _| {})
-        .await
-        .unwrap();
+    let (pg, urls) = if postgres {
+        let pg = TempPostgres::shared().unwrap();
+        let mut urls = Vec::new();
+        for node in ["mlspp", "moj", "src"] {
+            urls.push((node, pg.create_database().await.unwrap()));
+        }
+        (Some(pg), urls)
+    } else {
+        (None, Vec::new())
+    };
+    let fed = LocalFederation::launch(dir.path(), &|name, config| {
+        config.audit.database = urls
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, url)| url.clone());
+    })
+    .await
+    .unwrap();
     let parents = fed.dataset.sample_parents(2);
     let anchors = vec![VerifyingKey::load(&fed.layout.authority_cert()).unwrap()];
     let view = watch::read(&fed.globalconf_path, &anchors).unwrap();
@@ -85,6 +106,7 @@ async fn launch() -> Harness {
         b: parents[1],
         fed,
         _dir: dir,
+        _pg: pg,
         view,
     }
 }
@@ -764,5 +786,45 @@ async fn covert_reads_only_for_a_covert_purpose_and_not_too_long() {
     assert!(refused.entries.iter().all(
         |e| e.outcome == Outcome::Refused && e.reason.as_deref() == Some("hiding.not_allowed")
     ));
+    h.fed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_reads_a_postgres_audit_store_alike() {
+    let h = launch_on(true).await;
+    assert!(
+        h.fed
+            .node("moj")
+            .audit
+            .store()
+            .describe()
+            .starts_with("postgres")
+    );
+    let group = [("kopir-query-group", CLAIM)];
+    h.get_person(&h.a, "child-benefit", "a-1", &group)
+        .await
+        .unwrap();
+    let month = date_in(30);
+    h.get_person(
+        &h.a,
+        FRAUD,
+        "a-2",
+        &[
+            ("kopir-hide-until", &month),
+            ("kopir-hide-reason", "inquiry 20/2026"),
+        ],
+    )
+    .await
+    .unwrap();
+    h.get_person(&h.b, "child-benefit", "b-1", &[])
+        .await
+        .unwrap();
+    let portal = h.portal_report(&h.a).await;
+    assert_complete(&portal);
+    assert_eq!(ids(&portal.entries), BTreeSet::from(["a-1"]));
+    assert_eq!(entry(&portal, "a-1").query_group.as_deref(), Some(CLAIM));
+    let auditor = h.auditor_report(&h.a, false).await;
+    assert_eq!(ids(&auditor.entries), BTreeSet::from(["a-1", "a-2"]));
+    assert!(entry(&auditor, "a-2").hidden);
     h.fed.shutdown().await;
 }

@@ -591,4 +591,62 @@ mod tests {
         );
         assert_eq!(redact("postgres://db/audit"), "postgres://db/audit");
     }
+
+    /// A store made before the report columns existed gains them on connect.
+    #[tokio::test]
+    async fn an_older_store_gains_the_report_columns() {
+        use super::{AuditStore, PostgresStore, SCHEMA, connect_client};
+        use crate::audit::{Side, Step, pgtest::TempPostgres, record::Entry};
+        let pg = TempPostgres::shared().unwrap();
+        let url = pg.create_database().await.unwrap();
+        let old_schema: String = SCHEMA
+            .replace(
+                "body BYTEA,\n    query_group TEXT,\n    hidden_until_ms BIGINT,\n    hidden_reason TEXT\n",
+                "body BYTEA\n",
+            )
+            .lines()
+            .filter(|l| !l.starts_with("ALTER TABLE"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(!old_schema.contains("query_group"));
+        connect_client(&url)
+            .await
+            .unwrap()
+            .batch_execute(&old_schema)
+            .await
+            .unwrap();
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let entry = Entry {
+            node: "n".into(),
+            request_id: "r".into(),
+            at_ms: 1,
+            side: Side::Provider,
+            step: Step::Accepted,
+            client: "c".into(),
+            service: "s".into(),
+            method: "/p.S/M".into(),
+            purpose: "p".into(),
+            subject: Some([1; 32]),
+            basis: None,
+            user: None,
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: None,
+            request_hash: None,
+            signature: None,
+            signer_key: None,
+            signed_hash: None,
+            body: None,
+            query_group: Some("g".into()),
+            hidden_until_ms: Some(5),
+            hidden_reason: Some("why".into()),
+        };
+        store.append(vec![entry.clone()]).await.unwrap();
+        let back = store.by_request("r".into()).await.unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].entry, entry);
+        assert_eq!(back[0].recompute(), back[0].hash);
+    }
 }
