@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "kopir/v1/exchange.proto",
     "kopir/v1/audit.proto",
     "kopir/v1/consent.proto",
+    "kopir/v1/report.proto",
     "kz/population/v1/population.proto",
     "kz/income/v1/income.proto",
     "kz/realty/v1/realty.proto",

@@ -83,6 +83,11 @@ reasons! {
     AuditUnavailable = "audit.unavailable" => Unavailable, "The audit record could not be made durable; nothing was forwarded or released.";
     Overloaded = "server.overloaded" => ResourceExhausted, "The server is at capacity and shed the call.";
     OperatorUnknown = "operator.unknown" => Unauthenticated, "The admin port's caller presented no certificate, or one the server's `operators` does not list.";
+    HidingNotAllowed = "hiding.not_allowed" => PermissionDenied, "The request asks to hide the read from its subject (`kopir-hide-until`), and its purpose does not allow covert reads, or not for that long.";
+    ReportCallerUnknown = "report.caller_unknown" => PermissionDenied, "The access report's caller presented no TLS certificate, or one the global configuration does not list as a portal or auditor.";
+    ReportAssertionInvalid = "report.assertion_invalid" => Unauthenticated, "The portal's assertion is missing, malformed, forged, expired, too long-lived or not signed by that portal's key.";
+    ReportNotSubject = "report.not_subject" => PermissionDenied, "The portal asked for the report of a subject other than the one its assertion names.";
+    ReportRequestInvalid = "report.request_invalid" => InvalidArgument, "An access-report request is malformed (bad subject, inverted time range).";
     Internal = "internal" => Internal, "An unexpected internal error.";
 }
 

@@ -329,6 +329,54 @@ fn publish_to(
     Ok(())
 }
 
+/// The citizen's access report, as the demo's portal or auditor asks for it.
+impl LocalFederation {
+    /// The federation-wide access report of `subject` (see [`crate::report`]),
+    /// asked by the demo's portal (with a fresh assertion naming the subject,
+    /// signed with its key) or by its first auditor.
+    pub async fn access_report(
+        &self,
+        subject: &crate::id::Subject,
+        role: crate::globalconf::model::ReaderRole,
+        include_refused: bool,
+    ) -> anyhow::Result<crate::report::FederationReport> {
+        use crate::{globalconf::model::ReaderRole, pki::sign::VerifyingKey};
+        let anchors = vec![VerifyingKey::load(&self.layout.authority_cert())?];
+        let view = crate::globalconf::watch::read(&self.globalconf_path, &anchors)?;
+        let reader = self
+            .description
+            .report_readers
+            .iter()
+            .find(|r| r.role == role)
+            .with_context(|| format!("the federation lists no {}", role.as_str()))?;
+        let ((cert, key), assertion) = match role {
+            ReaderRole::Portal => {
+                let (c, k) = self.layout.portal_signing();
+                let signer = SigningKey::load(&c, &k)?;
+                let now = crate::exchange::now_ms() / 1000;
+                let claims =
+                    crate::report::assertion::Claims::new(reader.name.as_str(), subject, now, 60);
+                (self.layout.portal(), claims.sign(&signer))
+            }
+            ReaderRole::Auditor => (self.layout.auditor(reader.name.as_str()), String::new()),
+        };
+        let request = crate::proto::kopir::v1::ReportRequest {
+            subject: subject.to_string(),
+            assertion,
+            include_refused,
+            ..Default::default()
+        };
+        let identity = (load_certs(&cert)?, load_key(&key)?);
+        Ok(crate::report::assemble(
+            &view,
+            identity,
+            &request,
+            std::time::Duration::from_secs(10),
+        )
+        .await)
+    }
+}
+
 /// A channel to `addr` over TLS with the given client configuration.
 pub async fn tls_channel(addr: SocketAddr, tls: rustls::ClientConfig) -> anyhow::Result<Channel> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));

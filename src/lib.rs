@@ -5,6 +5,8 @@
 //! security server, which checks identity, signature, access rules and basis,
 //! calls the registry and signs the answer ([`exchange`]). A governance authority
 //! signs the global configuration that every server trusts ([`globalconf`]).
+//! Citizens (through the portal) and auditors read who read a person's data
+//! from every provider's server ([`report`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -21,4 +23,5 @@ pub mod pki;
 pub mod policy;
 pub mod proto;
 pub mod registry;
+pub mod report;
 pub mod server;

@@ -5,7 +5,8 @@
 //!   health and reflection answer too, every other path goes to
 //!   [`exchange::consumer`].
 //! - peer port: other security servers, mutual TLS only: `kopir.v1.Exchange`
-//!   ([`exchange::provider`]), health, reflection.
+//!   ([`exchange::provider`]), health, reflection; and the citizen's access
+//!   report for portals and auditors, `kopir.v1.AccessReport` ([`crate::report`]).
 //! - admin port (optional): operators, mutual TLS: the `AuditService` (only
 //!   for the client certificates `operators` lists), health, reflection.
 
@@ -33,6 +34,7 @@ use crate::{
     },
     policy::AccessPolicy,
     proto::{FILE_DESCRIPTOR_SET, kopir::v1::exchange_server::ExchangeServer},
+    report::ReportService,
 };
 
 /// Why a server could not start.
@@ -275,6 +277,12 @@ pub async fn start(
             ..FeedOptions::default()
         },
     );
+    let report_service = ReportService::new(
+        audit.clone(),
+        conf.clone(),
+        config.server_id.clone(),
+        config.limits.max_clock_skew_ms,
+    );
     let gw = Arc::new(Gateway {
         server_id: config.server_id.clone(),
         conf: conf.clone(),
@@ -366,7 +374,8 @@ pub async fn start(
     let peer = builder(&gw)
         .add_service(health_service.clone())
         .add_service(reflection()?)
-        .add_service(exchange);
+        .add_service(exchange)
+        .add_service(report_service.into_server());
     tasks.push(tokio::spawn(peer.serve_with_incoming_shutdown(
         tls_incoming(listeners.peer, acceptor.clone()),
         stop(),

@@ -131,6 +131,9 @@ fn bench_record(i: u64, subjects: u64, at_ms: i64) -> AuditRecord {
         signer_key: None,
         signed_hash: None,
         body: None,
+        query_group: None,
+        hidden_until_ms: None,
+        hidden_reason: None,
     }
 }
 

@@ -1,4 +1,5 @@
-//! `kopir audit query|show|verify|export`: the operator's and auditor's tools.
+//! `kopir audit query|show|verify|export|subject`: the operator's and auditor's
+//! tools (`subject` lives in [`crate::report::cli`]).
 //!
 //! They open the store directly (`--data-dir DIR` for the embedded store,
 //! `--database postgres://...` for PostgreSQL), so they work with the server
@@ -51,6 +52,8 @@ pub enum AuditCommand {
     Verify(VerifyArgs),
     /// Write a self-contained signed archive of a range, verifiable offline.
     Export(ExportArgs),
+    /// A subject's access report: every read of their data, from this log or the whole federation.
+    Subject(Box<crate::report::cli::SubjectArgs>),
 }
 
 impl AuditArgs {
@@ -61,6 +64,7 @@ impl AuditArgs {
             AuditCommand::Show(a) => a.run().await,
             AuditCommand::Verify(a) => a.run().await,
             AuditCommand::Export(a) => a.run().await,
+            AuditCommand::Subject(a) => a.run().await,
         }
     }
 }
@@ -284,6 +288,24 @@ fn short(h: Option<&[u8]>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The query group and hiding of a record, in words.
+fn report_fields(e: &super::record::Entry) -> String {
+    let mut parts = Vec::new();
+    if let Some(g) = &e.query_group {
+        parts.push(format!("query group {g}"));
+    }
+    if let Some(until) = e.hidden_until_ms {
+        parts.push(format!(
+            "hidden from the subject until {}",
+            format_time_ms(until)
+        ));
+    }
+    if let Some(why) = &e.hidden_reason {
+        parts.push(format!("reason: {why}"));
+    }
+    parts.join("; ")
+}
+
 fn print_table(out: &mut impl Write, records: &[StoredRecord]) -> std::io::Result<()> {
     writeln!(
         out,
@@ -311,6 +333,9 @@ fn print_table(out: &mut impl Write, records: &[StoredRecord]) -> std::io::Resul
                 .map(|r| format!("  [{r}]"))
                 .unwrap_or_default(),
         )?;
+        if e.has_report_fields() {
+            writeln!(out, "{:>8}  {}", "", report_fields(e))?;
+        }
     }
     Ok(())
 }
@@ -395,6 +420,9 @@ fn print_shown(out: &mut impl Write, s: &ShownRecord) -> std::io::Result<()> {
         hx(e.subject.as_ref().map(|h| &h[..]))
     )?;
     writeln!(out, "  user        {}  peer {}", opt(&e.user), opt(&e.peer))?;
+    if e.has_report_fields() {
+        writeln!(out, "  report      {}", report_fields(e))?;
+    }
     writeln!(
         out,
         "  body        {}",
@@ -693,6 +721,9 @@ mod tests {
                     signer_key: None,
                     signed_hash: None,
                     body: None,
+                    query_group: None,
+                    hidden_until_ms: None,
+                    hidden_reason: None,
                 })
                 .await
                 .unwrap();

@@ -173,6 +173,18 @@ pub struct AuditRecord {
     /// The body, only when the server is configured to store bodies; by
     /// default only `body_sha256` is kept.
     pub body: Option<Vec<u8>>,
+    /// The procedure the read belongs to (`kopir-query-group`), e.g. one
+    /// benefit claim: the access report groups reads by it.
+    #[serde(default)]
+    pub query_group: Option<String>,
+    /// Covert work: until when (ms since the epoch) the read is hidden from
+    /// the subject's access report (`kopir-hide-until`).
+    #[serde(default)]
+    pub hidden_until_ms: Option<i64>,
+    /// Why it is hidden (`kopir-hide-reason`), disclosed with the read after
+    /// `hidden_until_ms`.
+    #[serde(default)]
+    pub hidden_reason: Option<String>,
 }
 
 /// Why a record could not be made durable.

@@ -5,7 +5,7 @@
 //! together with `prev_hash` (the hash of the record before it, 32 zero bytes
 //! for the first) and `hash`, the SHA-256 of the record's canonical bytes.
 //!
-//! # Canonical bytes (`kopir-audit/1`)
+//! # Canonical bytes (`kopir-audit/2`, and `kopir-audit/1`)
 //!
 //! Protobuf and JSON are not canonical, so the hash covers a byte string built
 //! field by field. Every field is written as a 4-byte big-endian length and
@@ -21,7 +21,20 @@
 //! 14. `basis`, 15. `user`, 16. `peer` (optional texts), 17. `status` (i32),
 //! 18. `reason`, 19. `message` (optional texts), 20. `body_sha256`,
 //! 21. `request_hash` (optional 32 bytes), 22. `signature` (optional bytes),
-//! 23. `signer_key` and 24. `signed_hash` (optional 32 bytes).
+//! 23. `signer_key` and 24. `signed_hash` (optional 32 bytes),
+//! 25. `query_group` (optional text), 26. `hidden_until_ms` (optional i64),
+//! 27. `hidden_reason` (optional text).
+//!
+//! Fields 25–27 are what the subject's access report needs beyond the
+//! exchange (the Data Tracker's query group and hidden-until).
+//!
+//! A record that carries none of fields 25–27 (every record written before
+//! they existed, and every read that is neither grouped nor covert) is
+//! written in the first version of the form: the tag `"kopir-audit/1"` and
+//! fields 2–24 only, so logs and archives written before keep verifying. The
+//! tag is inside the hashed bytes, so a record cannot be moved from one form
+//! to the other (e.g. a covert marker added or stripped) without changing its
+//! hash.
 //!
 //! A stored body (only with `store_bodies`) is not part of these bytes: the
 //! `body_sha256` they cover pins it, and `verify` checks it against that hash.
@@ -40,8 +53,11 @@ pub type Hash = [u8; 32];
 /// The `prev_hash` of the first record of a log.
 pub const GENESIS: Hash = [0u8; 32];
 
-/// The tag that starts every record's canonical bytes.
-pub const RECORD_TAG: &str = "kopir-audit/1";
+/// The tag that starts the canonical bytes of a record with any of fields 25–27.
+pub const RECORD_TAG: &str = "kopir-audit/2";
+
+/// The tag of a record with none of fields 25–27 (the first form).
+pub const RECORD_TAG_V1: &str = "kopir-audit/1";
 
 /// What a store keeps of one step of one exchange, before it is chained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +114,15 @@ pub struct Entry {
     /// The body itself, kept only when the server stores bodies.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex")]
     pub body: Option<Vec<u8>>,
+    /// The procedure the read belongs to (`kopir-query-group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_group: Option<String>,
+    /// Until when the read is hidden from the subject (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_until_ms: Option<i64>,
+    /// Why it is hidden.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_reason: Option<String>,
 }
 
 impl Entry {
@@ -127,13 +152,23 @@ impl Entry {
             signer_key: record.signer_key,
             signed_hash: record.signed_hash,
             body: record.body,
+            query_group: record.query_group,
+            hidden_until_ms: record.hidden_until_ms,
+            hidden_reason: record.hidden_reason,
         }
+    }
+
+    /// True if the record carries any of fields 25–27, and so is hashed in
+    /// the second form of the canonical bytes.
+    pub fn has_report_fields(&self) -> bool {
+        self.query_group.is_some() || self.hidden_until_ms.is_some() || self.hidden_reason.is_some()
     }
 
     /// Appends this entry's canonical bytes at position `seq` after `prev` to `out`.
     pub fn canonical_into(&self, seq: u64, prev: &Hash, out: &mut Vec<u8>) {
         let mut c = Canon(out);
-        c.bytes(RECORD_TAG.as_bytes());
+        let v2 = self.has_report_fields();
+        c.bytes(if v2 { RECORD_TAG } else { RECORD_TAG_V1 }.as_bytes());
         c.bytes(&seq.to_be_bytes());
         c.bytes(prev);
         c.bytes(self.node.as_bytes());
@@ -157,6 +192,16 @@ impl Entry {
         c.opt(self.signature.as_deref());
         c.opt(self.signer_key.as_ref().map(|h| &h[..]));
         c.opt(self.signed_hash.as_ref().map(|h| &h[..]));
+        if v2 {
+            c.opt(self.query_group.as_deref().map(str::as_bytes));
+            c.opt(
+                self.hidden_until_ms
+                    .map(i64::to_be_bytes)
+                    .as_ref()
+                    .map(|b| &b[..]),
+            );
+            c.opt(self.hidden_reason.as_deref().map(str::as_bytes));
+        }
     }
 
     /// The canonical bytes of this entry at position `seq` after `prev`.
@@ -386,6 +431,9 @@ mod tests {
             signer_key: None,
             signed_hash: None,
             body: None,
+            query_group: None,
+            hidden_until_ms: None,
+            hidden_reason: None,
         }
     }
 
@@ -400,6 +448,29 @@ mod tests {
         let mut c = a.clone();
         c.status = 1;
         assert_ne!(a.hash(1, &GENESIS), c.hash(1, &GENESIS));
+    }
+
+    #[test]
+    fn the_report_fields_select_the_second_form_and_count() {
+        let plain = entry(1);
+        assert!(plain.canonical(1, &GENESIS)[4..].starts_with(RECORD_TAG_V1.as_bytes()));
+        let mut grouped = plain.clone();
+        grouped.query_group = Some("claim-1".into());
+        let bytes = grouped.canonical(1, &GENESIS);
+        assert!(bytes[4..].starts_with(RECORD_TAG.as_bytes()));
+        assert_ne!(plain.hash(1, &GENESIS), grouped.hash(1, &GENESIS));
+        // A covert marker added to (or stripped from) a stored record changes its hash.
+        let mut covert = grouped.clone();
+        covert.hidden_until_ms = Some(1_900_000_000_000);
+        covert.hidden_reason = Some("inquiry".into());
+        assert_ne!(covert.hash(1, &GENESIS), grouped.hash(1, &GENESIS));
+        let mut other_date = covert.clone();
+        other_date.hidden_until_ms = Some(1_900_000_000_001);
+        assert_ne!(covert.hash(1, &GENESIS), other_date.hash(1, &GENESIS));
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("hidden_until_ms"), "{json}");
+        let back: Entry = serde_json::from_str(&serde_json::to_string(&covert).unwrap()).unwrap();
+        assert_eq!(back, covert);
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub fn entry_to_proto(r: &StoredRecord) -> AuditEntry {
         signer_key: e.signer_key.map(|h| bytes_of(&h)).unwrap_or_default(),
         signed_hash: e.signed_hash.map(|h| bytes_of(&h)).unwrap_or_default(),
         body: e.body.as_deref().map(bytes_of).unwrap_or_default(),
+        query_group: e.query_group.clone(),
+        hidden_until_ms: e.hidden_until_ms,
+        hidden_reason: e.hidden_reason.clone(),
         prev_hash: bytes_of(&r.prev_hash),
         hash: bytes_of(&r.hash),
     }
@@ -390,6 +393,9 @@ mod tests {
             signer_key: None,
             signed_hash: None,
             body: None,
+            query_group: None,
+            hidden_until_ms: None,
+            hidden_reason: None,
         }
     }
 

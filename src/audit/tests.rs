@@ -213,6 +213,10 @@ fn record(i: u64) -> AuditRecord {
         signed_hash: None,
         // Even records keep their body, as with `store_bodies`.
         body: i.is_multiple_of(2).then(|| i.to_be_bytes().to_vec()),
+        // Some records are grouped or covert (the second canonical form).
+        query_group: (i % 6 == 1).then(|| format!("claim-{}", i % 4)),
+        hidden_until_ms: (i % 11 == 1).then_some(T0 + 86_400_000),
+        hidden_reason: (i % 11 == 1).then(|| "inquiry 17".into()),
     }
 }
 

@@ -31,11 +31,12 @@ impl Command {
         let spec = fed.dev_pki_spec()?;
         dev::generate(&spec, &out)?;
         println!(
-            "wrote a development PKI to {}: CA, authority, {} member signing, {} server TLS, {} client certificates, an operator certificate, the consent authority's signing and TLS certificates and the portal's client certificate",
+            "wrote a development PKI to {}: CA, authority, {} member signing, {} server TLS, {} client certificates, an operator certificate, the consent authority's signing and TLS certificates, the portal's client and assertion-signing certificates and {} auditor certificate(s)",
             out.display(),
             spec.members.len(),
             spec.servers.len(),
-            spec.clients.len()
+            spec.clients.len(),
+            spec.auditors.len()
         );
         Ok(())
     }

@@ -4,8 +4,8 @@
 //! basis), the parent's income and property (on the parent's consent, granted
 //! through the portal), each through the security servers. Then an operator
 //! reads one exchange's audit records from both servers' admin ports and
-//! verifies both logs, and the citizen revokes a consent and the next read is
-//! refused.
+//! verifies both logs, the last citizen reads their access report through the
+//! portal, revokes a consent, and the next read is refused.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -61,6 +61,7 @@ fn call<T>(message: T, service: &str, purpose: &str, iin: &Iin) -> Request<T> {
     md.insert("kopir-purpose", ascii(purpose));
     md.insert("kopir-subject", ascii(&format!("iin:{iin}")));
     md.insert("kopir-user", ascii("benefits-officer-017"));
+    md.insert("kopir-query-group", ascii(&format!("claim-{iin}")));
     r
 }
 
@@ -300,7 +301,10 @@ impl Args {
         if let Some((iin, consents)) = last
             && result.is_ok()
         {
-            result = revoke_and_retry(&fed, &channel, &iin, &consents).await;
+            result = match print_access_report(&fed, &iin).await {
+                Ok(()) => revoke_and_retry(&fed, &channel, &iin, &consents).await,
+                Err(e) => Err(e),
+            };
         }
         fed.shutdown().await;
         result
@@ -414,6 +418,59 @@ fn reason_of(status: &tonic::Status) -> Option<&str> {
         .metadata()
         .get(crate::error::ERROR_KEY)
         .and_then(|v| v.to_str().ok())
+}
+
+/// What the first citizen sees of their data's reads, through the portal,
+/// assembled from every provider's security server.
+async fn print_access_report(fed: &LocalFederation, iin: &Iin) -> anyhow::Result<()> {
+    let subject = format!("iin:{iin}").parse()?;
+    let report = fed
+        .access_report(
+            &subject,
+            crate::globalconf::model::ReaderRole::Portal,
+            false,
+        )
+        .await?;
+    println!(
+        "
+access report of iin:{iin}, as the citizen sees it through the portal ({} reads, from {}):",
+        report.entries.len(),
+        report
+            .sources
+            .iter()
+            .map(|s| s.server.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for e in &report.entries {
+        println!(
+            "  {}  {} read {} of {} ({}), query {}",
+            crate::audit::cli::format_time_ms(e.at_ms),
+            e.consumer_subsystem,
+            e.method.rsplit('/').next().unwrap_or_default(),
+            e.provider_service,
+            e.provider_member_name,
+            e.query_id,
+        );
+        println!(
+            "      for {} under {}; official {}; procedure {}",
+            e.purpose,
+            match (&e.legal_act, &e.consent_id) {
+                (Some(act), _) => format!("the law ({act})"),
+                (None, Some(id)) => format!("your consent {id}"),
+                (None, None) => "-".into(),
+            },
+            e.user.as_deref().unwrap_or("-"),
+            e.query_group.as_deref().unwrap_or("-"),
+        );
+    }
+    if !report.complete() {
+        anyhow::bail!("the access report is incomplete: {:?}", report.sources);
+    }
+    println!(
+        "  the same with `kopir audit subject iin:{iin} --federation ...` (README, \"Access report\")"
+    );
+    Ok(())
 }
 
 fn print_how_to_call(fed: &LocalFederation) {

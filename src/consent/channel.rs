@@ -1,6 +1,7 @@
 //! gRPC channels to the consent authority over TLS: pinned to the certificate
 //! the global configuration lists (security servers), or checked against a
-//! CA (the portal and operator tools).
+//! CA (the portal and operator tools). Report readers reach the security
+//! servers' peer ports with the same pinned channels.
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,8 +33,8 @@ pub fn tls_channel(
         .rsplit_once(':')
         .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
         .unwrap_or_else(|| address.to_owned());
-    let server_name = ServerName::try_from(host)
-        .map_err(|e| PkiError::Key(format!("consent authority address {address}: {e}")))?;
+    let server_name =
+        ServerName::try_from(host).map_err(|e| PkiError::Key(format!("address {address}: {e}")))?;
     let target = address.to_owned();
     let connect = tower::service_fn(move |_: http::Uri| {
         let (connector, target, server_name) =
@@ -47,7 +48,7 @@ pub fn tls_channel(
     });
     // The URI is only a label: the connector above dials the address itself.
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| PkiError::Key(format!("consent authority address {address}: {e}")))?
+        .map_err(|e| PkiError::Key(format!("address {address}: {e}")))?
         .connect_timeout(connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))

@@ -52,14 +52,17 @@ fn conf(consent: Option<ConsentAuthority>) -> ConfView {
                 code: "kindergarten-queue".parse().unwrap(),
                 description: "queue".into(),
                 basis: Basis::Consent,
+                covert: None,
             },
             Purpose {
                 code: "child-benefit".parse().unwrap(),
                 description: "benefit".into(),
                 basis: Basis::LegalAct { act: "law".into() },
+                covert: None,
             },
         ],
         consent_authority: consent,
+        report_readers: vec![],
     })
     .unwrap()
 }
@@ -357,6 +360,7 @@ fn a_call_without_subject_cannot_rest_on_consent() {
         subject: None,
         consent: Some("t".into()),
         user: None,
+        tracker: Default::default(),
     };
     assert_eq!(
         Expected::from_meta(&meta).unwrap_err().reason,

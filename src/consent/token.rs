@@ -16,31 +16,25 @@
 //! base64url without padding; a header of exactly `alg`, `typ`, `kid` with
 //! `alg = EdDSA` (never `none`) and `typ = JWT`; a `kid` the caller knows; the
 //! signature over the first two parts; only then the claims, which must have
-//! exactly the fields above (no duplicates, no extras).
+//! exactly the fields above (no duplicates, no extras). The JWS mechanics are
+//! shared with kopir's other tokens ([`crate::pki::jws`]).
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use serde::{Deserialize, Serialize};
 
 use crate::pki::{
-    Fingerprint,
+    Fingerprint, jws,
     sign::{SigningKey, VerifyingKey},
 };
+
+/// Why a token cannot be read or does not verify (the shared JWS errors).
+pub use crate::pki::jws::JwsError as TokenError;
 
 /// The largest token accepted, in bytes (the `kopir-consent` header's limit).
 pub const MAX_TOKEN_BYTES: usize = 8192;
 /// The only `alg` signed and accepted.
-pub const ALG: &str = "EdDSA";
+pub const ALG: &str = jws::ALG;
 /// The `typ` of every token.
 pub const TYP: &str = "JWT";
-
-/// The JOSE header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Header {
-    alg: String,
-    typ: String,
-    kid: String,
-}
 
 /// What a consent token asserts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,90 +65,14 @@ pub struct Claims {
     pub max_uses: Option<u32>,
 }
 
-/// Why a token cannot be read or does not verify.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TokenError {
-    /// Longer than [`MAX_TOKEN_BYTES`].
-    #[error("the token is {0} bytes long; at most {MAX_TOKEN_BYTES} are accepted")]
-    TooLarge(usize),
-    /// Not three non-empty dot-separated parts.
-    #[error("the token is not a JWS compact serialisation (header.claims.signature)")]
-    Shape,
-    /// A part is not canonical base64url without padding.
-    #[error("the token's {0} is not base64url without padding")]
-    Encoding(&'static str),
-    /// The header is not the expected JSON object.
-    #[error("the token's header is malformed: {0}")]
-    Header(String),
-    /// `alg` is not `EdDSA`.
-    #[error("the token's algorithm {0:?} is not accepted (only EdDSA)")]
-    Algorithm(String),
-    /// `typ` is not `JWT`.
-    #[error("the token's type {0:?} is not JWT")]
-    Type(String),
-    /// `kid` is not 64 hex digits.
-    #[error("the token's kid is not 64 hex digits")]
-    KeyIdFormat,
-    /// No key with that `kid`.
-    #[error(
-        "the token is signed with key {0}, which the global configuration does not list for the consent authority"
-    )]
-    UnknownKey(String),
-    /// The signature does not verify.
-    #[error("the token's signature does not verify (forged or altered)")]
-    BadSignature,
-    /// The claims are not the expected JSON object.
-    #[error("the token's claims are malformed: {0}")]
-    Claims(String),
-}
-
-fn decode_part(part: &str, what: &'static str) -> Result<Vec<u8>, TokenError> {
-    let bytes = B64.decode(part).map_err(|_| TokenError::Encoding(what))?;
-    // Only the canonical encoding: no stray trailing bits, no alternative forms.
-    if B64.encode(&bytes) != part {
-        return Err(TokenError::Encoding(what));
-    }
-    Ok(bytes)
-}
-
 /// Signs `claims` with the consent authority's key; returns the compact token.
 pub fn sign(claims: &Claims, key: &SigningKey) -> String {
-    let header = Header {
-        alg: ALG.into(),
-        typ: TYP.into(),
-        kid: key.key_id().to_string(),
-    };
-    // Serialising these plain structs cannot fail.
-    let header = serde_json::to_vec(&header).unwrap_or_default();
-    let claims = serde_json::to_vec(claims).unwrap_or_default();
-    let input = format!("{}.{}", B64.encode(header), B64.encode(claims));
-    let signature = key.sign(input.as_bytes());
-    format!("{input}.{}", B64.encode(signature))
+    jws::sign(TYP, claims, key)
 }
 
 /// Reads the `kid` of a token without verifying anything else (for messages).
 pub fn key_id(token: &str) -> Result<Fingerprint, TokenError> {
-    let header = header(token)?;
-    Fingerprint::from_hex(&header.kid).ok_or(TokenError::KeyIdFormat)
-}
-
-fn split(token: &str) -> Result<[&str; 3], TokenError> {
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(TokenError::TooLarge(token.len()));
-    }
-    let parts: Vec<&str> = token.split('.').collect();
-    let parts: [&str; 3] = parts.try_into().map_err(|_| TokenError::Shape)?;
-    if parts.iter().any(|p| p.is_empty()) {
-        return Err(TokenError::Shape);
-    }
-    Ok(parts)
-}
-
-fn header(token: &str) -> Result<Header, TokenError> {
-    let [header, _, _] = split(token)?;
-    let bytes = decode_part(header, "header")?;
-    serde_json::from_slice(&bytes).map_err(|e| TokenError::Header(e.to_string()))
+    jws::key_id(token, MAX_TOKEN_BYTES)
 }
 
 /// Verifies a token and returns its claims. `key_for` finds the consent
@@ -167,30 +85,14 @@ pub fn verify<'k>(
     token: &str,
     key_for: impl FnOnce(&Fingerprint) -> Option<&'k VerifyingKey>,
 ) -> Result<Claims, TokenError> {
-    let [head, body, signature] = split(token)?;
-    let header: Header = serde_json::from_slice(&decode_part(head, "header")?)
-        .map_err(|e| TokenError::Header(e.to_string()))?;
-    if header.alg != ALG {
-        return Err(TokenError::Algorithm(header.alg.chars().take(32).collect()));
-    }
-    if header.typ != TYP {
-        return Err(TokenError::Type(header.typ.chars().take(32).collect()));
-    }
-    let kid = Fingerprint::from_hex(&header.kid).ok_or(TokenError::KeyIdFormat)?;
-    let key = key_for(&kid).ok_or_else(|| TokenError::UnknownKey(kid.to_string()))?;
-    let signature = decode_part(signature, "signature")?;
-    let input_len = head.len() + 1 + body.len();
-    if !key.verify(&token.as_bytes()[..input_len], &signature) {
-        return Err(TokenError::BadSignature);
-    }
-    serde_json::from_slice(&decode_part(body, "claims")?)
-        .map_err(|e| TokenError::Claims(e.to_string()))
+    jws::verify(token, MAX_TOKEN_BYTES, TYP, key_for)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pki::dev::signing_pair;
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 
     fn keys() -> (SigningKey, VerifyingKey) {
         let (cert, key) = signing_pair("consent test").unwrap();

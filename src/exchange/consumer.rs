@@ -78,8 +78,7 @@ fn raw_known(method: &str, headers: &http::HeaderMap) -> Known {
         service: get(keys::SERVICE),
         method: method.chars().take(256).collect(),
         purpose: get(keys::PURPOSE),
-        subject: None,
-        user: None,
+        ..Known::default()
     }
 }
 
@@ -114,6 +113,7 @@ async fn exchange(
             ))
         })?;
     policy::check_purpose_and_subject(&view, &meta, entry.personal_data).map_err(refused)?;
+    policy::hiding::check(&view, &meta, now_ms()).map_err(refused)?;
     let timeout = deadline(req.headers(), gw.limits.timeout());
     let started = tokio::time::Instant::now();
     // 4. Read the body within the limit.

@@ -4,9 +4,10 @@
 //! Protobuf encoding is not canonical, so signatures cover a byte string built
 //! field by field, each as a 4-byte big-endian length and its UTF-8 bytes:
 //!
-//! - request: `"kopir-request/1"`, signer member id, key id (hex), request id,
-//!   client, service, method, purpose, subject, consent, user, timestamp (decimal
-//!   ms), body SHA-256 (hex);
+//! - request: `"kopir-request/2"`, signer member id, key id (hex), request id,
+//!   client, service, method, purpose, subject, consent, user, query group,
+//!   hidden-until (decimal ms, empty if not hidden), hide reason, timestamp
+//!   (decimal ms), body SHA-256 (hex);
 //! - response: `"kopir-response/1"`, signer member id, key id (hex), request id,
 //!   request hash (hex), status code (decimal), status message, body SHA-256
 //!   (hex), timestamp (decimal ms).
@@ -52,7 +53,11 @@ impl Canonical {
 
 /// The canonical form of a request header as signed by `signer` with `key_id`.
 pub fn request_canonical(h: &RequestHeader, signer: &str, key_id: &[u8]) -> Vec<u8> {
-    let mut c = Canonical::new("kopir-request/1");
+    let hidden_until = match h.hidden_until_ms {
+        0 => String::new(),
+        ms => ms.to_string(),
+    };
+    let mut c = Canonical::new("kopir-request/2");
     c.text(signer)
         .hex(key_id)
         .text(&h.request_id)
@@ -63,6 +68,9 @@ pub fn request_canonical(h: &RequestHeader, signer: &str, key_id: &[u8]) -> Vec<
         .text(&h.subject)
         .text(&h.consent)
         .text(&h.user)
+        .text(&h.query_group)
+        .text(&hidden_until)
+        .text(&h.hidden_reason)
         .text(&h.timestamp_ms.to_string())
         .hex(&h.body_sha256);
     c.0

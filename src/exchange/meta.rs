@@ -1,6 +1,13 @@
 //! The request metadata of one exchange (design.md, "One exchange", step 2),
 //! parsed once into typed values: from the `kopir-*` headers on the client port,
 //! and from the signed header on the peer port.
+//!
+//! Besides who asks what for which purpose, a request may carry what the
+//! subject's access report needs ([`Tracker`], after Estonia's Data Tracker):
+//! the procedure it belongs to (`kopir-query-group`) and, for covert work, a
+//! date until which it is hidden from the subject (`kopir-hide-until`, with
+//! `kopir-hide-reason`). They are signed with the rest; whether a purpose
+//! allows hiding is [`crate::policy::hiding`]'s to say.
 
 use http::HeaderMap;
 
@@ -26,8 +33,17 @@ pub mod keys {
     pub const USER: &str = "kopir-user";
     /// Correlation id; generated if absent.
     pub const REQUEST_ID: &str = crate::error::REQUEST_ID_KEY;
+    /// The procedure the read belongs to, e.g. one benefit claim (a code).
+    pub const QUERY_GROUP: &str = "kopir-query-group";
+    /// Covert work: hide the read from the subject until this date
+    /// (`YYYY-MM-DD`, UTC midnight) or instant (RFC 3339).
+    pub const HIDE_UNTIL: &str = "kopir-hide-until";
+    /// Why the read is hidden (required with `kopir-hide-until`).
+    pub const HIDE_REASON: &str = "kopir-hide-reason";
 }
 
+/// Longest `kopir-hide-reason`, bytes.
+pub const HIDE_REASON_MAX: usize = 256;
 const USER_MAX: usize = 256;
 const CONSENT_MAX: usize = 8192;
 const METHOD_MAX: usize = 256;
@@ -51,6 +67,88 @@ pub struct CallMeta {
     pub consent: Option<String>,
     /// The official acting.
     pub user: Option<String>,
+    /// Query group and hiding, for the subject's access report.
+    pub tracker: Tracker,
+}
+
+/// What the subject's access report needs of a request beyond the exchange
+/// itself: the Data Tracker's query group and hidden-until.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracker {
+    /// The procedure the read belongs to (`kopir-query-group`).
+    pub query_group: Option<Code>,
+    /// Covert work: until when and why the read is hidden from the subject.
+    pub hidden: Option<Hidden>,
+}
+
+/// A read hidden from the subject's access report until a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hidden {
+    /// Hidden before this instant, disclosed from it on (ms since the epoch).
+    pub until_ms: i64,
+    /// Why (disclosed with the read).
+    pub reason: String,
+}
+
+/// Parses `kopir-hide-until`: a date `YYYY-MM-DD` (its midnight, UTC) or an
+/// RFC 3339 instant; returns ms since the epoch.
+pub fn parse_hide_until(text: &str) -> Result<i64, Refusal> {
+    use time::{
+        Date, OffsetDateTime, format_description::well_known::Rfc3339, macros::format_description,
+    };
+    let at = match Date::parse(text, format_description!("[year]-[month]-[day]")) {
+        Ok(date) => date.midnight().assume_utc(),
+        Err(_) => OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+            invalid(
+                keys::HIDE_UNTIL,
+                format!("{text:?} is neither a date YYYY-MM-DD nor an RFC 3339 time"),
+            )
+        })?,
+    };
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| invalid(keys::HIDE_UNTIL, "out of range"))
+}
+
+impl Tracker {
+    /// Checks the fields given as text (`until` already parsed): a query
+    /// group is a code, a hiding needs a reason and a reason needs a hiding.
+    fn parse(
+        query_group: Option<&str>,
+        until_ms: Option<i64>,
+        reason: Option<&str>,
+    ) -> Result<Self, Refusal> {
+        let query_group = query_group
+            .filter(|s| !s.is_empty())
+            .map(|g| Code::parse("query group", g).map_err(|e| invalid(keys::QUERY_GROUP, e)))
+            .transpose()?;
+        let reason = reason.filter(|s| !s.is_empty());
+        if let Some(r) = reason {
+            check_text(keys::HIDE_REASON, r, HIDE_REASON_MAX)?;
+        }
+        let hidden = match (until_ms, reason) {
+            (None, None) => None,
+            (Some(until_ms), Some(reason)) => Some(Hidden {
+                until_ms,
+                reason: reason.to_owned(),
+            }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    keys::HIDE_REASON,
+                    "a hidden read needs a reason: say why in kopir-hide-reason (it is disclosed with the read)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    keys::HIDE_REASON,
+                    "given without kopir-hide-until: name the date until which the read is hidden, or drop the reason",
+                ));
+            }
+        };
+        Ok(Self {
+            query_group,
+            hidden,
+        })
+    }
 }
 
 fn invalid(key: &str, why: impl std::fmt::Display) -> Refusal {
@@ -102,6 +200,7 @@ fn build(
     subject: Option<&str>,
     consent: Option<&str>,
     user: Option<&str>,
+    tracker: Tracker,
 ) -> Result<CallMeta, Refusal> {
     let required = |key: &str, v: Option<&str>| {
         v.filter(|s| !s.is_empty())
@@ -144,6 +243,7 @@ fn build(
         subject,
         consent,
         user,
+        tracker,
     })
 }
 
@@ -156,6 +256,11 @@ impl CallMeta {
                 .map(|v| v.to_str().map_err(|_| invalid(key, "not visible ASCII")))
                 .transpose()
         };
+        let until = get(keys::HIDE_UNTIL)?
+            .filter(|s| !s.is_empty())
+            .map(parse_hide_until)
+            .transpose()?;
+        let tracker = Tracker::parse(get(keys::QUERY_GROUP)?, until, get(keys::HIDE_REASON)?)?;
         build(
             get(keys::REQUEST_ID)?,
             get(keys::CLIENT)?,
@@ -165,6 +270,7 @@ impl CallMeta {
             get(keys::SUBJECT)?,
             get(keys::CONSENT)?,
             get(keys::USER)?,
+            tracker,
         )
     }
 
@@ -176,6 +282,11 @@ impl CallMeta {
                 "request_id is required",
             ));
         }
+        let tracker = Tracker::parse(
+            Some(&h.query_group),
+            (h.hidden_until_ms != 0).then_some(h.hidden_until_ms),
+            Some(&h.hidden_reason),
+        )?;
         build(
             Some(&h.request_id),
             Some(&h.client),
@@ -185,6 +296,7 @@ impl CallMeta {
             Some(&h.subject),
             Some(&h.consent),
             Some(&h.user),
+            tracker,
         )
     }
 
@@ -203,6 +315,19 @@ impl CallMeta {
                 .unwrap_or_default(),
             consent: self.consent.clone().unwrap_or_default(),
             user: self.user.clone().unwrap_or_default(),
+            query_group: self
+                .tracker
+                .query_group
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            hidden_until_ms: self.tracker.hidden.as_ref().map_or(0, |h| h.until_ms),
+            hidden_reason: self
+                .tracker
+                .hidden
+                .as_ref()
+                .map(|h| h.reason.clone())
+                .unwrap_or_default(),
             timestamp_ms,
             body_sha256: bytes::Bytes::copy_from_slice(&body_sha256),
         }
@@ -257,5 +382,57 @@ mod tests {
 
         let r = CallMeta::from_headers("/nope", &headers(&base())).unwrap_err();
         assert_eq!(r.reason, Reason::MethodUnsupported);
+    }
+
+    #[test]
+    fn query_group_and_hiding_round_trip_through_the_signed_header() {
+        let mut pairs = base();
+        pairs.push((keys::QUERY_GROUP, "claim-2026-17"));
+        pairs.push((keys::HIDE_UNTIL, "2031-02-03"));
+        pairs.push((keys::HIDE_REASON, "inquiry 17/2026, art. 12"));
+        let meta = CallMeta::from_headers(M, &headers(&pairs)).unwrap();
+        assert_eq!(
+            meta.tracker.query_group.as_ref().map(Code::as_str),
+            Some("claim-2026-17")
+        );
+        let hidden = meta.tracker.hidden.clone().unwrap();
+        assert_eq!(hidden.until_ms, 1_927_843_200_000);
+        assert_eq!(hidden.reason, "inquiry 17/2026, art. 12");
+        let header = meta.to_header(1, [0; 32]);
+        assert_eq!(header.hidden_until_ms, 1_927_843_200_000);
+        assert_eq!(CallMeta::from_header(&header).unwrap(), meta);
+        assert_eq!(
+            parse_hide_until("2031-02-03T01:00:00+01:00").unwrap(),
+            1_927_843_200_000
+        );
+    }
+
+    #[test]
+    fn hiding_needs_a_date_and_a_reason() {
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut pairs = base();
+            pairs.extend_from_slice(extra);
+            CallMeta::from_headers(M, &headers(&pairs))
+        };
+        for bad in [
+            vec![(keys::HIDE_UNTIL, "2031-02-03")],
+            vec![(keys::HIDE_REASON, "inquiry")],
+            vec![(keys::HIDE_UNTIL, "next week"), (keys::HIDE_REASON, "x")],
+            vec![(keys::QUERY_GROUP, "claim 17")],
+        ] {
+            let r = with(&bad).unwrap_err();
+            assert_eq!(r.reason, Reason::MetadataInvalid, "{bad:?}");
+            assert!(r.message.contains("kopir-"), "{}", r.message);
+        }
+        let long = "x".repeat(HIDE_REASON_MAX + 1);
+        let mut h = CallMeta::from_headers(M, &headers(&base()))
+            .unwrap()
+            .to_header(1, [0; 32]);
+        h.hidden_until_ms = 1;
+        h.hidden_reason = long;
+        assert_eq!(
+            CallMeta::from_header(&h).unwrap_err().reason,
+            Reason::MetadataInvalid
+        );
     }
 }

@@ -147,6 +147,9 @@ pub(crate) struct Known {
     purpose: String,
     subject: Option<String>,
     user: Option<String>,
+    query_group: Option<String>,
+    hidden_until_ms: Option<i64>,
+    hidden_reason: Option<String>,
 }
 
 impl From<&CallMeta> for Known {
@@ -159,6 +162,9 @@ impl From<&CallMeta> for Known {
             purpose: m.purpose.to_string(),
             subject: m.subject.as_ref().map(ToString::to_string),
             user: m.user.clone(),
+            query_group: m.tracker.query_group.as_ref().map(ToString::to_string),
+            hidden_until_ms: m.tracker.hidden.as_ref().map(|h| h.until_ms),
+            hidden_reason: m.tracker.hidden.as_ref().map(|h| h.reason.clone()),
         }
     }
 }
@@ -188,6 +194,9 @@ impl Known {
             signer_key: None,
             signed_hash: None,
             body: None,
+            query_group: self.query_group.clone(),
+            hidden_until_ms: self.hidden_until_ms,
+            hidden_reason: self.hidden_reason.clone(),
         }
     }
 

@@ -164,6 +164,7 @@ async fn serve(
     })?;
     let personal = view.service(&meta.service).is_some_and(|e| e.personal_data);
     policy::check_purpose_and_subject(&view, meta, personal).map_err(refused)?;
+    policy::hiding::check(&view, meta, now).map_err(refused)?;
     // 6. The provider's access rules, then the basis of the pull: the legal
     //    act, or the subject's consent (checked, and a use counted, here).
     gw.policy.check(meta).map_err(refused)?;

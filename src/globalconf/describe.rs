@@ -10,6 +10,7 @@
 //! code = "child-benefit"
 //! description = "Assessing a claim for the child-birth benefit"
 //! legal_act = "Social Code of the Republic of Kazakhstan, art. 146"   # or: consent = true
+//! # covert_max_days = 365         # reads may be hidden from the subject up to a year (legal acts only)
 //!
 //! [[members]]
 //! id = "KZ/GOV/MOJ"
@@ -24,6 +25,12 @@
 //! # hosts = ["consent"]            # development TLS certificate host names
 //! # tls_cert = "path.crt"          # default: the development layout's
 //! # signing_certs = ["path.crt"]   # default: the development layout's
+//!
+//! [[report_readers]]              # who may ask servers for a subject's access report
+//! name = "portal"
+//! role = "portal"                  # or "auditor"
+//! # tls_cert = "path.crt"          # default: the development layout's
+//! # signing_certs = ["path.crt"]   # a portal's assertion keys; default: the development layout's
 //! ```
 //!
 //! Every certificate is read from disk and checked to be issued by one of the
@@ -35,7 +42,10 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use super::{
-    model::{Basis, ConsentAuthority, GlobalConf, Member, Purpose, Server, Subsystem},
+    model::{
+        Basis, ConsentAuthority, Covert, GlobalConf, Member, Purpose, ReaderRole, ReportReader,
+        Server, Subsystem,
+    },
     view::ConfView,
 };
 use crate::{
@@ -65,6 +75,26 @@ pub struct Federation {
     /// The consent authority, if any.
     #[serde(default)]
     pub consent_authority: Option<ConsentAuthorityDesc>,
+    /// Who may ask for access reports.
+    #[serde(default)]
+    pub report_readers: Vec<ReportReaderDesc>,
+}
+
+/// A report reader in the description.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportReaderDesc {
+    /// Its name.
+    pub name: Code,
+    /// Portal or auditor.
+    pub role: ReaderRole,
+    /// TLS client certificate file; default: the development layout's.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// A portal's assertion-signing certificate files; default: the
+    /// development layout's.
+    #[serde(default)]
+    pub signing_certs: Vec<PathBuf>,
 }
 
 /// The consent authority in the description.
@@ -101,6 +131,10 @@ pub struct PurposeDesc {
     /// True if the subject's consent is required instead.
     #[serde(default)]
     pub consent: bool,
+    /// If given, reads for this purpose may be hidden from the subject for
+    /// up to this many days (covert work; legal acts only).
+    #[serde(default)]
+    pub covert_max_days: Option<u32>,
 }
 
 /// A member in the description.
@@ -189,6 +223,12 @@ impl Federation {
             }
             ca.signing_certs.iter_mut().for_each(fix);
         }
+        for r in &mut self.report_readers {
+            if let Some(p) = r.tls_cert.as_mut() {
+                fix(p);
+            }
+            r.signing_certs.iter_mut().for_each(fix);
+        }
     }
 
     fn layout(&self, what: &str) -> Result<DevLayout, DescribeError> {
@@ -230,6 +270,12 @@ impl Federation {
             }
             spec.consent_hosts.dedup();
         }
+        spec.auditors = self
+            .report_readers
+            .iter()
+            .filter(|r| r.role == ReaderRole::Auditor)
+            .map(|r| r.name.to_string())
+            .collect();
         Ok(spec)
     }
 
@@ -314,6 +360,31 @@ impl Federation {
                 code: p.code.clone(),
                 description: p.description.clone(),
                 basis,
+                covert: p
+                    .covert_max_days
+                    .map(|max_hidden_days| Covert { max_hidden_days }),
+            });
+        }
+        let mut report_readers = Vec::new();
+        for r in &self.report_readers {
+            let what = format!("{} {}", r.role.as_str(), r.name);
+            let tls = match (&r.tls_cert, r.role) {
+                (Some(p), _) => p.clone(),
+                (None, ReaderRole::Portal) => self.layout(&what)?.portal().0,
+                (None, ReaderRole::Auditor) => self.layout(&what)?.auditor(r.name.as_str()).0,
+            };
+            let signing = match (r.signing_certs.is_empty(), r.role) {
+                (true, ReaderRole::Portal) => vec![self.layout(&what)?.portal_signing().0],
+                _ => r.signing_certs.clone(),
+            };
+            report_readers.push(ReportReader {
+                name: r.name.clone(),
+                role: r.role,
+                tls_cert: checked(&tls, format!("TLS certificate of {what}"))?,
+                signing_certs: signing
+                    .iter()
+                    .map(|f| checked(f, format!("signing certificate of {what}")))
+                    .collect::<Result<_, _>>()?,
             });
         }
         let consent_authority = match &self.consent_authority {
@@ -353,6 +424,7 @@ impl Federation {
         let now = OffsetDateTime::now_utc();
         let conf = GlobalConf {
             consent_authority,
+            report_readers,
             instance: self.instance.clone(),
             serial,
             issued_at: now,

@@ -30,6 +30,49 @@ pub struct GlobalConf {
     /// consent tokens signed with its keys and hear of revocations from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent_authority: Option<ConsentAuthority>,
+    /// Who may ask security servers for a subject's access report: the
+    /// citizen portal (for the citizen it authenticated) and auditors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_readers: Vec<ReportReader>,
+}
+
+/// A caller allowed on the peer ports' `kopir.v1.AccessReport`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportReader {
+    /// Its name (a code): the `iss` of a portal's assertions, and how report
+    /// requests are recorded.
+    pub name: Code,
+    /// What it may ask for.
+    pub role: ReaderRole,
+    /// Its TLS client certificate (PEM): the only one accepted for it.
+    pub tls_cert: String,
+    /// A portal's assertion-signing certificates (PEM, Ed25519); several
+    /// during a key rollover. An auditor has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_certs: Vec<String>,
+}
+
+/// What a report reader may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderRole {
+    /// The citizen portal: the report of the one subject named in a
+    /// short-lived assertion it signs, without the reads still hidden.
+    Portal,
+    /// An auditor (e.g. the data-protection authority): any subject's
+    /// report, hidden reads included and marked.
+    Auditor,
+}
+
+impl ReaderRole {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReaderRole::Portal => "portal",
+            ReaderRole::Auditor => "auditor",
+        }
+    }
 }
 
 /// The federation's consent authority.
@@ -98,6 +141,18 @@ pub struct Purpose {
     pub description: String,
     /// What allows the pull.
     pub basis: Basis,
+    /// Whether reads for this purpose may be covert: hidden from the
+    /// subject's access report for a while (`kopir-hide-until`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covert: Option<Covert>,
+}
+
+/// How a purpose allows covert reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Covert {
+    /// The furthest a read may be hidden, in days from when it is made.
+    pub max_hidden_days: u32,
 }
 
 /// What allows a pull for a purpose.

@@ -1,12 +1,13 @@
 //! A verified global configuration, indexed for the lookups of the security
 //! path: which keys sign for a member, which TLS certificates are its servers',
-//! where a service is provided, what a purpose's basis is.
+//! where a service is provided, what a purpose's basis is, who may ask for
+//! access reports.
 
 use std::collections::HashMap;
 
 use time::OffsetDateTime;
 
-use super::model::{Basis, GlobalConf, Purpose};
+use super::model::{Basis, GlobalConf, Purpose, ReaderRole};
 use crate::{
     id::{MemberId, MemberPart, ServerId, SubsystemId},
     pki::{Fingerprint, certs_from_pem, sign::VerifyingKey},
@@ -45,6 +46,26 @@ pub struct ConsentAuthorityEntry {
     pub keys: Vec<VerifyingKey>,
 }
 
+/// A caller allowed to ask for access reports, as servers see it.
+#[derive(Debug, Clone)]
+pub struct ReportReaderEntry {
+    /// Its name.
+    pub name: String,
+    /// Portal or auditor.
+    pub role: ReaderRole,
+    /// Fingerprint of its TLS client certificate.
+    pub tls: Fingerprint,
+    /// A portal's assertion-signing keys.
+    pub keys: Vec<VerifyingKey>,
+}
+
+impl ReportReaderEntry {
+    /// The assertion-signing key with this certificate fingerprint.
+    pub fn key(&self, key_id: &Fingerprint) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|k| &k.key_id() == key_id)
+    }
+}
+
 /// A verified, indexed global configuration.
 #[derive(Debug)]
 pub struct ConfView {
@@ -56,6 +77,7 @@ pub struct ConfView {
     servers: HashMap<ServerId, Endpoint>,
     subsystems: HashMap<SubsystemId, ServiceEntry>,
     purposes: HashMap<String, Purpose>,
+    report_readers: HashMap<Fingerprint, ReportReaderEntry>,
 }
 
 /// A document that verified but cannot be used.
@@ -78,6 +100,7 @@ impl ConfView {
             subsystems: HashMap::new(),
             purposes: HashMap::new(),
             consent: None,
+            report_readers: HashMap::new(),
             server_ids: HashMap::new(),
             conf: conf.clone(),
         };
@@ -161,7 +184,20 @@ impl ConfView {
             {
                 return Err(ViewError(format!("purpose {code} is listed twice")));
             }
+            if let Some(covert) = &purpose.covert {
+                if matches!(purpose.basis, Basis::Consent) {
+                    return Err(ViewError(format!(
+                        "purpose {code} rests on the subject's consent and cannot allow covert reads"
+                    )));
+                }
+                if covert.max_hidden_days == 0 {
+                    return Err(ViewError(format!(
+                        "purpose {code}: covert reads need max_hidden_days of at least 1"
+                    )));
+                }
+            }
         }
+        view.index_report_readers()?;
         Ok(view)
     }
 
@@ -218,6 +254,100 @@ impl ConfView {
     /// fingerprint.
     pub fn server_by_tls(&self, tls: &Fingerprint) -> Option<&ServerId> {
         self.server_ids.get(tls)
+    }
+
+    /// The report reader whose TLS client certificate has this fingerprint.
+    pub fn report_reader(&self, tls: &Fingerprint) -> Option<&ReportReaderEntry> {
+        self.report_readers.get(tls)
+    }
+
+    /// The report reader named `name`.
+    pub fn report_reader_named(&self, name: &str) -> Option<&ReportReaderEntry> {
+        self.report_readers.values().find(|r| r.name == name)
+    }
+
+    /// A member's name, by id.
+    pub fn member_name(&self, id: &MemberId) -> Option<&str> {
+        self.conf
+            .members
+            .iter()
+            .find(|m| &m.id == id)
+            .map(|m| m.name.as_str())
+    }
+
+    /// Every security server that provides a service returning personal
+    /// data, once each, in the order the configuration lists them: where a
+    /// subject's reads are recorded on the provider's side.
+    pub fn personal_data_servers(&self) -> Vec<&Endpoint> {
+        let mut out: Vec<&Endpoint> = Vec::new();
+        for member in &self.conf.members {
+            for server in &member.servers {
+                let Ok(id) = part(&member.id, &server.code).map(ServerId) else {
+                    continue;
+                };
+                let personal = server.subsystems.iter().any(|code| {
+                    part(&member.id, code)
+                        .ok()
+                        .and_then(|p| self.subsystems.get(&SubsystemId(p)))
+                        .is_some_and(|e| e.personal_data)
+                });
+                if let Some(endpoint) = self.servers.get(&id).filter(|_| personal)
+                    && !out.iter().any(|e| e.server == endpoint.server)
+                {
+                    out.push(endpoint);
+                }
+            }
+        }
+        out
+    }
+
+    fn index_report_readers(&mut self) -> Result<(), ViewError> {
+        for reader in &self.conf.report_readers {
+            let name = reader.name.to_string();
+            let der = one_cert(
+                &reader.tls_cert,
+                &format!("TLS certificate of report reader {name}"),
+            )?;
+            let tls = Fingerprint::of(&der);
+            if let Some(server) = self.server_ids.get(&tls) {
+                return Err(ViewError(format!(
+                    "report reader {name} presents the TLS certificate of security server {server}"
+                )));
+            }
+            let mut keys = Vec::new();
+            for pem in &reader.signing_certs {
+                let der = one_cert(pem, &format!("signing certificate of report reader {name}"))?;
+                keys.push(VerifyingKey::from_cert(&der).map_err(|e| ViewError(e.to_string()))?);
+            }
+            match (reader.role, keys.is_empty()) {
+                (ReaderRole::Portal, true) => {
+                    return Err(ViewError(format!(
+                        "portal {name} needs a signing certificate for its assertions"
+                    )));
+                }
+                (ReaderRole::Auditor, false) => {
+                    return Err(ViewError(format!(
+                        "auditor {name} asks in its own name and signs no assertions: list no signing certificates"
+                    )));
+                }
+                _ => {}
+            }
+            if self.report_readers.values().any(|r| r.name == name) {
+                return Err(ViewError(format!("report reader {name} is listed twice")));
+            }
+            let entry = ReportReaderEntry {
+                name: name.clone(),
+                role: reader.role,
+                tls,
+                keys,
+            };
+            if self.report_readers.insert(tls, entry).is_some() {
+                return Err(ViewError(format!(
+                    "report reader {name} shares its TLS certificate with another"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The consent authority, if the federation has one.

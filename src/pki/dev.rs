@@ -3,7 +3,8 @@
 //! member's signing certificate, each security server's TLS certificate, each
 //! information system's client certificate, an operator's client certificate
 //! for the admin ports, the consent authority's token-signing and TLS
-//! certificates, and the citizen portal's client certificate.
+//! certificates, the citizen portal's client certificate and assertion-signing
+//! certificate, and each auditor's client certificate (access reports).
 //!
 //! Never use these in production: their private keys are written next to the
 //! certificates (and the demo's set is committed in `certs-dev/`).
@@ -76,6 +77,17 @@ impl DevLayout {
         let dir = self.root.join("portal");
         (dir.join("client.crt"), dir.join("client.key"))
     }
+    /// The citizen portal's Ed25519 certificate and key for signing the
+    /// assertions it presents with access-report requests.
+    pub fn portal_signing(&self) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("portal");
+        (dir.join("signing.crt"), dir.join("signing.key"))
+    }
+    /// An auditor's client certificate and key (access reports).
+    pub fn auditor(&self, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("auditors").join(file_name(&name));
+        (dir.join("client.crt"), dir.join("client.key"))
+    }
     /// A member's signing certificate and key.
     pub fn member_signing(&self, member: &MemberId) -> (PathBuf, PathBuf) {
         let dir = self.root.join("members").join(file_name(member));
@@ -111,6 +123,8 @@ pub struct DevPkiSpec {
     /// Host names the consent authority's TLS certificate is made for
     /// (`localhost` and `127.0.0.1` are always added).
     pub consent_hosts: Vec<String>,
+    /// Auditors (report readers) that get a client certificate, by name.
+    pub auditors: Vec<String>,
 }
 
 struct Ca {
@@ -246,6 +260,11 @@ pub fn generate(spec: &DevPkiSpec, out: &Path) -> Result<DevLayout, PkiError> {
             &[ExtendedKeyUsagePurpose::ServerAuth],
         )?,
     )?;
+    let portal = named("kopir citizen portal assertions", vec![])?;
+    write_pair(
+        layout.portal_signing(),
+        ca.issue(portal, &PKCS_ED25519, &[])?,
+    )?;
     let clients = spec
         .clients
         .iter()
@@ -253,7 +272,12 @@ pub fn generate(spec: &DevPkiSpec, out: &Path) -> Result<DevLayout, PkiError> {
         .chain([
             ("kopir operator".to_string(), layout.operator()),
             ("kopir citizen portal".to_string(), layout.portal()),
-        ]);
+        ])
+        .chain(
+            spec.auditors
+                .iter()
+                .map(|a| (format!("kopir auditor {a}"), layout.auditor(a))),
+        );
     for (name, paths) in clients {
         write_pair(
             paths,
@@ -302,6 +326,7 @@ mod tests {
             servers: vec![(server.clone(), vec!["moj-ss1".into()])],
             clients: vec![client.clone()],
             consent_hosts: vec!["consent".into()],
+            auditors: vec!["dpa".into()],
         };
         let layout = generate(&spec, dir.path()).unwrap();
         let ca = load_certs(&layout.ca_cert()).unwrap();
@@ -322,5 +347,9 @@ mod tests {
         issued_by(consent_tls[0].as_ref(), ca[0].as_ref()).unwrap();
         let portal = load_certs(&layout.portal().0).unwrap();
         issued_by(portal[0].as_ref(), ca[0].as_ref()).unwrap();
+        let (cert, key) = layout.portal_signing();
+        SigningKey::load(&cert, &key).unwrap();
+        let auditor = load_certs(&layout.auditor("dpa").0).unwrap();
+        issued_by(auditor[0].as_ref(), ca[0].as_ref()).unwrap();
     }
 }

@@ -4,8 +4,11 @@
 //! - [`tls`]: rustls configurations for the client, peer and admin ports, with
 //!   certificates pinned to what the global configuration lists.
 //! - [`dev`]: a development PKI made with rcgen (`kopir certs dev`).
+//! - [`jws`]: compact JWS tokens signed with Ed25519 (consent tokens, report
+//!   assertions).
 
 pub mod dev;
+pub mod jws;
 pub mod sign;
 pub mod tls;
 

@@ -2,6 +2,8 @@
 //! purpose allows a pull, as X-Road keeps access rights on the provider's own
 //! server rather than in the global configuration.
 
+pub mod hiding;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -166,6 +168,7 @@ mod tests {
             subject: None,
             consent: None,
             user: None,
+            tracker: Default::default(),
         };
         assert_eq!(
             AccessPolicy::default().check(&meta).unwrap_err().reason,

@@ -288,7 +288,7 @@ impl Conditions {
 }
 
 /// The columns of the records table, in the order the stores read them.
-pub(crate) const COLUMNS: &str = "seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature, signer_key, signed_hash, body";
+pub(crate) const COLUMNS: &str = "seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature, signer_key, signed_hash, body, query_group, hidden_until_ms, hidden_reason";
 
 /// Sequence numbers are `u64` in Rust and `BIGINT` in the stores.
 pub(crate) fn seq_to_db(seq: u64) -> i64 {
@@ -327,6 +327,9 @@ pub(crate) struct RawRow {
     pub(crate) signer_key: Option<Vec<u8>>,
     pub(crate) signed_hash: Option<Vec<u8>>,
     pub(crate) body: Option<Vec<u8>>,
+    pub(crate) query_group: Option<String>,
+    pub(crate) hidden_until_ms: Option<i64>,
+    pub(crate) hidden_reason: Option<String>,
 }
 
 fn stored_hash(what: &str, seq: i64, bytes: &[u8]) -> Result<Hash, Malformed> {
@@ -392,6 +395,9 @@ impl RawRow {
                 signer_key: opt_hash("signer_key", seq, self.signer_key)?,
                 signed_hash: opt_hash("signed_hash", seq, self.signed_hash)?,
                 body: self.body,
+                query_group: self.query_group,
+                hidden_until_ms: self.hidden_until_ms,
+                hidden_reason: self.hidden_reason,
             },
         })
     }

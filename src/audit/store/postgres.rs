@@ -55,8 +55,14 @@ CREATE TABLE IF NOT EXISTS audit_records (
     signature BYTEA,
     signer_key BYTEA,
     signed_hash BYTEA,
-    body BYTEA
+    body BYTEA,
+    query_group TEXT,
+    hidden_until_ms BIGINT,
+    hidden_reason TEXT
 );
+ALTER TABLE audit_records ADD COLUMN IF NOT EXISTS query_group TEXT;
+ALTER TABLE audit_records ADD COLUMN IF NOT EXISTS hidden_until_ms BIGINT;
+ALTER TABLE audit_records ADD COLUMN IF NOT EXISTS hidden_reason TEXT;
 CREATE INDEX IF NOT EXISTS audit_records_request ON audit_records(request_id);
 CREATE INDEX IF NOT EXISTS audit_records_subject ON audit_records(subject, seq);
 CREATE INDEX IF NOT EXISTS audit_records_client ON audit_records(client, seq);
@@ -85,8 +91,8 @@ CREATE INDEX IF NOT EXISTS audit_checkpoints_seq ON audit_checkpoints(seq);
 /// Advisory lock key that serialises schema creation by several nodes.
 const SCHEMA_LOCK: i64 = 0x6b6f_7069_7261_7564; // "kopiraud"
 
-const INSERT: &str = "INSERT INTO audit_records (seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature, signer_key, signed_hash, body)
-SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::bytea[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[], $14::text[], $15::text[], $16::text[], $17::int4[], $18::text[], $19::text[], $20::bytea[], $21::bytea[], $22::bytea[], $23::bytea[], $24::bytea[], $25::bytea[])";
+const INSERT: &str = "INSERT INTO audit_records (seq, prev_hash, hash, node, request_id, at_ms, side, step, client, service, method, purpose, subject, basis, user_id, peer, status, reason, message, body_sha256, request_hash, signature, signer_key, signed_hash, body, query_group, hidden_until_ms, hidden_reason)
+SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::bytea[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[], $14::text[], $15::text[], $16::text[], $17::int4[], $18::text[], $19::text[], $20::bytea[], $21::bytea[], $22::bytea[], $23::bytea[], $24::bytea[], $25::bytea[], $26::text[], $27::int8[], $28::text[])";
 
 const CHECKPOINT_COLUMNS: &str =
     "seq, head, root, at_ms, node, key_id, cert_der, signature, frontier";
@@ -255,6 +261,9 @@ impl PostgresStore {
         let signer_keys = opt_bytes(|e| e.signer_key.as_ref().map(|h| &h[..]));
         let signed_hashes = opt_bytes(|e| e.signed_hash.as_ref().map(|h| &h[..]));
         let stored_bodies = opt_bytes(|e| e.body.as_deref());
+        let groups = opt_text(|e| e.query_group.as_deref());
+        let hidden_until: Vec<Option<i64>> = entries.iter().map(|e| e.hidden_until_ms).collect();
+        let hidden_reasons = opt_text(|e| e.hidden_reason.as_deref());
         tx.execute(
             INSERT,
             &[
@@ -283,6 +292,9 @@ impl PostgresStore {
                 &signer_keys,
                 &signed_hashes,
                 &stored_bodies,
+                &groups,
+                &hidden_until,
+                &hidden_reasons,
             ],
         )
         .await
@@ -357,6 +369,9 @@ fn raw_row(r: &Row) -> Result<RawRow, AuditError> {
         signer_key: r.try_get(22).map_err(get_err)?,
         signed_hash: r.try_get(23).map_err(get_err)?,
         body: r.try_get(24).map_err(get_err)?,
+        query_group: r.try_get(25).map_err(get_err)?,
+        hidden_until_ms: r.try_get(26).map_err(get_err)?,
+        hidden_reason: r.try_get(27).map_err(get_err)?,
     })
 }
 
@@ -575,5 +590,63 @@ mod tests {
             "host=db user=kopir password=*** dbname=audit"
         );
         assert_eq!(redact("postgres://db/audit"), "postgres://db/audit");
+    }
+
+    /// A store made before the report columns existed gains them on connect.
+    #[tokio::test]
+    async fn an_older_store_gains_the_report_columns() {
+        use super::{AuditStore, PostgresStore, SCHEMA, connect_client};
+        use crate::audit::{Side, Step, pgtest::TempPostgres, record::Entry};
+        let pg = TempPostgres::shared().unwrap();
+        let url = pg.create_database().await.unwrap();
+        let old_schema: String = SCHEMA
+            .replace(
+                "body BYTEA,\n    query_group TEXT,\n    hidden_until_ms BIGINT,\n    hidden_reason TEXT\n",
+                "body BYTEA\n",
+            )
+            .lines()
+            .filter(|l| !l.starts_with("ALTER TABLE"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(!old_schema.contains("query_group"));
+        connect_client(&url)
+            .await
+            .unwrap()
+            .batch_execute(&old_schema)
+            .await
+            .unwrap();
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let entry = Entry {
+            node: "n".into(),
+            request_id: "r".into(),
+            at_ms: 1,
+            side: Side::Provider,
+            step: Step::Accepted,
+            client: "c".into(),
+            service: "s".into(),
+            method: "/p.S/M".into(),
+            purpose: "p".into(),
+            subject: Some([1; 32]),
+            basis: None,
+            user: None,
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: None,
+            request_hash: None,
+            signature: None,
+            signer_key: None,
+            signed_hash: None,
+            body: None,
+            query_group: Some("g".into()),
+            hidden_until_ms: Some(5),
+            hidden_reason: Some("why".into()),
+        };
+        store.append(vec![entry.clone()]).await.unwrap();
+        let back = store.by_request("r".into()).await.unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].entry, entry);
+        assert_eq!(back[0].recompute(), back[0].hash);
     }
 }

@@ -75,7 +75,10 @@ CREATE TABLE IF NOT EXISTS audit_records (
     signature BLOB,
     signer_key BLOB,
     signed_hash BLOB,
-    body BLOB
+    body BLOB,
+    query_group TEXT,
+    hidden_until_ms INTEGER,
+    hidden_reason TEXT
 );
 CREATE TABLE IF NOT EXISTS audit_keys (
     chunk INTEGER NOT NULL,
@@ -240,6 +243,7 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let conn = connect(&path).map_err(open_err(&path))?;
             conn.execute_batch(SCHEMA).map_err(open_err(&path))?;
+            add_missing_columns(&conn).map_err(open_err(&path))?;
             conn.execute_batch(WRITER_PRAGMAS)
                 .map_err(open_err(&path))?;
             let upto = keys_upto(&conn).map_err(open_err(&path))?;
@@ -352,6 +356,9 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         signer_key: r.get(22)?,
         signed_hash: r.get(23)?,
         body: r.get(24)?,
+        query_group: r.get(25)?,
+        hidden_until_ms: r.get(26)?,
+        hidden_reason: r.get(27)?,
     })
 }
 
@@ -403,11 +410,33 @@ const CHECKPOINT_COLUMNS: &str =
     "seq, head, root, at_ms, node, key_id, cert_der, signature, frontier";
 
 fn insert_sql() -> String {
-    let marks: Vec<String> = (1..=25).map(|i| format!("?{i}")).collect();
+    let marks: Vec<String> = (1..=28).map(|i| format!("?{i}")).collect();
     format!(
         "INSERT INTO audit_records ({COLUMNS}) VALUES ({})",
         marks.join(", ")
     )
+}
+
+/// Columns added after the first schema, with their types: a store made
+/// before them gets them on open (empty in its old records, which keep
+/// their first canonical form; see `record.rs`).
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("query_group", "TEXT"),
+    ("hidden_until_ms", "INTEGER"),
+    ("hidden_reason", "TEXT"),
+];
+
+fn add_missing_columns(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('audit_records')")?;
+    let present = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (name, ty) in ADDED_COLUMNS {
+        if !present.iter().any(|p| p == name) {
+            conn.execute_batch(&format!("ALTER TABLE audit_records ADD COLUMN {name} {ty}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn keys_upto(conn: &Connection) -> Result<u64, rusqlite::Error> {
@@ -652,6 +681,9 @@ impl AuditStore for SqliteStore {
                         e.signer_key.as_ref().map(|h| &h[..]),
                         e.signed_hash.as_ref().map(|h| &h[..]),
                         e.body.as_deref(),
+                        e.query_group,
+                        e.hidden_until_ms,
+                        e.hidden_reason,
                     ])
                     .map_err(write_err)?;
                 }
@@ -860,7 +892,77 @@ mod tests {
             signer_key: None,
             signed_hash: None,
             body: None,
+            query_group: None,
+            hidden_until_ms: None,
+            hidden_reason: None,
         }
+    }
+
+    /// A store made before the report columns existed gains them on open;
+    /// its old records read back unchanged and still verify.
+    #[tokio::test]
+    async fn an_older_store_gains_the_report_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PseudonymKey::random().unwrap();
+        let old_schema = SCHEMA.replace(
+            "body BLOB,\n    query_group TEXT,\n    hidden_until_ms INTEGER,\n    hidden_reason TEXT\n",
+            "body BLOB\n",
+        );
+        assert_ne!(old_schema, SCHEMA);
+        let old = entry(1, &key);
+        let (seq, prev, hash) = chain(None, std::slice::from_ref(&old))[0];
+        {
+            let conn = Connection::open(db_path(dir.path())).unwrap();
+            conn.execute_batch(&old_schema).unwrap();
+            let cols: Vec<String> = COLUMNS.split(", ").take(25).map(str::to_owned).collect();
+            let marks: Vec<String> = (1..=25).map(|i| format!("?{i}")).collect();
+            conn.execute(
+                &format!(
+                    "INSERT INTO audit_records ({}) VALUES ({})",
+                    cols.join(", "),
+                    marks.join(", ")
+                ),
+                params![
+                    seq_to_db(seq),
+                    &prev[..],
+                    &hash[..],
+                    old.node,
+                    old.request_id,
+                    old.at_ms,
+                    old.side.as_str(),
+                    old.step.as_str(),
+                    old.client,
+                    old.service,
+                    old.method,
+                    old.purpose,
+                    old.subject.as_ref().map(|h| &h[..]),
+                    old.basis,
+                    old.user,
+                    old.peer,
+                    old.status,
+                    old.reason,
+                    old.message,
+                    old.body_sha256.as_ref().map(|h| &h[..]),
+                    old.request_hash.as_ref().map(|h| &h[..]),
+                    old.signature.as_deref(),
+                    old.signer_key.as_ref().map(|h| &h[..]),
+                    old.signed_hash.as_ref().map(|h| &h[..]),
+                    old.body.as_deref(),
+                ],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        let mut new = entry(2, &key);
+        new.query_group = Some("claim-1".into());
+        new.hidden_until_ms = Some(5);
+        new.hidden_reason = Some("inquiry".into());
+        store.append(vec![new.clone()]).await.unwrap();
+        let all = store.read_all_blocking().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].entry, old);
+        assert_eq!(all[1].entry, new);
+        assert!(all.iter().all(|r| r.recompute() == r.hash));
     }
 
     /// Queries by subject and request id give the same answers whether the
