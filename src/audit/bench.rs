@@ -173,7 +173,7 @@ async fn appends_per_second(
                 h.append(bench_record(
                     t * 1_000_000_000 + k,
                     100_000,
-                    super::handle::now_ms(),
+                    crate::clock::now_ms(),
                 ))
                 .await?;
             }

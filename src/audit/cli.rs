@@ -25,6 +25,7 @@ use super::{
     verify::{VerifyOptions, VerifyReport, check_checkpoints, verify_store},
 };
 use crate::{
+    clock::rfc3339_ms,
     config::ServerConfig,
     globalconf::{ConfView, watch},
     pki::{Fingerprint, cert_fingerprint},
@@ -160,17 +161,6 @@ pub fn parse_time_ms(text: &str) -> anyhow::Result<i64> {
     Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000)?)
 }
 
-/// Formats milliseconds since the epoch as RFC 3339 (UTC).
-pub fn format_time_ms(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
-}
-
 fn parse_step(text: &str) -> Result<Step, String> {
     Step::parse(text).ok_or_else(|| {
         let names: Vec<_> = Step::ALL.iter().map(|s| s.as_str()).collect();
@@ -297,7 +287,7 @@ fn report_fields(e: &super::record::Entry) -> String {
     if let Some(until) = e.hidden_until_ms {
         parts.push(format!(
             "hidden from the subject until {}",
-            format_time_ms(until)
+            rfc3339_ms(until)
         ));
     }
     if let Some(why) = &e.hidden_reason {
@@ -318,7 +308,7 @@ fn print_table(out: &mut impl Write, records: &[StoredRecord]) -> std::io::Resul
             out,
             "{:>8}  {:<24}  {:<8}  {:<9}  {:>3}  {:<20}  {:<26}  {:<26}  {:<12}  {:<12}  {}{}",
             r.seq,
-            format_time_ms(e.at_ms),
+            rfc3339_ms(e.at_ms),
             e.side.as_str(),
             e.step.as_str(),
             e.status,
@@ -400,7 +390,7 @@ fn print_shown(out: &mut impl Write, s: &ShownRecord) -> std::io::Result<()> {
         e.side.as_str(),
         e.node
     )?;
-    writeln!(out, "  time        {}", format_time_ms(e.at_ms))?;
+    writeln!(out, "  time        {}", rfc3339_ms(e.at_ms))?;
     writeln!(
         out,
         "  step        {}  status {}  reason {}",
@@ -674,7 +664,7 @@ mod tests {
     fn times_round_trip() {
         assert_eq!(parse_time_ms("1000").unwrap(), 1000);
         let ms = parse_time_ms("2026-11-23T10:00:00.250Z").unwrap();
-        assert_eq!(format_time_ms(ms), "2026-11-23T10:00:00.25Z");
+        assert_eq!(rfc3339_ms(ms), "2026-11-23T10:00:00.25Z");
         assert!(parse_time_ms("yesterday").is_err());
     }
 

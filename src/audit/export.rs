@@ -197,7 +197,7 @@ pub async fn export_range(
     };
     Ok(Archive {
         format: ARCHIVE_FORMAT.into(),
-        created_ms: super::handle::now_ms(),
+        created_ms: crate::clock::now_ms(),
         from_seq: from,
         to_seq: to,
         records: records

@@ -15,11 +15,7 @@
 //! PostgreSQL store, the writer catches up with the other nodes' records
 //! before it signs.
 
-use std::{
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -33,6 +29,7 @@ use super::{
     record::{Entry, Hash, Link, StoredRecord},
     store::{self, AuditStore, Location, StoredCheckpoint},
 };
+use crate::clock::now_ms;
 use crate::pki::sign::SigningKey;
 
 /// Default interval between periodic checkpoints.
@@ -218,14 +215,6 @@ pub async fn open(
         checkpoint_interval: Some(config.checkpoint_interval).filter(|d| !d.is_zero()),
     };
     AuditHandle::start(store, pseudonyms, signer, &config.node, options).await
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl AuditHandle {

@@ -6,7 +6,8 @@ use std::{path::PathBuf, time::Duration};
 use tonic::transport::Channel;
 
 use crate::{
-    consent::{channel::ca_channel, config::ConsentConfig, rfc3339, server},
+    clock::rfc3339,
+    consent::{channel::ca_channel, config::ConsentConfig, server},
     error::Refusal,
     pki::{load_certs, load_key},
     proto::kopir::v1::{

@@ -445,7 +445,7 @@ access report of iin:{iin}, as the citizen sees it through the portal ({} reads,
     for e in &report.entries {
         println!(
             "  {}  {} read {} of {} ({}), query {}",
-            crate::audit::cli::format_time_ms(e.at_ms),
+            crate::clock::rfc3339_ms(e.at_ms),
             e.consumer_subsystem,
             e.method.rsplit('/').next().unwrap_or_default(),
             e.provider_service,

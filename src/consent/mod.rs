@@ -41,14 +41,3 @@ pub(crate) async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>)
     // The guard `wait_for` returns is dropped here, so callers stay `Send`.
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
-
-/// Seconds since the Unix epoch as RFC 3339 text (the number itself if out of range).
-pub fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
-}

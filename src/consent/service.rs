@@ -259,7 +259,7 @@ impl Authority {
                 Reason::ConsentRevoked,
                 format!(
                     "the subject revoked consent {id} at {}; the subject must grant a new one",
-                    super::rfc3339(at.div_euclid(1000))
+                    crate::clock::rfc3339(at.div_euclid(1000))
                 ),
             ));
         }

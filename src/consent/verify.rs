@@ -31,11 +31,11 @@ use std::sync::Arc;
 use super::{
     grant::covers,
     revocations::{RevocationSet, Status},
-    rfc3339,
     store::{ConsentStore, UseOutcome},
     token::{self, Claims, TokenError},
 };
 use crate::{
+    clock::rfc3339,
     error::{Reason, Refusal},
     exchange::meta::CallMeta,
     globalconf::ConfView,

@@ -131,10 +131,7 @@ impl Gateway {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
-}
+pub use crate::clock::now_ms;
 
 /// What is known of a request when a record is written: parsed metadata, or the
 /// raw header values of a request refused before they could be parsed.

@@ -30,7 +30,7 @@ pub fn check(view: &ConfView, meta: &CallMeta, now_ms: i64) -> Result<(), Refusa
             format!(
                 "{}: {} has already passed, so the read would not be hidden; drop the header or name a later date",
                 keys::HIDE_UNTIL,
-                crate::audit::cli::format_time_ms(hidden.until_ms)
+                crate::clock::rfc3339_ms(hidden.until_ms)
             ),
         ));
     }
@@ -52,7 +52,7 @@ pub fn check(view: &ConfView, meta: &CallMeta, now_ms: i64) -> Result<(), Refusa
             format!(
                 "purpose {purpose} allows hiding a read for at most {} days, until {}; name an earlier date in {}",
                 covert.max_hidden_days,
-                crate::audit::cli::format_time_ms(now_ms.saturating_add(max_ms)),
+                crate::clock::rfc3339_ms(now_ms.saturating_add(max_ms)),
                 keys::HIDE_UNTIL
             ),
         ));

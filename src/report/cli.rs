@@ -22,7 +22,8 @@ use super::{
     collect::{self, Options},
 };
 use crate::{
-    audit::cli::{StoreArgs, format_time_ms, parse_time_ms},
+    audit::cli::{StoreArgs, parse_time_ms},
+    clock::rfc3339_ms,
     exchange::now_ms,
     globalconf::watch,
     id::Subject,
@@ -227,7 +228,7 @@ fn print_table(out: &mut impl Write, r: &Printed<'_>) -> std::io::Result<()> {
         out,
         "access report of {} as of {}: {} read(s)",
         r.subject,
-        format_time_ms(r.as_of_ms),
+        rfc3339_ms(r.as_of_ms),
         r.entries.len()
     )?;
     for e in r.entries {
@@ -241,7 +242,7 @@ fn print_table(out: &mut impl Write, r: &Printed<'_>) -> std::io::Result<()> {
         } else {
             format!("{} ({})", e.provider_member_name, e.provider_service)
         };
-        writeln!(out, "\n{}  {who}", format_time_ms(e.at_ms))?;
+        writeln!(out, "\n{}  {who}", rfc3339_ms(e.at_ms))?;
         writeln!(out, "  read       {what}  {}", e.method)?;
         writeln!(
             out,
@@ -277,7 +278,7 @@ fn print_table(out: &mut impl Write, r: &Printed<'_>) -> std::io::Result<()> {
                 out,
                 "  {:<11}until {}: {}",
                 if e.hidden { "HIDDEN" } else { "was hidden" },
-                format_time_ms(until),
+                rfc3339_ms(until),
                 e.hidden_reason.as_deref().unwrap_or("-")
             )?;
         }
