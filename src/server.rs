@@ -428,7 +428,7 @@ async fn report_health(
             ServingStatus::NotServing
         };
         if last != Some(status) {
-            for name in ["", "kopir.v1.Exchange"] {
+            for name in ["", "kopir.v1.Exchange", "kopir.v1.AccessReport"] {
                 reporter.set_service_status(name, status).await;
             }
             last = Some(status);

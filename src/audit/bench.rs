@@ -101,19 +101,14 @@ pub struct BenchReport {
 fn bench_record(i: u64, subjects: u64, at_ms: i64) -> AuditRecord {
     // Each citizen appears every `subjects` records, all through the log.
     let citizen = i % subjects.max(1);
+    let (side, step) = if i.is_multiple_of(2) {
+        (Side::Consumer, Step::Forwarded)
+    } else {
+        (Side::Provider, Step::Answered)
+    };
     AuditRecord {
         request_id: format!("bench-{:016x}", i.wrapping_mul(0x2545_F491_4F6C_DD1D)),
         at_ms,
-        side: if i.is_multiple_of(2) {
-            Side::Consumer
-        } else {
-            Side::Provider
-        },
-        step: if i.is_multiple_of(2) {
-            Step::Forwarded
-        } else {
-            Step::Answered
-        },
         client: "KZ/GOV/MLSPP/benefits".into(),
         service: "KZ/GOV/MOJ/population".into(),
         method: "/kz.population.v1.PopulationRegistry/GetPerson".into(),
@@ -122,18 +117,10 @@ fn bench_record(i: u64, subjects: u64, at_ms: i64) -> AuditRecord {
         basis: Some("legal:social-code-art-12".into()),
         user: Some("officer-17".into()),
         peer: Some("KZ/GOV/MOJ/ss1".into()),
-        status: 0,
-        reason: None,
-        message: None,
         body_sha256: Some(crate::pki::sha256(&i.to_be_bytes())),
         request_hash: Some(crate::pki::sha256(&(!i).to_be_bytes())),
         signature: Some(vec![0x5a; 64]),
-        signer_key: None,
-        signed_hash: None,
-        body: None,
-        query_group: None,
-        hidden_until_ms: None,
-        hidden_reason: None,
+        ..AuditRecord::new(side, step)
     }
 }
 

@@ -692,28 +692,12 @@ mod tests {
                 .append(crate::audit::AuditRecord {
                     request_id: format!("r{i}"),
                     at_ms: 1_000 + i,
-                    side: Side::Consumer,
-                    step: Step::Forwarded,
                     client: "KZ/GOV/A/app".into(),
                     service: "KZ/GOV/B/reg".into(),
                     method: "/x.Y/Z".into(),
                     purpose: "p".into(),
                     subject: Some("iin:900101300123".into()),
-                    basis: None,
-                    user: None,
-                    peer: None,
-                    status: 0,
-                    reason: None,
-                    message: None,
-                    body_sha256: None,
-                    request_hash: None,
-                    signature: None,
-                    signer_key: None,
-                    signed_hash: None,
-                    body: None,
-                    query_group: None,
-                    hidden_until_ms: None,
-                    hidden_reason: None,
+                    ..crate::audit::AuditRecord::new(Side::Consumer, Step::Forwarded)
                 })
                 .await
                 .unwrap();

@@ -187,6 +187,39 @@ pub struct AuditRecord {
     pub hidden_reason: Option<String>,
 }
 
+impl AuditRecord {
+    /// A record of `step` on `side`, stamped now, with every other field
+    /// empty: fill in what is known with struct update syntax.
+    pub fn new(side: Side, step: Step) -> Self {
+        Self {
+            request_id: String::new(),
+            at_ms: crate::clock::now_ms(),
+            side,
+            step,
+            client: String::new(),
+            service: String::new(),
+            method: String::new(),
+            purpose: String::new(),
+            subject: None,
+            basis: None,
+            user: None,
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: None,
+            request_hash: None,
+            signature: None,
+            signer_key: None,
+            signed_hash: None,
+            body: None,
+            query_group: None,
+            hidden_until_ms: None,
+            hidden_reason: None,
+        }
+    }
+}
+
 /// Why a record could not be made durable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -367,35 +367,23 @@ mod tests {
     };
 
     fn record(i: i64) -> AuditRecord {
+        let side = if i % 2 == 0 {
+            Side::Consumer
+        } else {
+            Side::Provider
+        };
         AuditRecord {
             request_id: format!("r{}", i / 2),
             at_ms: 1_000 + i,
-            side: if i % 2 == 0 {
-                Side::Consumer
-            } else {
-                Side::Provider
-            },
-            step: Step::Answered,
             client: "KZ/GOV/A/app".into(),
             service: "KZ/GOV/B/reg".into(),
             method: "/x.Y/Z".into(),
             purpose: "p".into(),
             subject: Some(format!("iin:{}", i % 3)),
-            basis: None,
-            user: None,
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
             body_sha256: Some([1; 32]),
             request_hash: Some([2; 32]),
             signature: Some(vec![3; 64]),
-            signer_key: None,
-            signed_hash: None,
-            body: None,
-            query_group: None,
-            hidden_until_ms: None,
-            hidden_reason: None,
+            ..AuditRecord::new(side, Step::Answered)
         }
     }
 

@@ -171,29 +171,16 @@ impl Known {
     pub(crate) fn record(&self, side: Side, step: Step) -> AuditRecord {
         AuditRecord {
             request_id: self.request_id.clone(),
-            at_ms: now_ms(),
-            side,
-            step,
             client: self.client.clone(),
             service: self.service.clone(),
             method: self.method.clone(),
             purpose: self.purpose.clone(),
             subject: self.subject.clone(),
-            basis: None,
             user: self.user.clone(),
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
-            body_sha256: None,
-            request_hash: None,
-            signature: None,
-            signer_key: None,
-            signed_hash: None,
-            body: None,
             query_group: self.query_group.clone(),
             hidden_until_ms: self.hidden_until_ms,
             hidden_reason: self.hidden_reason.clone(),
+            ..AuditRecord::new(side, step)
         }
     }
 

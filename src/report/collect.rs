@@ -212,8 +212,6 @@ mod tests {
         AuditRecord {
             request_id: id.into(),
             at_ms: NOW - 1000,
-            side,
-            step,
             client: "KZ/GOV/MLSPP/benefits".into(),
             service: "KZ/GOV/MOJ/population".into(),
             method: "/kz.population.v1.PopulationRegistry/GetPerson".into(),
@@ -221,19 +219,7 @@ mod tests {
             subject: Some(subject.into()),
             basis: Some("legal:Social Code".into()),
             user: Some("officer-1".into()),
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
-            body_sha256: None,
-            request_hash: None,
-            signature: None,
-            signer_key: None,
-            signed_hash: None,
-            body: None,
-            query_group: None,
-            hidden_until_ms: None,
-            hidden_reason: None,
+            ..AuditRecord::new(side, step)
         }
     }
 

@@ -204,38 +204,25 @@ impl ReportService {
 
     /// The record of a report request.
     fn record(&self, id: &str, asked: &Asked, refusal: Option<&Refusal>) -> AuditRecord {
+        let step = if refusal.is_some() {
+            Step::Refused
+        } else {
+            Step::Answered
+        };
         AuditRecord {
             request_id: id.to_owned(),
-            at_ms: now_ms(),
-            side: Side::Provider,
-            step: if refusal.is_some() {
-                Step::Refused
-            } else {
-                Step::Answered
-            },
             client: asked.caller.clone(),
             service: self.server_id.to_string(),
             method: REPORT_METHOD.into(),
             purpose: REPORT_PURPOSE.into(),
             subject: asked.subject.as_ref().map(ToString::to_string),
-            basis: None,
-            user: None,
-            peer: None,
             status: refusal.map_or(0, |r| r.code as i32),
             reason: refusal.map(|r| r.reason.as_str().into()),
             message: match refusal {
                 Some(r) => Some(r.message.clone()),
                 None => Some(asked.detail.clone()).filter(|d| !d.is_empty()),
             },
-            body_sha256: None,
-            request_hash: None,
-            signature: None,
-            signer_key: None,
-            signed_hash: None,
-            body: None,
-            query_group: None,
-            hidden_until_ms: None,
-            hidden_reason: None,
+            ..AuditRecord::new(Side::Provider, step)
         }
     }
 }
