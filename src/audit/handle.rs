@@ -15,7 +15,14 @@
 //! PostgreSQL store, the writer catches up with the other nodes' records
 //! before it signs.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -183,6 +190,7 @@ enum Command {
 /// A running audit log: the [`AuditLog`] the exchange path appends to, and
 /// the store, key and signer that queries, verification and export use.
 pub struct AuditHandle {
+    stats: Arc<WriterStats>,
     store: Arc<dyn AuditStore>,
     pseudonyms: PseudonymKey,
     signer: Arc<SigningKey>,
@@ -226,7 +234,9 @@ impl AuditHandle {
         node: &str,
         options: WriterOptions,
     ) -> Result<Arc<Self>, AuditError> {
+        let stats = Arc::new(WriterStats::default());
         let mut writer = Writer {
+            stats: stats.clone(),
             store: store.clone(),
             signer: signer.clone(),
             node: node.to_owned(),
@@ -247,6 +257,7 @@ impl AuditHandle {
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let task = tokio::spawn(writer.run(rx, options.checkpoint_interval));
         Ok(Arc::new(Self {
+            stats,
             store,
             pseudonyms,
             signer,
@@ -259,6 +270,11 @@ impl AuditHandle {
     /// The store (for queries, verification and export).
     pub fn store(&self) -> &Arc<dyn AuditStore> {
         &self.store
+    }
+
+    /// What the writer has done since it started.
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     /// The pseudonym key (to query by subject).
@@ -376,7 +392,19 @@ impl Tree {
     }
 }
 
+/// Counters of the writer since it started (read with [`AuditHandle::stats`]).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Records made durable.
+    pub records: AtomicU64,
+    /// Commits that made them durable.
+    pub commits: AtomicU64,
+    /// Nanoseconds spent in those commits.
+    pub commit_ns: AtomicU64,
+}
+
 struct Writer {
+    stats: Arc<WriterStats>,
     store: Arc<dyn AuditStore>,
     signer: Arc<SigningKey>,
     node: String,
@@ -553,8 +581,16 @@ impl Writer {
             return;
         }
         let (entries, waiters): (Vec<Entry>, Vec<_>) = batch.drain(..).unzip();
-        match self.store.append(entries).await {
+        let started = std::time::Instant::now();
+        let appended = self.store.append(entries).await;
+        let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        match appended {
             Ok(links) => {
+                self.stats.commit_ns.fetch_add(spent, Ordering::Relaxed);
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .records
+                    .fetch_add(waiters.len() as u64, Ordering::Relaxed);
                 for w in waiters {
                     let _ = w.send(Ok(()));
                 }

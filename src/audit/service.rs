@@ -5,7 +5,7 @@
 //! records with `NOT_FOUND`, store failures with `UNAVAILABLE`. The server
 //! mounts [`AuditServiceImpl::into_server`] behind mutual TLS.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use bytes::Bytes;
 use tonic::{Request, Response, Status};
@@ -28,7 +28,7 @@ use crate::{
         AuditConsistencyResponse, AuditEntry, AuditExportRequest, AuditExportResponse,
         AuditInclusionRequest, AuditInclusionResponse, AuditProblem, AuditQueryRequest,
         AuditQueryResponse, AuditShowRequest, AuditShowResponse, AuditShownEntry,
-        AuditVerifyRequest, AuditVerifyResponse,
+        AuditStatsRequest, AuditStatsResponse, AuditVerifyRequest, AuditVerifyResponse,
         audit_service_server::{AuditService, AuditServiceServer},
     },
 };
@@ -357,6 +357,18 @@ impl AuditService for AuditServiceImpl {
             latest: latest.as_ref().map(|c| checkpoint_to_proto(&c.checkpoint)),
         }))
     }
+
+    async fn stats(
+        &self,
+        _request: Request<AuditStatsRequest>,
+    ) -> Result<Response<AuditStatsResponse>, Status> {
+        let s = self.handle.stats();
+        Ok(Response::new(AuditStatsResponse {
+            records: s.records.load(Ordering::Relaxed),
+            commits: s.commits.load(Ordering::Relaxed),
+            commit_ns: s.commit_ns.load(Ordering::Relaxed),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -408,6 +420,15 @@ mod tests {
             handle.append(record(i)).await.unwrap();
         }
         let svc = AuditServiceImpl::new(handle.clone());
+
+        let stats = svc
+            .stats(Request::new(AuditStatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.records, 10);
+        assert!(stats.commits >= 1 && stats.commits <= 10, "{stats:?}");
+        assert!(stats.commit_ns > 0);
 
         let q = svc
             .query(Request::new(AuditQueryRequest {

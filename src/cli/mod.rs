@@ -39,12 +39,24 @@ pub enum Command {
     Demo(demo::Args),
     /// Inspect, verify and export a server's audit log.
     Audit(Box<crate::audit::cli::AuditArgs>),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(Bench),
+    /// Benchmark the whole exchange against a direct call (`kopir bench`),
+    /// or the audit stores (`kopir bench audit`).
+    Bench(BenchArgs),
 }
 
-/// The benchmarks.
+/// `kopir bench [audit]`.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    /// Another benchmark than the exchange's.
+    #[command(subcommand)]
+    pub other: Option<Bench>,
+    /// The exchange benchmark's options.
+    #[command(flatten)]
+    pub exchange: crate::bench::ExchangeBenchArgs,
+}
+
+/// The benchmarks besides the exchange's.
 #[derive(Debug, Subcommand)]
 pub enum Bench {
     /// Durable appends/s of the audit stores, query and verify times.
@@ -62,7 +74,11 @@ impl Cli {
             Command::Consent(c) => c.run().await,
             Command::Demo(a) => a.run().await,
             Command::Audit(a) => a.run().await,
-            Command::Bench(Bench::Audit(a)) => a.run().await,
+            Command::Bench(BenchArgs {
+                other: Some(Bench::Audit(a)),
+                ..
+            }) => a.run().await,
+            Command::Bench(BenchArgs { exchange, .. }) => exchange.run().await,
         }
     }
 }

@@ -1,0 +1,489 @@
+//! `kopir bench`: the whole exchange against a direct call, on loopback.
+//!
+//! One run starts the population registry and the two security servers
+//! (MLSPP, the consumer, and MOJ, the provider) as their own processes, so
+//! that each one's CPU time and peak memory come from the kernel's accounting,
+//! plus the rest of the demo federation (global configuration, consent
+//! authority) in this process. Then, for each number of calls in flight, it
+//! drives the same unary call (`GetPerson`) for a fixed time:
+//!
+//! - **direct**: to the registry, plaintext HTTP/2, as a service mesh's
+//!   baseline;
+//! - **gateway**: through both security servers with everything on: the
+//!   information system's client certificate, mutual TLS between the servers,
+//!   both signatures and the three verifications, the access rule, the
+//!   consent token check (the purpose rests on consent), and the four audit
+//!   records made durable in the default embedded store.
+//!
+//! Each mode is warmed up briefly before it is measured. The audit writers'
+//! commit time (read from both servers' `AuditService/Stats` on their admin
+//! ports) gives the disk wait per call.
+
+pub mod measure;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use serde::Serialize;
+use tonic::{Request, metadata::MetadataMap, transport::Channel};
+
+use crate::{
+    config::ServerConfig,
+    federation::{BENEFITS, LocalFederation},
+    pki::{load_certs, load_key},
+    proto::{
+        kopir::v1::{
+            AuditStatsRequest, GrantRequest, IssueTokenRequest,
+            audit_service_client::AuditServiceClient, consent_service_client::ConsentServiceClient,
+        },
+        kz::population::v1::{
+            GetPersonRequest, population_registry_client::PopulationRegistryClient,
+        },
+    },
+};
+use measure::{Figures, closed_loop, cpu_time, peak_rss_mib};
+
+const POPULATION: &str = "KZ/GOV/MOJ/population";
+const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
+/// A purpose that rests on consent, so that the token is checked on every call.
+const PURPOSE: &str = "benefit-means-test";
+/// Calls in flight per HTTP/2 connection of the load generator.
+const CALLS_PER_CONNECTION: usize = 16;
+
+/// Measure the whole exchange against a direct call.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExchangeBenchArgs {
+    /// Calls in flight; a comma-separated list to sweep (e.g. 1,16,64,256).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 64])]
+    pub concurrency: Vec<usize>,
+    /// Seconds each mode is measured at each level.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Short run: 3 s per mode and level (about 25 s in all).
+    #[arg(long)]
+    pub short: bool,
+    /// Print one JSON array, an object per level.
+    #[arg(long)]
+    pub json: bool,
+    /// Folder for the PKI, configurations, logs and audit stores (default: a
+    /// temporary folder; it must be on the disk being measured).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// The figures of one level, as `--json` prints them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    /// Calls in flight.
+    pub concurrency: usize,
+    /// Seconds each mode was measured.
+    pub seconds: u64,
+    /// Straight to the registry.
+    pub direct: Figures,
+    /// Through both security servers.
+    pub gateway: GatewayFigures,
+    /// Gateway calls/s over direct calls/s.
+    pub ratio: f64,
+}
+
+/// The gateway's figures: those of a direct run, and the servers' own.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayFigures {
+    /// Throughput, latency, CPU time of consumer + provider + registry.
+    #[serde(flatten)]
+    pub figures: Figures,
+    /// CPU time of the consumer's server per call.
+    pub consumer_cpu_us_per_call: f64,
+    /// CPU time of the provider's server per call.
+    pub provider_cpu_us_per_call: f64,
+    /// The consumer server's peak resident memory so far.
+    pub consumer_peak_rss_mib: f64,
+    /// The provider server's peak resident memory so far.
+    pub provider_peak_rss_mib: f64,
+    /// Time both servers' audit writers spent committing (insert + fsync),
+    /// per call: the disk wait of a call when calls are serial; shared by the
+    /// calls of a group commit under load.
+    pub fsync_ms_per_call: f64,
+}
+
+/// A child process killed when dropped.
+struct Process {
+    child: Child,
+    name: &'static str,
+}
+
+impl Process {
+    fn spawn(name: &'static str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating the kopir executable")?;
+        let out = std::fs::File::create(log)?;
+        let child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        Ok(Self { child, name })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.pid()).with_context(|| format!("CPU time of the {}", self.name))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_loopback_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The servers under test and how to call them.
+struct Bench {
+    fed: LocalFederation,
+    registry: Process,
+    consumer: Process,
+    provider: Process,
+    direct: Vec<PopulationRegistryClient<Channel>>,
+    gateway: Vec<PopulationRegistryClient<Channel>>,
+    admins: Vec<AuditServiceClient<Channel>>,
+    metadata: MetadataMap,
+    iin: String,
+}
+
+impl ExchangeBenchArgs {
+    /// Runs the benchmark and prints its figures.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        if self.short {
+            self.seconds = 3;
+        }
+        let temp;
+        let dir = match &self.dir {
+            Some(d) => d.clone(),
+            None => {
+                temp = tempfile::tempdir()?;
+                temp.path().to_path_buf()
+            }
+        };
+        let connections = self
+            .concurrency
+            .iter()
+            .max()
+            .map_or(1, |c| c.div_ceil(CALLS_PER_CONNECTION));
+        let bench = Arc::new(Bench::start(&dir, connections).await?);
+        if !self.json {
+            println!(
+                "GetPerson on loopback, {} s per mode and level: direct to the registry, and through both security servers (client cert, mutual TLS, two signatures, three verifications, access rule, consent token, four durable audit records)",
+                self.seconds
+            );
+        }
+        let mut levels = Vec::new();
+        for &concurrency in &self.concurrency {
+            let level = bench
+                .level(concurrency, Duration::from_secs(self.seconds))
+                .await?;
+            if !self.json {
+                print_level(&level);
+            }
+            levels.push(level);
+        }
+        if self.json {
+            println!("{}", serde_json::to_string(&levels)?);
+        }
+        if let Ok(bench) = Arc::try_unwrap(bench) {
+            bench.stop().await;
+        }
+        Ok(())
+    }
+}
+
+impl Bench {
+    async fn start(dir: &Path, connections: usize) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let registry_addr = free_loopback_port()?;
+        let registry = Process::spawn(
+            "registry",
+            &[
+                "registry",
+                "mock",
+                "--kind",
+                "population",
+                "--listen",
+                &registry_addr.to_string(),
+            ],
+            &dir.join("registry.log"),
+        )?;
+        let registry_uri = format!("http://{registry_addr}");
+        let mut fed = LocalFederation::launch(dir, &|_, config| {
+            for s in &mut config.services {
+                if s.id.to_string() == POPULATION {
+                    s.endpoint = registry_uri.clone();
+                }
+            }
+        })
+        .await?;
+        let consumer_path = fed.stop_node("mlspp").await?;
+        let provider_path = fed.stop_node("moj").await?;
+        let serve = |path: &Path| -> anyhow::Result<Vec<String>> {
+            Ok(vec![
+                "serve".into(),
+                "--config".into(),
+                path.to_str().context("non-UTF-8 path")?.into(),
+            ])
+        };
+        let args = serve(&consumer_path)?;
+        let consumer = Process::spawn(
+            "consumer's server",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &dir.join("mlspp.log"),
+        )?;
+        let args = serve(&provider_path)?;
+        let provider = Process::spawn(
+            "provider's server",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &dir.join("moj.log"),
+        )?;
+        let consumer_config = ServerConfig::load(&consumer_path)?;
+        let provider_config = ServerConfig::load(&provider_path)?;
+
+        let iin = fed
+            .dataset
+            .sample_parents(1)
+            .first()
+            .context("the mock registers hold no parent")?
+            .to_string();
+        let token = consent_token(&fed, &iin).await?;
+        let mut metadata = MetadataMap::new();
+        for (key, value) in [
+            ("kopir-client", BENEFITS),
+            ("kopir-service", POPULATION),
+            ("kopir-purpose", PURPOSE),
+            ("kopir-subject", &format!("iin:{iin}")),
+            ("kopir-user", "bench"),
+            ("kopir-consent", &token),
+        ] {
+            metadata.insert(key, value.parse()?);
+        }
+
+        let identity = |(cert, key): (PathBuf, PathBuf)| -> anyhow::Result<_> {
+            Ok(Some((load_certs(&cert)?, load_key(&key)?)))
+        };
+        let mut direct = Vec::new();
+        let mut gateway = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let endpoint = Channel::from_shared(registry_uri.clone())?.tcp_nodelay(true);
+        for _ in 0..connections {
+            // The registry process may still be starting.
+            let channel = loop {
+                match endpoint.connect().await {
+                    Ok(channel) => break channel,
+                    Err(e) if Instant::now() >= deadline => return Err(e.into()),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            };
+            direct.push(PopulationRegistryClient::new(channel));
+            let client_identity = fed.layout.client(&BENEFITS.parse()?);
+            gateway.push(PopulationRegistryClient::new(
+                fed.channel_to(consumer_config.listen.client, identity(client_identity)?)
+                    .await?,
+            ));
+        }
+        let mut admins = Vec::new();
+        for config in [&consumer_config, &provider_config] {
+            let addr = config.listen.admin.context("no admin port")?;
+            admins.push(AuditServiceClient::new(
+                fed.channel_to(addr, identity(fed.layout.operator())?)
+                    .await?,
+            ));
+        }
+        let bench = Self {
+            fed,
+            registry,
+            consumer,
+            provider,
+            direct,
+            gateway,
+            admins,
+            metadata,
+            iin,
+        };
+        // The servers are up when a whole exchange goes through.
+        loop {
+            if bench.gateway_call(0).await {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no exchange went through within 15 s; see the logs in {}",
+                dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(bench)
+    }
+
+    fn request(&self) -> Request<GetPersonRequest> {
+        let mut r = Request::new(GetPersonRequest {
+            iin: self.iin.clone(),
+        });
+        *r.metadata_mut() = self.metadata.clone();
+        r
+    }
+
+    async fn direct_call(&self, worker: usize) -> bool {
+        let mut client = self.direct[worker % self.direct.len()].clone();
+        client.get_person(self.request()).await.is_ok()
+    }
+
+    async fn gateway_call(&self, worker: usize) -> bool {
+        let mut client = self.gateway[worker % self.gateway.len()].clone();
+        client.get_person(self.request()).await.is_ok()
+    }
+
+    /// Nanoseconds both audit writers have spent committing.
+    async fn commit_ns(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for admin in &self.admins {
+            total += admin
+                .clone()
+                .stats(AuditStatsRequest {})
+                .await?
+                .into_inner()
+                .commit_ns;
+        }
+        Ok(total)
+    }
+
+    async fn level(
+        self: &Arc<Self>,
+        concurrency: usize,
+        duration: Duration,
+    ) -> anyhow::Result<Level> {
+        let warm_up = Duration::from_millis(500).min(duration);
+        let direct_call = {
+            let bench = self.clone();
+            move |w| {
+                let bench = bench.clone();
+                async move { bench.direct_call(w).await }
+            }
+        };
+        let gateway_call = {
+            let bench = self.clone();
+            move |w| {
+                let bench = bench.clone();
+                async move { bench.gateway_call(w).await }
+            }
+        };
+
+        closed_loop(concurrency, warm_up, direct_call.clone()).await;
+        let cpu = self.registry.cpu()?;
+        let mut run = closed_loop(concurrency, duration, direct_call).await;
+        let direct = Figures::of(&mut run, self.registry.cpu()?.saturating_sub(cpu));
+
+        closed_loop(concurrency, warm_up, gateway_call.clone()).await;
+        let before = (
+            self.registry.cpu()?,
+            self.consumer.cpu()?,
+            self.provider.cpu()?,
+            self.commit_ns().await?,
+        );
+        let mut run = closed_loop(concurrency, duration, gateway_call).await;
+        let after = (
+            self.registry.cpu()?,
+            self.consumer.cpu()?,
+            self.provider.cpu()?,
+            self.commit_ns().await?,
+        );
+        let calls = run.latencies_us.len().max(1) as f64;
+        let consumer_cpu = after.1.saturating_sub(before.1);
+        let provider_cpu = after.2.saturating_sub(before.2);
+        let total = after.0.saturating_sub(before.0) + consumer_cpu + provider_cpu;
+        let figures = Figures::of(&mut run, total);
+        let gateway = GatewayFigures {
+            consumer_cpu_us_per_call: consumer_cpu.as_secs_f64() * 1e6 / calls,
+            provider_cpu_us_per_call: provider_cpu.as_secs_f64() * 1e6 / calls,
+            consumer_peak_rss_mib: peak_rss_mib(self.consumer.pid())?,
+            provider_peak_rss_mib: peak_rss_mib(self.provider.pid())?,
+            fsync_ms_per_call: after.3.saturating_sub(before.3) as f64 / 1e6 / calls,
+            figures,
+        };
+        Ok(Level {
+            concurrency,
+            seconds: duration.as_secs(),
+            ratio: gateway.figures.calls_per_s / direct.calls_per_s.max(1e-9),
+            direct,
+            gateway,
+        })
+    }
+
+    async fn stop(self) {
+        drop((self.consumer, self.provider, self.registry));
+        self.fed.shutdown().await;
+    }
+}
+
+/// A consent of `iin` to the benefits system's `GetPerson` reads for the
+/// means test, and the token the system obtains for it.
+async fn consent_token(fed: &LocalFederation, iin: &str) -> anyhow::Result<String> {
+    let now = crate::clock::now_ms() / 1000;
+    let consent = ConsentServiceClient::new(fed.consent_channel(fed.layout.portal())?)
+        .grant(GrantRequest {
+            subject: format!("iin:{iin}"),
+            client: BENEFITS.into(),
+            service: POPULATION.into(),
+            methods: vec![GET_PERSON.into()],
+            purpose: PURPOSE.into(),
+            not_before: 0,
+            not_after: now + 24 * 3600,
+            max_uses: 0,
+        })
+        .await?
+        .into_inner()
+        .consent
+        .context("the consent authority returned no consent")?;
+    let client = fed.layout.client(&BENEFITS.parse()?);
+    Ok(ConsentServiceClient::new(fed.consent_channel(client)?)
+        .issue_token(IssueTokenRequest {
+            consent_id: consent.id,
+        })
+        .await?
+        .into_inner()
+        .token)
+}
+
+fn print_level(l: &Level) {
+    let row = |name: &str, f: &Figures| {
+        println!(
+            "  {name:<8} {:>9.0} calls/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  {:>6.0} us CPU/call  {} errors",
+            f.calls_per_s, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms, f.cpu_us_per_call, f.errors
+        );
+    };
+    println!("\n{} in flight:", l.concurrency);
+    row("direct", &l.direct);
+    row("gateway", &l.gateway.figures);
+    let g = &l.gateway;
+    println!(
+        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; audit commits {:.3} ms/call; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
+        g.consumer_cpu_us_per_call,
+        g.provider_cpu_us_per_call,
+        g.fsync_ms_per_call,
+        g.consumer_peak_rss_mib,
+        g.provider_peak_rss_mib,
+        l.ratio
+    );
+}
