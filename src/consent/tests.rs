@@ -367,3 +367,36 @@ fn a_call_without_subject_cannot_rest_on_consent() {
         Reason::SubjectRequired
     );
 }
+
+#[tokio::test]
+async fn a_remembered_token_still_needs_a_listed_key() {
+    let f = fixture().await;
+    let token = token::sign(&claims(), &f.key);
+    // Checked once, then accepted again from memory.
+    for _ in 0..2 {
+        f.check(&token, &expected()).await.unwrap();
+    }
+    // Every other check still runs on a remembered token.
+    let mut bob = expected();
+    bob.subject = "iin:971125443866".parse().unwrap();
+    assert_eq!(
+        f.check(&token, &bob).await.unwrap_err(),
+        Reason::ConsentMismatch
+    );
+    // A global configuration that no longer lists the authority's key (a key
+    // rollover) refuses the token even though its signature was checked.
+    let (cert, _) = signing_pair("next consent key").unwrap();
+    let (tls, _) = self_signed_tls("consent").unwrap();
+    let rolled = conf(Some(ConsentAuthority {
+        issuer: ISSUER.into(),
+        address: "127.0.0.1:1".into(),
+        tls_cert: tls,
+        signing_certs: vec![pem(&cert)],
+    }));
+    let r = f
+        .verifier
+        .check(&rolled, Some(&token), &expected(), NOW_MS)
+        .await
+        .unwrap_err();
+    assert_eq!(r.reason, Reason::ConsentInvalid);
+}

@@ -26,7 +26,10 @@
 //! share the count when they share a PostgreSQL store; servers with separate
 //! embedded stores count separately.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use super::{
     grant::covers,
@@ -40,6 +43,7 @@ use crate::{
     exchange::meta::CallMeta,
     globalconf::ConfView,
     id::{Code, Subject, SubsystemId},
+    pki::{Fingerprint, sha256},
 };
 
 /// What the call the token is presented with is about.
@@ -112,7 +116,17 @@ impl Accepted {
 pub struct ConsentVerifier {
     revocations: RevocationSet,
     uses: Arc<dyn ConsentStore>,
+    verified: Arc<Mutex<Verified>>,
 }
+
+/// Tokens whose signature was checked, by their SHA-256: the signing key's id
+/// and the claims.
+type Verified = HashMap<[u8; 32], (Fingerprint, Claims)>;
+
+/// How many tokens whose signature was checked are remembered. A consumer
+/// presents one token for many calls (as long as it lives), so its signature
+/// is checked once; everything else is checked on every call.
+const VERIFIED_CAPACITY: usize = 65_536;
 
 impl std::fmt::Debug for ConsentVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,7 +157,49 @@ impl ConsentVerifier {
     /// [`super::feed::RevocationFeed`]) and counts uses in `uses` (the
     /// provider's own store).
     pub fn new(revocations: RevocationSet, uses: Arc<dyn ConsentStore>) -> Self {
-        Self { revocations, uses }
+        Self {
+            revocations,
+            uses,
+            verified: Arc::default(),
+        }
+    }
+
+    /// The claims of a token signed by a key the global configuration lists
+    /// for the consent authority, and that key's id. A token seen before is
+    /// not verified again (only its key is looked up again, so a key the
+    /// configuration no longer lists is refused as before); the remembered
+    /// tokens are the most recent ones, expired ones first to go.
+    fn signed_claims(
+        &self,
+        view: &ConfView,
+        token: &str,
+    ) -> Result<(Fingerprint, Claims), Refusal> {
+        let digest = sha256(token.as_bytes());
+        let remembered = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|v| v.get(&digest).cloned());
+        if let Some(hit) = remembered {
+            return Ok(hit);
+        }
+        let mut key = None;
+        let claims = token::verify(token, |kid| {
+            key = view.consent_key(kid);
+            key
+        })?;
+        let kid = key.map(|k| k.key_id()).ok_or_else(|| invalid("no key"))?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= VERIFIED_CAPACITY {
+                let now = crate::clock::now_ms() / 1000;
+                verified.retain(|_, (_, c)| c.exp > now);
+                if verified.len() >= VERIFIED_CAPACITY {
+                    verified.clear();
+                }
+            }
+            verified.insert(digest, (kid, claims.clone()));
+        }
+        Ok((kid, claims))
     }
 
     /// The revocation view this verifier reads.
@@ -178,14 +234,10 @@ impl ConsentVerifier {
                 view.serial()
             ))
         })?;
-        let mut key = None;
-        let claims = token::verify(token, |kid| {
-            key = view.consent_key(kid);
-            key
-        })?;
-        if !key.is_some_and(|k| k.valid_at(now)) {
+        let (kid, claims) = self.signed_claims(view, token)?;
+        if !view.consent_key(&kid).is_some_and(|k| k.valid_at(now)) {
             return Err(invalid(
-                "the consent authority's signing certificate for this token is not valid now",
+                "the consent authority's signing certificate for this token is not listed in the global configuration or not valid now",
             ));
         }
         if claims.iss != authority.issuer {
