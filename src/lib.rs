@@ -21,6 +21,7 @@ pub mod exchange;
 pub mod federation;
 pub mod globalconf;
 pub mod id;
+pub mod overload;
 pub mod pki;
 pub mod policy;
 pub mod proto;

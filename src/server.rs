@@ -28,6 +28,7 @@ use crate::{
         upstream::Registry,
     },
     globalconf::watch::watch as watch_conf,
+    overload::ShedLayer,
     pki::{
         Fingerprint, PkiError, cert_fingerprint, load_certs, load_key, sign::SigningKey,
         tls::server_config,
@@ -174,15 +175,14 @@ pub fn tls_incoming(
     ReceiverStream::new(rx)
 }
 
+/// A port's server: each port sheds calls beyond its own budget.
 fn builder(
     gw: &Gateway,
-) -> Server<tower::layer::util::Stack<tower::load_shed::LoadShedLayer, tower::layer::util::Identity>>
-{
+) -> Server<tower::layer::util::Stack<ShedLayer, tower::layer::util::Identity>> {
     Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .concurrency_limit_per_connection(gw.limits.max_concurrent_calls)
-        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(ShedLayer::new(gw.limits.max_concurrent_calls))
 }
 
 /// Lets a call through only if its TLS client certificate is an operator's.

@@ -536,3 +536,47 @@ async fn health_and_reflection_answer_on_the_client_port() {
     let _ = Arc::new(());
     h.fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_capacity_calls_are_shed_at_once_and_the_rest_served() {
+    // The consumer's server processes at most two calls at once.
+    let h = launch(&|name, config| {
+        if name == "mlspp" {
+            config.limits.max_concurrent_calls = 2;
+        }
+    })
+    .await;
+    let channel = h.benefits().await;
+    let calls = (0..64).map(|_| {
+        let (mut client, req) = (
+            PopulationRegistryClient::new(channel.clone()),
+            h.get_person(),
+        );
+        async move {
+            let started = std::time::Instant::now();
+            (client.get_person(req).await, started.elapsed())
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let (mut served, mut shed) = (0, 0);
+    for (answer, took) in answers {
+        match answer {
+            Ok(_) => served += 1,
+            Err(status) => {
+                assert_refused(&status, Code::ResourceExhausted, "server.overloaded");
+                assert!(
+                    took < Duration::from_secs(1),
+                    "shed promptly, not queued: {took:?}"
+                );
+                shed += 1;
+            }
+        }
+    }
+    assert!(served >= 2 && shed >= 1, "served {served}, shed {shed}");
+    // Capacity returns once the burst is over.
+    PopulationRegistryClient::new(channel)
+        .get_person(h.get_person())
+        .await
+        .unwrap();
+    h.fed.shutdown().await;
+}

@@ -54,7 +54,8 @@ pub struct Limits {
     pub timeout_ms: u64,
     /// How long to wait for a TCP/TLS connection to a peer or registry, in ms.
     pub connect_timeout_ms: u64,
-    /// Calls processed at once per port; more are shed with `RESOURCE_EXHAUSTED`.
+    /// Calls processed at once per port (across its connections); more are
+    /// shed at once with `RESOURCE_EXHAUSTED` / `server.overloaded`.
     pub max_concurrent_calls: usize,
     /// Request ids remembered for replay protection.
     pub replay_capacity: usize,
