@@ -299,16 +299,20 @@ impl Bench {
             direct.push(PopulationRegistryClient::new(channel));
             let client_identity = fed.layout.client(&BENEFITS.parse()?);
             gateway.push(PopulationRegistryClient::new(
-                fed.channel_to(consumer_config.listen.client, identity(client_identity)?)
-                    .await?,
+                connect(
+                    &fed,
+                    consumer_config.listen.client,
+                    identity(client_identity)?,
+                    deadline,
+                )
+                .await?,
             ));
         }
         let mut admins = Vec::new();
         for config in [&consumer_config, &provider_config] {
             let addr = config.listen.admin.context("no admin port")?;
             admins.push(AuditServiceClient::new(
-                fed.channel_to(addr, identity(fed.layout.operator())?)
-                    .await?,
+                connect(&fed, addr, identity(fed.layout.operator())?, deadline).await?,
             ));
         }
         let bench = Self {
@@ -434,6 +438,25 @@ impl Bench {
     async fn stop(self) {
         drop((self.consumer, self.provider, self.registry));
         self.fed.shutdown().await;
+    }
+}
+
+/// A TLS channel to a port of a server process that may still be starting.
+async fn connect(
+    fed: &LocalFederation,
+    addr: SocketAddr,
+    identity: Option<crate::consent::channel::Identity>,
+    deadline: Instant,
+) -> anyhow::Result<Channel> {
+    loop {
+        let identity = identity
+            .as_ref()
+            .map(|(chain, key)| (chain.clone(), key.clone_key()));
+        match fed.channel_to(addr, identity).await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
