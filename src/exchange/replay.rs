@@ -1,7 +1,9 @@
 //! Replay protection on the provider side: a request id may be accepted once per
 //! client within the timestamp window (a request older than the window is
 //! refused for its timestamp, so the memory needed is bounded by the rate times
-//! the window).
+//! the window). Each (client, request id) pair is kept as 16 bytes of its
+//! SHA-256, about 40 bytes an entry with the table's own: at 5,000 requests/s
+//! and the default window of 60 s, about 12 MiB.
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -17,8 +19,20 @@ pub struct ReplayGuard {
 
 #[derive(Debug, Default)]
 struct Seen {
-    expires: HashMap<(String, String), i64>,
+    expires: HashMap<u128, i64>,
     next_sweep_at: usize,
+}
+
+/// The pair's key: the first 16 bytes of SHA-256(client, 0, request id).
+fn key(client: &str, request_id: &str) -> u128 {
+    let mut input = Vec::with_capacity(client.len() + 1 + request_id.len());
+    input.extend_from_slice(client.as_bytes());
+    input.push(0);
+    input.extend_from_slice(request_id.as_bytes());
+    let digest = crate::pki::sha256(&input);
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    u128::from_le_bytes(first)
 }
 
 impl ReplayGuard {
@@ -45,7 +59,7 @@ impl ReplayGuard {
             seen.expires.retain(|_, exp| *exp > now_ms);
             seen.next_sweep_at = (seen.expires.len() * 2).max(1024);
         }
-        let key = (client.to_owned(), request_id.to_owned());
+        let key = key(client, request_id);
         if seen.expires.get(&key).is_some_and(|exp| *exp > now_ms) {
             return Err(Refusal::new(
                 Reason::RequestReplayed,
@@ -60,7 +74,8 @@ impl ReplayGuard {
                 "the replay cache is full; retry shortly",
             ));
         }
-        seen.expires.insert(key, timestamp_ms + 2 * self.window_ms);
+        // After `timestamp + window` the request is refused for its timestamp.
+        seen.expires.insert(key, timestamp_ms + self.window_ms);
         Ok(())
     }
 }
