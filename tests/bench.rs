@@ -1,7 +1,7 @@
 //! `kopir bench` runs the whole exchange against a direct call and prints the
-//! figures the README quotes: here a one-second sweep checks that every call
-//! went through and that the JSON has the documented shape (no speed is
-//! asserted: the benchmark measures it).
+//! figures the README quotes: here a one-second sweep (and its overload level)
+//! checks that every call went through or was shed, and that the JSON has the
+//! documented shape (no speed is asserted: the benchmark measures it).
 
 use std::process::Command;
 
@@ -29,9 +29,11 @@ fn the_benchmark_prints_every_figure_for_each_level() {
     );
     let levels: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let levels = levels.as_array().unwrap();
-    assert_eq!(levels.len(), 2);
-    for (level, concurrency) in levels.iter().zip([1, 4]) {
+    assert_eq!(levels.len(), 3, "two levels and the overload level");
+    for (level, concurrency) in levels.iter().zip([1, 4, 40]) {
+        let overload = concurrency == 40;
         assert_eq!(level["concurrency"], concurrency);
+        assert_eq!(level["overload"], overload);
         assert_eq!(level["seconds"], 1);
         for mode in ["direct", "gateway"] {
             let f = &level[mode];
@@ -45,7 +47,9 @@ fn the_benchmark_prints_every_figure_for_each_level() {
             ] {
                 assert!(f[key].as_f64().unwrap() > 0.0, "{mode}.{key}: {f}");
             }
-            assert_eq!(f["errors"], 0, "{mode}: {f}");
+            if !overload || mode == "direct" {
+                assert_eq!(f["errors"], 0, "{mode}: {f}");
+            }
             assert!(f["p50_ms"].as_f64() <= f["p99_ms"].as_f64());
         }
         let g = &level["gateway"];
@@ -57,6 +61,12 @@ fn the_benchmark_prints_every_figure_for_each_level() {
             "provider_cpu_us_per_call",
         ] {
             assert!(g[key].as_f64().unwrap() > 0.0, "gateway.{key}: {g}");
+        }
+        // Under overload, every error is a call shed at once.
+        assert_eq!(g["errors"], g["shed"], "{g}");
+        assert!(g["slowest_ms"].as_f64().unwrap() > 0.0, "{g}");
+        if overload {
+            assert_eq!(level["deadline_ms"], 1000);
         }
         let ratio = level["ratio"].as_f64().unwrap();
         let expected =

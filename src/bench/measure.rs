@@ -9,13 +9,28 @@ use std::{
 
 use serde::Serialize;
 
+/// How one call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered.
+    Served,
+    /// Refused at once because the server was at capacity (`server.overloaded`).
+    Shed,
+    /// Any other error.
+    Failed,
+}
+
 /// Latencies and counts of one run.
 #[derive(Debug, Default)]
 pub struct Run {
     /// Latency of each successful call, in microseconds.
     pub latencies_us: Vec<u64>,
-    /// Calls that failed.
+    /// Calls that failed (shed ones included).
     pub errors: u64,
+    /// Calls shed by a server at capacity.
+    pub shed: u64,
+    /// The slowest answer of any kind, shed and failed calls included.
+    pub slowest_us: u64,
     /// How long the run lasted.
     pub elapsed: Duration,
 }
@@ -25,7 +40,7 @@ pub struct Run {
 pub async fn closed_loop<F, Fut>(concurrency: usize, duration: Duration, call: F) -> Run
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = bool> + Send,
+    Fut: Future<Output = Outcome> + Send,
 {
     let started = Instant::now();
     let deadline = started + duration;
@@ -33,24 +48,34 @@ where
     for worker in 0..concurrency.max(1) {
         let call = call.clone();
         tasks.spawn(async move {
-            let mut latencies = Vec::with_capacity(16 * 1024);
-            let mut errors = 0;
+            let mut part = Run {
+                latencies_us: Vec::with_capacity(16 * 1024),
+                ..Run::default()
+            };
             while Instant::now() < deadline {
                 let t = Instant::now();
-                if call(worker).await {
-                    latencies.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
-                } else {
-                    errors += 1;
+                let outcome = call(worker).await;
+                let took = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                part.slowest_us = part.slowest_us.max(took);
+                match outcome {
+                    Outcome::Served => part.latencies_us.push(took),
+                    Outcome::Shed => {
+                        part.shed += 1;
+                        part.errors += 1;
+                    }
+                    Outcome::Failed => part.errors += 1,
                 }
             }
-            (latencies, errors)
+            part
         });
     }
     let mut run = Run::default();
     while let Some(done) = tasks.join_next().await {
-        if let Ok((latencies, errors)) = done {
-            run.latencies_us.extend(latencies);
-            run.errors += errors;
+        if let Ok(part) = done {
+            run.latencies_us.extend(part.latencies_us);
+            run.errors += part.errors;
+            run.shed += part.shed;
+            run.slowest_us = run.slowest_us.max(part.slowest_us);
         }
     }
     run.elapsed = started.elapsed();
@@ -150,6 +175,7 @@ mod tests {
             latencies_us: (1..=100).rev().map(|i| i * 1000).collect(),
             errors: 2,
             elapsed: Duration::from_secs(2),
+            ..Run::default()
         };
         let f = Figures::of(&mut run, Duration::from_millis(10));
         assert_eq!(f.calls_per_s, 50.0);

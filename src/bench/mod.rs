@@ -18,6 +18,14 @@
 //! Each mode is warmed up briefly before it is measured. The audit writers'
 //! commit time (read from both servers' `AuditService/Stats` on their admin
 //! ports) gives the disk wait per call.
+//!
+//! Last comes an overload level: ten times the largest number of calls in
+//! flight, each call with a deadline of one second, against servers that take
+//! four times the largest level at once (`limits.max_concurrent_calls`). A
+//! shed call's client waits 5 ms before its next call, as a client backing
+//! off would. The level reports how many calls were shed, the slowest answer
+//! of any kind (which must be within the deadline) and the servers' peak
+//! memory.
 
 pub mod measure;
 
@@ -47,7 +55,7 @@ use crate::{
         },
     },
 };
-use measure::{Figures, closed_loop, cpu_time, peak_rss_mib};
+use measure::{Figures, Outcome, closed_loop, cpu_time, peak_rss_mib};
 
 const POPULATION: &str = "KZ/GOV/MOJ/population";
 const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
@@ -55,6 +63,10 @@ const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
 const PURPOSE: &str = "benefit-means-test";
 /// Calls in flight per HTTP/2 connection of the load generator.
 const CALLS_PER_CONNECTION: usize = 16;
+/// The deadline of each call of the overload level.
+const OVERLOAD_DEADLINE: Duration = Duration::from_secs(1);
+/// How long a client whose call was shed waits before its next one.
+const BACKOFF: Duration = Duration::from_millis(5);
 
 /// Measure the whole exchange against a direct call.
 #[derive(Debug, Clone, clap::Args)]
@@ -71,6 +83,10 @@ pub struct ExchangeBenchArgs {
     /// Print one JSON array, an object per level.
     #[arg(long)]
     pub json: bool,
+    /// The overload level's calls in flight, as a multiple of the largest
+    /// level (0: no overload level).
+    #[arg(long, default_value_t = 10)]
+    pub overload_factor: usize,
     /// Folder for the PKI, configurations, logs and audit stores (default: a
     /// temporary folder; it must be on the disk being measured).
     #[arg(long, value_name = "DIR")]
@@ -82,6 +98,11 @@ pub struct ExchangeBenchArgs {
 pub struct Level {
     /// Calls in flight.
     pub concurrency: usize,
+    /// True for the overload level (calls with a deadline, servers shedding).
+    pub overload: bool,
+    /// The calls' deadline, for the overload level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
     /// Seconds each mode was measured.
     pub seconds: u64,
     /// Straight to the registry.
@@ -110,6 +131,10 @@ pub struct GatewayFigures {
     /// per call: the disk wait of a call when calls are serial; shared by the
     /// calls of a group commit under load.
     pub fsync_ms_per_call: f64,
+    /// Calls shed with `server.overloaded` (counted in `errors` too).
+    pub shed: u64,
+    /// The slowest answer of any kind, shed and failed calls included.
+    pub slowest_ms: f64,
 }
 
 /// A child process killed when dropped.
@@ -180,12 +205,10 @@ impl ExchangeBenchArgs {
                 temp.path().to_path_buf()
             }
         };
-        let connections = self
-            .concurrency
-            .iter()
-            .max()
-            .map_or(1, |c| c.div_ceil(CALLS_PER_CONNECTION));
-        let bench = Arc::new(Bench::start(&dir, connections).await?);
+        let largest = self.concurrency.iter().copied().max().unwrap_or(1);
+        let overload = largest * self.overload_factor;
+        let connections = largest.max(overload).div_ceil(CALLS_PER_CONNECTION);
+        let bench = Arc::new(Bench::start(&dir, connections, largest * 4).await?);
         if !self.json {
             println!(
                 "GetPerson on loopback, {} s per mode and level: direct to the registry, and through both security servers (client cert, mutual TLS, two signatures, three verifications, access rule, consent token, four durable audit records)",
@@ -193,9 +216,14 @@ impl ExchangeBenchArgs {
             );
         }
         let mut levels = Vec::new();
-        for &concurrency in &self.concurrency {
+        let levels_to_run = self
+            .concurrency
+            .iter()
+            .map(|&c| (c, None))
+            .chain((overload > 0).then_some((overload, Some(OVERLOAD_DEADLINE))));
+        for (concurrency, deadline) in levels_to_run {
             let level = bench
-                .level(concurrency, Duration::from_secs(self.seconds))
+                .level(concurrency, Duration::from_secs(self.seconds), deadline)
                 .await?;
             if !self.json {
                 print_level(&level);
@@ -213,7 +241,7 @@ impl ExchangeBenchArgs {
 }
 
 impl Bench {
-    async fn start(dir: &Path, connections: usize) -> anyhow::Result<Self> {
+    async fn start(dir: &Path, connections: usize, capacity: usize) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let registry_addr = free_loopback_port()?;
         let registry = Process::spawn(
@@ -230,6 +258,7 @@ impl Bench {
         )?;
         let registry_uri = format!("http://{registry_addr}");
         let mut fed = LocalFederation::launch(dir, &|_, config| {
+            config.limits.max_concurrent_calls = capacity;
             for s in &mut config.services {
                 if s.id.to_string() == POPULATION {
                     s.endpoint = registry_uri.clone();
@@ -328,7 +357,7 @@ impl Bench {
         };
         // The servers are up when a whole exchange goes through.
         loop {
-            if bench.gateway_call(0).await {
+            if bench.call(&bench.gateway, 0, None).await == Outcome::Served {
                 break;
             }
             anyhow::ensure!(
@@ -341,22 +370,38 @@ impl Bench {
         Ok(bench)
     }
 
-    fn request(&self) -> Request<GetPersonRequest> {
+    fn request(&self, deadline: Option<Duration>) -> Request<GetPersonRequest> {
         let mut r = Request::new(GetPersonRequest {
             iin: self.iin.clone(),
         });
         *r.metadata_mut() = self.metadata.clone();
+        if let Some(d) = deadline {
+            r.set_timeout(d);
+        }
         r
     }
 
-    async fn direct_call(&self, worker: usize) -> bool {
-        let mut client = self.direct[worker % self.direct.len()].clone();
-        client.get_person(self.request()).await.is_ok()
-    }
-
-    async fn gateway_call(&self, worker: usize) -> bool {
-        let mut client = self.gateway[worker % self.gateway.len()].clone();
-        client.get_person(self.request()).await.is_ok()
+    async fn call(
+        &self,
+        clients: &[PopulationRegistryClient<Channel>],
+        worker: usize,
+        deadline: Option<Duration>,
+    ) -> Outcome {
+        let mut client = clients[worker % clients.len()].clone();
+        match client.get_person(self.request(deadline)).await {
+            Ok(_) => Outcome::Served,
+            Err(status)
+                if status
+                    .metadata()
+                    .get(crate::error::ERROR_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    == Some(crate::error::Reason::Overloaded.as_str()) =>
+            {
+                tokio::time::sleep(BACKOFF).await;
+                Outcome::Shed
+            }
+            Err(_) => Outcome::Failed,
+        }
     }
 
     /// Nanoseconds both audit writers have spent committing.
@@ -377,22 +422,24 @@ impl Bench {
         self: &Arc<Self>,
         concurrency: usize,
         duration: Duration,
+        deadline: Option<Duration>,
     ) -> anyhow::Result<Level> {
         let warm_up = Duration::from_millis(500).min(duration);
-        let direct_call = {
+        let caller = |gateway: bool| {
             let bench = self.clone();
             move |w| {
                 let bench = bench.clone();
-                async move { bench.direct_call(w).await }
+                async move {
+                    let clients = if gateway {
+                        &bench.gateway
+                    } else {
+                        &bench.direct
+                    };
+                    bench.call(clients, w, deadline).await
+                }
             }
         };
-        let gateway_call = {
-            let bench = self.clone();
-            move |w| {
-                let bench = bench.clone();
-                async move { bench.gateway_call(w).await }
-            }
-        };
+        let (direct_call, gateway_call) = (caller(false), caller(true));
 
         closed_loop(concurrency, warm_up, direct_call.clone()).await;
         let cpu = self.registry.cpu()?;
@@ -424,10 +471,14 @@ impl Bench {
             consumer_peak_rss_mib: peak_rss_mib(self.consumer.pid())?,
             provider_peak_rss_mib: peak_rss_mib(self.provider.pid())?,
             fsync_ms_per_call: after.3.saturating_sub(before.3) as f64 / 1e6 / calls,
+            shed: run.shed,
+            slowest_ms: run.slowest_us as f64 / 1000.0,
             figures,
         };
         Ok(Level {
             concurrency,
+            overload: deadline.is_some(),
+            deadline_ms: deadline.map(|d| d.as_millis() as u64),
             seconds: duration.as_secs(),
             ratio: gateway.figures.calls_per_s / direct.calls_per_s.max(1e-9),
             direct,
@@ -496,7 +547,13 @@ fn print_level(l: &Level) {
             f.calls_per_s, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms, f.cpu_us_per_call, f.errors
         );
     };
-    println!("\n{} in flight:", l.concurrency);
+    match l.deadline_ms {
+        Some(ms) => println!(
+            "\n{} in flight (overload: each call with a {ms} ms deadline; the servers take four times the largest level at once):",
+            l.concurrency
+        ),
+        None => println!("\n{} in flight:", l.concurrency),
+    }
     row("direct", &l.direct);
     row("gateway", &l.gateway.figures);
     let g = &l.gateway;
@@ -509,4 +566,16 @@ fn print_level(l: &Level) {
         g.provider_peak_rss_mib,
         l.ratio
     );
+    if let Some(ms) = l.deadline_ms {
+        println!(
+            "  overload: {} calls shed with server.overloaded; slowest answer {:.1} ms ({} the {ms} ms deadline)",
+            g.shed,
+            g.slowest_ms,
+            if g.slowest_ms <= ms as f64 {
+                "within"
+            } else {
+                "BEYOND"
+            }
+        );
+    }
 }
