@@ -21,7 +21,7 @@
 //!
 //! Last comes an overload level: ten times the largest number of calls in
 //! flight, each call with a deadline of one second, against servers that take
-//! four times the largest level at once (`limits.max_concurrent_calls`). A
+//! twice the largest level at once (`limits.max_concurrent_calls`). A
 //! shed call's client waits 5 ms before its next call, as a client backing
 //! off would. The level reports how many calls were shed, the slowest answer
 //! of any kind (which must be within the deadline) and the servers' peak
@@ -208,7 +208,7 @@ impl ExchangeBenchArgs {
         let largest = self.concurrency.iter().copied().max().unwrap_or(1);
         let overload = largest * self.overload_factor;
         let connections = largest.max(overload).div_ceil(CALLS_PER_CONNECTION);
-        let bench = Arc::new(Bench::start(&dir, connections, largest * 4).await?);
+        let bench = Arc::new(Bench::start(&dir, connections, largest * 2).await?);
         if !self.json {
             println!(
                 "GetPerson on loopback, {} s per mode and level: direct to the registry, and through both security servers (client cert, mutual TLS, two signatures, three verifications, access rule, consent token, four durable audit records)",
@@ -549,7 +549,7 @@ fn print_level(l: &Level) {
     };
     match l.deadline_ms {
         Some(ms) => println!(
-            "\n{} in flight (overload: each call with a {ms} ms deadline; the servers take four times the largest level at once):",
+            "\n{} in flight (overload: each call with a {ms} ms deadline; the servers take twice the largest level at once):",
             l.concurrency
         ),
         None => println!("\n{} in flight:", l.concurrency),
