@@ -35,6 +35,9 @@ use crate::{
         sign::SigningKey,
         tls::ca_client_config,
     },
+    proto::kopir::v1::{
+        GrantRequest, IssueTokenRequest, consent_service_client::ConsentServiceClient,
+    },
     registry::{Dataset, RegistryHandle, RegistryKind},
     server::{Listeners, RunningServer, start},
 };
@@ -271,6 +274,45 @@ impl LocalFederation {
             Some((load_certs(&cert)?, load_key(&key)?)),
             std::time::Duration::from_secs(2),
         )?)
+    }
+
+    /// The consent round of the demo's information system: through the
+    /// portal, `subject` (`iin:...`) consents to the benefits system's calls
+    /// of `method` on `service` for `purpose`, for a day from now; then the
+    /// benefits system obtains the token with its own client certificate.
+    /// Returns the consent id and the token.
+    pub async fn benefits_consent(
+        &self,
+        subject: &str,
+        service: &str,
+        method: &str,
+        purpose: &str,
+    ) -> anyhow::Result<(String, String)> {
+        let now = crate::clock::now_ms() / 1000;
+        let consent = ConsentServiceClient::new(self.consent_channel(self.layout.portal())?)
+            .grant(GrantRequest {
+                subject: subject.into(),
+                client: BENEFITS.into(),
+                service: service.into(),
+                methods: vec![method.into()],
+                purpose: purpose.into(),
+                not_before: 0,
+                not_after: now + 24 * 3600,
+                max_uses: 0,
+            })
+            .await?
+            .into_inner()
+            .consent
+            .context("the consent authority returned no consent")?;
+        let system = self.layout.client(&BENEFITS.parse()?);
+        let token = ConsentServiceClient::new(self.consent_channel(system)?)
+            .issue_token(IssueTokenRequest {
+                consent_id: consent.id.clone(),
+            })
+            .await?
+            .into_inner()
+            .token;
+        Ok((consent.id, token))
     }
 
     /// A channel to `addr` over TLS trusting the development CA, presenting

@@ -25,9 +25,8 @@ use kopir::{
     },
     proto::{
         kopir::v1::{
-            ForwardRequest, GrantRequest, IssueTokenRequest, ReportRequest, ReportResponse,
-            access_report_client::AccessReportClient, consent_service_client::ConsentServiceClient,
-            exchange_client::ExchangeClient,
+            ForwardRequest, ReportRequest, ReportResponse,
+            access_report_client::AccessReportClient, exchange_client::ExchangeClient,
         },
         kz::{
             income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
@@ -178,34 +177,10 @@ impl Harness {
     /// `service`'s `method`, granted through the portal, and the token the
     /// benefits system obtains for it.
     async fn consent(&self, iin: &Iin, service: &str, method: &str) -> (String, String) {
-        let now = now_ms() / 1000;
-        let consent =
-            ConsentServiceClient::new(self.fed.consent_channel(self.fed.layout.portal()).unwrap())
-                .grant(GrantRequest {
-                    subject: subject(iin),
-                    client: BENEFITS.into(),
-                    service: service.into(),
-                    methods: vec![method.into()],
-                    purpose: MEANS_TEST.into(),
-                    not_before: now - 60,
-                    not_after: now + 3600,
-                    max_uses: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .consent
-                .unwrap();
-        let client = self.fed.layout.client(&BENEFITS.parse().unwrap());
-        let token = ConsentServiceClient::new(self.fed.consent_channel(client).unwrap())
-            .issue_token(IssueTokenRequest {
-                consent_id: consent.id.clone(),
-            })
+        self.fed
+            .benefits_consent(&subject(iin), service, method, MEANS_TEST)
             .await
             .unwrap()
-            .into_inner()
-            .token;
-        (consent.id, token)
     }
 
     /// A TLS identity of `caller`.

@@ -46,10 +46,7 @@ use crate::{
     federation::{BENEFITS, LocalFederation},
     pki::{load_certs, load_key},
     proto::{
-        kopir::v1::{
-            AuditStatsRequest, GrantRequest, IssueTokenRequest,
-            audit_service_client::AuditServiceClient, consent_service_client::ConsentServiceClient,
-        },
+        kopir::v1::{AuditStatsRequest, audit_service_client::AuditServiceClient},
         kz::population::v1::{
             GetPersonRequest, population_registry_client::PopulationRegistryClient,
         },
@@ -296,7 +293,9 @@ impl Bench {
             .first()
             .context("the mock registers hold no parent")?
             .to_string();
-        let token = consent_token(&fed, &iin).await?;
+        let (_, token) = fed
+            .benefits_consent(&format!("iin:{iin}"), POPULATION, GET_PERSON, PURPOSE)
+            .await?;
         let mut metadata = MetadataMap::new();
         for (key, value) in [
             ("kopir-client", BENEFITS),
@@ -509,35 +508,6 @@ async fn connect(
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-}
-
-/// A consent of `iin` to the benefits system's `GetPerson` reads for the
-/// means test, and the token the system obtains for it.
-async fn consent_token(fed: &LocalFederation, iin: &str) -> anyhow::Result<String> {
-    let now = crate::clock::now_ms() / 1000;
-    let consent = ConsentServiceClient::new(fed.consent_channel(fed.layout.portal())?)
-        .grant(GrantRequest {
-            subject: format!("iin:{iin}"),
-            client: BENEFITS.into(),
-            service: POPULATION.into(),
-            methods: vec![GET_PERSON.into()],
-            purpose: PURPOSE.into(),
-            not_before: 0,
-            not_after: now + 24 * 3600,
-            max_uses: 0,
-        })
-        .await?
-        .into_inner()
-        .consent
-        .context("the consent authority returned no consent")?;
-    let client = fed.layout.client(&BENEFITS.parse()?);
-    Ok(ConsentServiceClient::new(fed.consent_channel(client)?)
-        .issue_token(IssueTokenRequest {
-            consent_id: consent.id,
-        })
-        .await?
-        .into_inner()
-        .token)
 }
 
 fn print_level(l: &Level) {

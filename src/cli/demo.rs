@@ -9,17 +9,14 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use anyhow::Context;
-
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     federation::{BENEFITS, LocalFederation},
     id::Iin,
     proto::kopir::v1::{
-        AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest, GrantRequest,
-        IssueTokenRequest, RevokeRequest, audit_service_client::AuditServiceClient,
-        consent_service_client::ConsentServiceClient,
+        AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest, RevokeRequest,
+        audit_service_client::AuditServiceClient, consent_service_client::ConsentServiceClient,
     },
     proto::kz::{
         income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
@@ -89,35 +86,8 @@ struct Consents {
 /// income and their real estate for the means test (valid for a day); the
 /// benefits system then asks the consent authority for the tokens.
 async fn grant_consents(fed: &LocalFederation, iin: &Iin) -> anyhow::Result<Consents> {
-    let mut portal = ConsentServiceClient::new(fed.consent_channel(fed.layout.portal())?);
-    let mut benefits =
-        ConsentServiceClient::new(fed.consent_channel(fed.layout.client(&BENEFITS.parse()?))?);
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let mut grant = async |service: &str, method: &str| -> anyhow::Result<(String, String)> {
-        let consent = portal
-            .grant(GrantRequest {
-                subject: format!("iin:{iin}"),
-                client: BENEFITS.into(),
-                service: service.into(),
-                methods: vec![method.into()],
-                purpose: MEANS_TEST.into(),
-                not_before: 0,
-                not_after: now + 24 * 3600,
-                max_uses: 0,
-            })
-            .await?
-            .into_inner()
-            .consent
-            .context("the authority returned no consent")?;
-        let token = benefits
-            .issue_token(IssueTokenRequest {
-                consent_id: consent.id.clone(),
-            })
-            .await?
-            .into_inner()
-            .token;
-        Ok((consent.id, token))
-    };
+    let subject = format!("iin:{iin}");
+    let grant = |service, method| fed.benefits_consent(&subject, service, method, MEANS_TEST);
     let income = grant(INCOME, "/kz.income.v1.IncomeRegistry/GetDeclaredIncome").await?;
     let realty = grant(REALTY, "/kz.realty.v1.RealtyRegistry/ListProperties").await?;
     println!(
