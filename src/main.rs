@@ -12,9 +12,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = kopir::cli::Cli::parse();
-    // The demo prints its own story; servers log their lifecycle.
+    // The demo and the benchmarks print their own story; servers log their
+    // lifecycle.
     let default_filter = match cli.command {
-        kopir::cli::Command::Demo(_) => "warn",
+        kopir::cli::Command::Demo(_) | kopir::cli::Command::Bench(_) => "warn",
         _ => "warn,kopir=info",
     };
     tracing_subscriber::fmt()
