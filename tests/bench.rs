@@ -59,6 +59,7 @@ fn the_benchmark_prints_every_figure_for_each_level() {
             "fsync_ms_per_call",
             "consumer_cpu_us_per_call",
             "provider_cpu_us_per_call",
+            "added_p50_ms",
         ] {
             assert!(g[key].as_f64().unwrap() > 0.0, "gateway.{key}: {g}");
         }

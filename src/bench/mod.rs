@@ -128,6 +128,9 @@ pub struct GatewayFigures {
     /// per call: the disk wait of a call when calls are serial; shared by the
     /// calls of a group commit under load.
     pub fsync_ms_per_call: f64,
+    /// What the two servers add to the direct call at the median: gateway
+    /// p50 minus direct p50 (of which `fsync_ms_per_call` is disk wait).
+    pub added_p50_ms: f64,
     /// Calls shed with `server.overloaded` (counted in `errors` too).
     pub shed: u64,
     /// The slowest answer of any kind, shed and failed calls included.
@@ -472,6 +475,7 @@ impl Bench {
             fsync_ms_per_call: after.3.saturating_sub(before.3) as f64 / 1e6 / calls,
             shed: run.shed,
             slowest_ms: run.slowest_us as f64 / 1000.0,
+            added_p50_ms: figures.p50_ms - direct.p50_ms,
             figures,
         };
         Ok(Level {
@@ -528,10 +532,12 @@ fn print_level(l: &Level) {
     row("gateway", &l.gateway.figures);
     let g = &l.gateway;
     println!(
-        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; audit commits {:.3} ms/call; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
+        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; adds {:.2} ms at p50, of which audit commits (disk) {:.2} ms, the rest {:.2} ms; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
         g.consumer_cpu_us_per_call,
         g.provider_cpu_us_per_call,
+        g.added_p50_ms,
         g.fsync_ms_per_call,
+        g.added_p50_ms - g.fsync_ms_per_call,
         g.consumer_peak_rss_mib,
         g.provider_peak_rss_mib,
         l.ratio
