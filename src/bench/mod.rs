@@ -43,6 +43,7 @@ use tonic::{Request, metadata::MetadataMap, transport::Channel};
 
 use crate::{
     config::ServerConfig,
+    error::{Reason, Refusal},
     federation::{BENEFITS, LocalFederation},
     pki::{load_certs, load_key},
     proto::{
@@ -51,10 +52,11 @@ use crate::{
             GetPersonRequest, population_registry_client::PopulationRegistryClient,
         },
     },
+    registry::RegistryKind,
 };
 use measure::{Figures, Outcome, closed_loop, cpu_time, peak_rss_mib};
 
-const POPULATION: &str = "KZ/GOV/MOJ/population";
+const POPULATION: &str = RegistryKind::Population.default_service_id();
 const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
 /// A purpose that rests on consent, so that the token is checked on every call.
 const PURPOSE: &str = "benefit-means-test";
@@ -137,6 +139,27 @@ pub struct GatewayFigures {
     pub slowest_ms: f64,
 }
 
+/// CPU time of each serving process, and both audit writers' commit time.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    registry: Duration,
+    consumer: Duration,
+    provider: Duration,
+    commit_ns: u64,
+}
+
+impl Sample {
+    /// What was spent between `before` and this sample.
+    fn since(&self, before: &Sample) -> Sample {
+        Sample {
+            registry: self.registry.saturating_sub(before.registry),
+            consumer: self.consumer.saturating_sub(before.consumer),
+            provider: self.provider.saturating_sub(before.provider),
+            commit_ns: self.commit_ns.saturating_sub(before.commit_ns),
+        }
+    }
+}
+
 /// A child process killed when dropped.
 struct Process {
     child: Child,
@@ -144,7 +167,7 @@ struct Process {
 }
 
 impl Process {
-    fn spawn(name: &'static str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+    fn spawn(name: &'static str, args: &[&std::ffi::OsStr], log: &Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the kopir executable")?;
         let out = std::fs::File::create(log)?;
         let child = Command::new(exe)
@@ -244,6 +267,7 @@ impl Bench {
     async fn start(dir: &Path, connections: usize, capacity: usize) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let registry_addr = free_loopback_port()?;
+        let listen = registry_addr.to_string();
         let registry = Process::spawn(
             "registry",
             &[
@@ -252,8 +276,9 @@ impl Bench {
                 "--kind",
                 "population",
                 "--listen",
-                &registry_addr.to_string(),
-            ],
+                &listen,
+            ]
+            .map(AsRef::as_ref),
             &dir.join("registry.log"),
         )?;
         let registry_uri = format!("http://{registry_addr}");
@@ -268,25 +293,12 @@ impl Bench {
         .await?;
         let consumer_path = fed.stop_node("mlspp").await?;
         let provider_path = fed.stop_node("moj").await?;
-        let serve = |path: &Path| -> anyhow::Result<Vec<String>> {
-            Ok(vec![
-                "serve".into(),
-                "--config".into(),
-                path.to_str().context("non-UTF-8 path")?.into(),
-            ])
+        let serve = |name, config: &Path, log| {
+            let args = ["serve".as_ref(), "--config".as_ref(), config.as_os_str()];
+            Process::spawn(name, &args, &dir.join(log))
         };
-        let args = serve(&consumer_path)?;
-        let consumer = Process::spawn(
-            "consumer's server",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            &dir.join("mlspp.log"),
-        )?;
-        let args = serve(&provider_path)?;
-        let provider = Process::spawn(
-            "provider's server",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            &dir.join("moj.log"),
-        )?;
+        let consumer = serve("consumer's server", &consumer_path, "mlspp.log")?;
+        let provider = serve("provider's server", &provider_path, "moj.log")?;
         let consumer_config = ServerConfig::load(&consumer_path)?;
         let provider_config = ServerConfig::load(&provider_path)?;
 
@@ -393,17 +405,23 @@ impl Bench {
         match client.get_person(self.request(deadline)).await {
             Ok(_) => Outcome::Served,
             Err(status)
-                if status
-                    .metadata()
-                    .get(crate::error::ERROR_KEY)
-                    .and_then(|v| v.to_str().ok())
-                    == Some(crate::error::Reason::Overloaded.as_str()) =>
+                if Refusal::from_status(&status).map(|r| r.reason) == Some(Reason::Overloaded) =>
             {
                 tokio::time::sleep(BACKOFF).await;
                 Outcome::Shed
             }
             Err(_) => Outcome::Failed,
         }
+    }
+
+    /// The serving processes' CPU time and the audit writers' commit time so far.
+    async fn sample(&self) -> anyhow::Result<Sample> {
+        Ok(Sample {
+            registry: self.registry.cpu()?,
+            consumer: self.consumer.cpu()?,
+            provider: self.provider.cpu()?,
+            commit_ns: self.commit_ns().await?,
+        })
     }
 
     /// Nanoseconds both audit writers have spent committing.
@@ -449,30 +467,18 @@ impl Bench {
         let direct = Figures::of(&mut run, self.registry.cpu()?.saturating_sub(cpu));
 
         closed_loop(concurrency, warm_up, gateway_call.clone()).await;
-        let before = (
-            self.registry.cpu()?,
-            self.consumer.cpu()?,
-            self.provider.cpu()?,
-            self.commit_ns().await?,
-        );
+        let before = self.sample().await?;
         let mut run = closed_loop(concurrency, duration, gateway_call).await;
-        let after = (
-            self.registry.cpu()?,
-            self.consumer.cpu()?,
-            self.provider.cpu()?,
-            self.commit_ns().await?,
-        );
+        let spent = self.sample().await?.since(&before);
         let calls = run.latencies_us.len().max(1) as f64;
-        let consumer_cpu = after.1.saturating_sub(before.1);
-        let provider_cpu = after.2.saturating_sub(before.2);
-        let total = after.0.saturating_sub(before.0) + consumer_cpu + provider_cpu;
-        let figures = Figures::of(&mut run, total);
+        let (consumer_cpu, provider_cpu) = (spent.consumer, spent.provider);
+        let figures = Figures::of(&mut run, spent.registry + consumer_cpu + provider_cpu);
         let gateway = GatewayFigures {
             consumer_cpu_us_per_call: consumer_cpu.as_secs_f64() * 1e6 / calls,
             provider_cpu_us_per_call: provider_cpu.as_secs_f64() * 1e6 / calls,
             consumer_peak_rss_mib: peak_rss_mib(self.consumer.pid())?,
             provider_peak_rss_mib: peak_rss_mib(self.provider.pid())?,
-            fsync_ms_per_call: after.3.saturating_sub(before.3) as f64 / 1e6 / calls,
+            fsync_ms_per_call: spent.commit_ns as f64 / 1e6 / calls,
             shed: run.shed,
             slowest_ms: run.slowest_us as f64 / 1000.0,
             added_p50_ms: figures.p50_ms - direct.p50_ms,

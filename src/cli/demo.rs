@@ -12,6 +12,7 @@ use std::{path::PathBuf, time::Instant};
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 use crate::{
+    error::{Reason, Refusal},
     federation::{BENEFITS, LocalFederation},
     id::Iin,
     proto::kopir::v1::{
@@ -26,7 +27,7 @@ use crate::{
         },
         realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
     },
-    registry::LAST_TAX_YEAR,
+    registry::{LAST_TAX_YEAR, RegistryKind},
 };
 
 /// Arguments of `kopir demo`.
@@ -46,8 +47,8 @@ pub struct Args {
 
 /// The purpose of the income and real-estate reads, which rests on consent.
 const MEANS_TEST: &str = "benefit-means-test";
-const INCOME: &str = "KZ/GOV/SRC/income";
-const REALTY: &str = "KZ/GOV/MOJ/realty";
+const INCOME: &str = RegistryKind::Income.default_service_id();
+const REALTY: &str = RegistryKind::Realty.default_service_id();
 
 fn call<T>(message: T, service: &str, purpose: &str, iin: &Iin) -> Request<T> {
     let mut r = Request::new(message);
@@ -365,7 +366,10 @@ async fn revoke_and_retry(
     let mut realty = RealtyRegistryClient::new(channel.clone());
     loop {
         match realty.list_properties(realty_request(iin, token)?).await {
-            Err(status) if reason_of(&status) == Some("consent.revoked") => {
+            Err(status)
+                if Refusal::from_status(&status).map(|r| r.reason)
+                    == Some(Reason::ConsentRevoked) =>
+            {
                 println!(
                     "  the next real-estate read, {:.0} ms later: {:?} consent.revoked: {}",
                     revoked.elapsed().as_secs_f64() * 1e3,
@@ -381,13 +385,6 @@ async fn revoke_and_retry(
             Ok(_) => anyhow::bail!("the revoked consent still allowed a read after 5 s"),
         }
     }
-}
-
-fn reason_of(status: &tonic::Status) -> Option<&str> {
-    status
-        .metadata()
-        .get(crate::error::ERROR_KEY)
-        .and_then(|v| v.to_str().ok())
 }
 
 /// What the first citizen sees of their data's reads, through the portal,

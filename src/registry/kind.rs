@@ -36,7 +36,7 @@ impl RegistryKind {
 
     /// The provider subsystem that serves this registry by default, e.g.
     /// `KZ/GOV/MOJ/population` (parse it into a `SubsystemId` where needed).
-    pub fn default_service_id(self) -> &'static str {
+    pub const fn default_service_id(self) -> &'static str {
         match self {
             Self::Population => "KZ/GOV/MOJ/population",
             Self::Income => "KZ/GOV/SRC/income",
