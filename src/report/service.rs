@@ -27,7 +27,7 @@ use super::{
 use crate::{
     audit::{AuditHandle, AuditLog, AuditRecord, Side, Step},
     error::{Reason, Refusal},
-    exchange::{consumer::conf_refusal, now_ms},
+    exchange::{consumer::conf_refusal, durable, now_ms},
     globalconf::{GlobalConfHandle, model::ReaderRole},
     id::{ServerId, Subject},
     pki::Fingerprint,
@@ -246,12 +246,9 @@ impl AccessReport for ReportService {
         match served {
             Ok(report) => {
                 // No audit, no report: the request is durable before the answer leaves.
-                if let Err(e) = self.audit.append(self.record(&id, &asked, None)).await {
-                    tracing::error!(error = %e, "access report request could not be audited");
-                    let refusal = Refusal::new(
-                        Reason::AuditUnavailable,
-                        "this security server cannot make its audit record durable, so the report was not released; retry later",
-                    );
+                if let Err(refusal) =
+                    durable(self.audit.as_ref(), self.record(&id, &asked, None)).await
+                {
                     return Err(refusal.to_status(Some(&id)));
                 }
                 let mut response = Response::new(report);
