@@ -30,7 +30,10 @@ use crate::{
     globalconf::watch::watch as watch_conf,
     overload::ShedLayer,
     pki::{
-        Fingerprint, PkiError, cert_fingerprint, load_certs, load_key, sign::SigningKey,
+        Fingerprint, PkiError,
+        batch::{BatchSigner, VerifiedRoots},
+        cert_fingerprint, load_certs, load_key,
+        sign::SigningKey,
         tls::server_config,
     },
     policy::AccessPolicy,
@@ -130,6 +133,8 @@ impl RunningServer {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 256;
+/// How many batch signature roots a server remembers as checked.
+const VERIFIED_ROOTS: usize = 4096;
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow
 /// client cannot hold up the others, and at most `MAX_HANDSHAKES` run at
@@ -286,7 +291,8 @@ pub async fn start(
     let gw = Arc::new(Gateway {
         server_id: config.server_id.clone(),
         conf: conf.clone(),
-        signer,
+        signer: BatchSigner::start(signer),
+        verified: VerifiedRoots::new(VERIFIED_ROOTS),
         audit: audit as Arc<dyn AuditLog>,
         replay: ReplayGuard::new(
             config.limits.max_clock_skew_ms,

@@ -36,7 +36,7 @@ use kopir::{
     },
     registry::RegistryKind,
 };
-use tonic::{Code, Status};
+use tonic::{Code, Status, transport::Channel};
 
 /// Which store the servers' logs are kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,12 @@ impl Harness {
 
     /// GetPerson through the benefits system's security server.
     async fn get_person(&self, request_id: &str) -> Result<(), Status> {
+        let channel = self.fed.client_channel("mlspp", BENEFITS).await.unwrap();
+        self.get_person_on(channel, request_id).await
+    }
+
+    /// GetPerson over an open connection to the benefits system's server.
+    async fn get_person_on(&self, channel: Channel, request_id: &str) -> Result<(), Status> {
         let subject = self.subject();
         let req = with_meta(
             GetPersonRequest {
@@ -111,7 +117,6 @@ impl Harness {
                 ("kopir-request-id", request_id),
             ],
         );
-        let channel = self.fed.client_channel("mlspp", BENEFITS).await.unwrap();
         let response = PopulationRegistryClient::new(channel)
             .get_person(req)
             .await?;
@@ -223,6 +228,49 @@ async fn twin_records_share_the_request_id_and_their_signatures_check(store: Sto
         signatures::check(&swapped, Some(view)),
         SignatureCheck::Valid(_)
     ));
+    h.verify("mlspp").await;
+    h.verify("moj").await;
+    h.fed.shutdown().await;
+}
+
+// ---- batch signatures: shared by concurrent exchanges, checked one by one ----
+
+async fn concurrent_exchanges_share_batch_signatures_that_check_alone(store: Store) {
+    let h = launch(store).await;
+    let channel = h.fed.client_channel("mlspp", BENEFITS).await.unwrap();
+    let ids: Vec<String> = (0..48).map(|i| format!("batch-{i}")).collect();
+    let calls = ids.iter().map(|id| h.get_person_on(channel.clone(), id));
+    for result in futures_util::future::join_all(calls).await {
+        result.unwrap();
+    }
+    let view = h.view();
+    let mut signatures = std::collections::HashSet::new();
+    for id in &ids {
+        for node in ["mlspp", "moj"] {
+            for r in h.records(node, id).await {
+                // Each record's signature checks on its own, path and all.
+                let expected = if r.step == Step::Forwarded || r.step == Step::Accepted {
+                    "KZ/GOV/MLSPP"
+                } else {
+                    "KZ/GOV/MOJ"
+                };
+                assert_eq!(
+                    signatures::check(&r, Some(&view)),
+                    SignatureCheck::Valid(expected.into()),
+                    "{node}: record {} of {id}",
+                    r.seq
+                );
+                let value = r.signature.clone().unwrap();
+                signatures.insert(value[..64].to_vec());
+            }
+        }
+    }
+    // 96 signed messages (48 requests, 48 answers) took fewer signatures.
+    assert!(
+        signatures.len() < 96,
+        "{} signatures for 96 messages",
+        signatures.len()
+    );
     h.verify("mlspp").await;
     h.verify("moj").await;
     h.fed.shutdown().await;
@@ -462,6 +510,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     twin_records_share_the_request_id_and_their_signatures_check,
+    concurrent_exchanges_share_batch_signatures_that_check_alone,
     refusals_are_recorded_on_both_sides,
     a_store_that_refuses_writes_stops_the_exchange,
     operators_read_the_log_over_the_admin_port,

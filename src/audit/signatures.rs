@@ -86,7 +86,7 @@ pub fn check(e: &Entry, view: Option<&ConfView>) -> SignatureCheck {
             view.serial()
         ));
     };
-    if key.verify(&digest, signature) {
+    if crate::pki::batch::verify(key, &digest, signature) {
         SignatureCheck::Valid(member.to_string())
     } else {
         SignatureCheck::Invalid(format!(

@@ -124,7 +124,7 @@ async fn exchange(
     let body_hash = sha256(&body);
     let header = meta.to_header(now_ms(), body_hash);
     let (signature, request_hash) =
-        envelope::sign_request(&header, gw.server_id.member(), &gw.signer);
+        envelope::sign_request_batched(&header, gw.server_id.member(), &gw.signer).await;
     // 6. No audit, no data: the record is durable before anything leaves.
     let mut rec = known.signed_record(
         Side::Consumer,
@@ -301,6 +301,7 @@ async fn forward_and_verify(
                 let h = response.header.clone().unwrap_or_default();
                 let response_hash = envelope::verify_response(
                     view,
+                    &gw.verified,
                     &h,
                     response.signature.as_ref(),
                     meta.service.member(),

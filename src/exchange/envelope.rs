@@ -15,15 +15,20 @@
 //! The *request hash* and *response hash* are the SHA-256 of these forms. The
 //! Ed25519 signature is made over that hash (not the form itself), so an audit
 //! record that keeps only the hash, the signature and the signer's key id can
-//! be checked later without keeping the subject in clear. The response form
-//! includes the request hash, binding each answer to the question it answers.
+//! be checked later without keeping the subject in clear. Under load a server
+//! signs the hashes of concurrent messages with one signature over their
+//! Merkle root, each message carrying its path (see [`crate::pki::batch`]).
+//! The response form includes the request hash, binding each answer to the
+//! question it answers.
 
 use crate::{
     error::{Reason, Refusal},
     globalconf::ConfView,
     id::MemberId,
     pki::{
-        Fingerprint, sha256,
+        Fingerprint,
+        batch::{BatchSigner, VerifiedRoots},
+        sha256,
         sign::{ALGORITHM, SigningKey},
     },
     proto::kopir::v1::{RequestHeader, ResponseHeader, Signature},
@@ -90,42 +95,50 @@ pub fn response_canonical(h: &ResponseHeader, signer: &str, key_id: &[u8]) -> Ve
     c.0
 }
 
-/// Signs the hash of `canonical`; returns the signature and that hash.
-fn signature(member: &MemberId, key: &SigningKey, canonical: &[u8]) -> (Signature, [u8; 32]) {
-    let hash = sha256(canonical);
-    let signature = Signature {
+/// The signature header for a signature value made with the key `key_id`.
+fn signature(member: &MemberId, key_id: &Fingerprint, value: Vec<u8>) -> Signature {
+    Signature {
         signer: member.to_string(),
-        key_id: bytes::Bytes::copy_from_slice(&key.key_id().0),
+        key_id: bytes::Bytes::copy_from_slice(&key_id.0),
         algorithm: ALGORITHM.into(),
-        value: key.sign(&hash).into(),
-    };
-    (signature, hash)
+        value: value.into(),
+    }
 }
 
-/// Signs a request header; returns the signature and the request hash.
+/// Signs a request header on its own with `key` (tools and tests; a server
+/// signs through its [`BatchSigner`]); returns the signature and the request
+/// hash.
 pub fn sign_request(
     h: &RequestHeader,
     member: &MemberId,
     key: &SigningKey,
 ) -> (Signature, [u8; 32]) {
-    signature(
-        member,
-        key,
-        &request_canonical(h, &member.to_string(), &key.key_id().0),
-    )
+    let hash = sha256(&request_canonical(h, &member.to_string(), &key.key_id().0));
+    (signature(member, &key.key_id(), key.sign(&hash)), hash)
 }
 
-/// Signs a response header; returns the signature and the response hash.
-pub fn sign_response(
+/// Signs a request header in the server's next batch; returns the signature
+/// and the request hash.
+pub async fn sign_request_batched(
+    h: &RequestHeader,
+    member: &MemberId,
+    signer: &BatchSigner,
+) -> (Signature, [u8; 32]) {
+    let key_id = signer.key().key_id();
+    let hash = sha256(&request_canonical(h, &member.to_string(), &key_id.0));
+    (signature(member, &key_id, signer.sign(hash).await), hash)
+}
+
+/// Signs a response header in the server's next batch; returns the signature
+/// and the response hash.
+pub async fn sign_response(
     h: &ResponseHeader,
     member: &MemberId,
-    key: &SigningKey,
+    signer: &BatchSigner,
 ) -> (Signature, [u8; 32]) {
-    signature(
-        member,
-        key,
-        &response_canonical(h, &member.to_string(), &key.key_id().0),
-    )
+    let key_id = signer.key().key_id();
+    let hash = sha256(&response_canonical(h, &member.to_string(), &key_id.0));
+    (signature(member, &key_id, signer.sign(hash).await), hash)
 }
 
 /// Checks `sig` over the hash of `canonical` against the key the global
@@ -133,6 +146,7 @@ pub fn sign_response(
 /// hash.
 fn verify(
     view: &ConfView,
+    roots: &VerifiedRoots,
     sig: Option<&Signature>,
     expected_signer: &MemberId,
     canonical: &[u8],
@@ -174,7 +188,7 @@ fn verify(
         ));
     }
     let hash = sha256(canonical);
-    if !key.verify(&hash, &sig.value) {
+    if !roots.verify(key, &hash, &sig.value) {
         return Err(Refusal::new(
             Reason::SignatureInvalid,
             format!(
@@ -188,6 +202,7 @@ fn verify(
 /// Verifies a request's signature by the client's member; returns the request hash.
 pub fn verify_request(
     view: &ConfView,
+    roots: &VerifiedRoots,
     h: &RequestHeader,
     sig: Option<&Signature>,
     client_member: &MemberId,
@@ -198,6 +213,7 @@ pub fn verify_request(
         .unwrap_or_default();
     verify(
         view,
+        roots,
         sig,
         client_member,
         &request_canonical(h, signer, key_id),
@@ -209,6 +225,7 @@ pub fn verify_request(
 /// the request hash; returns the response hash.
 pub fn verify_response(
     view: &ConfView,
+    roots: &VerifiedRoots,
     h: &ResponseHeader,
     sig: Option<&Signature>,
     provider_member: &MemberId,
@@ -221,6 +238,7 @@ pub fn verify_response(
         .unwrap_or_default();
     let response_hash = verify(
         view,
+        roots,
         sig,
         provider_member,
         &response_canonical(h, signer, key_id),

@@ -36,7 +36,10 @@ use crate::{
     error::{Reason, Refusal},
     globalconf::GlobalConfHandle,
     id::{ServerId, SubsystemId},
-    pki::{Fingerprint, sign::SigningKey},
+    pki::{
+        Fingerprint,
+        batch::{BatchSigner, VerifiedRoots},
+    },
     policy::AccessPolicy,
     proto::kopir::v1::Signature,
 };
@@ -91,8 +94,10 @@ pub struct Gateway {
     pub server_id: ServerId,
     /// The global configuration.
     pub conf: GlobalConfHandle,
-    /// The member's signing key.
-    pub signer: Arc<SigningKey>,
+    /// Signs with the member's signing key, one signature per batch.
+    pub signer: BatchSigner,
+    /// Batch signature roots already checked.
+    pub verified: VerifiedRoots,
     /// Where audit records are made durable.
     pub audit: Arc<dyn AuditLog>,
     /// Limits.

@@ -125,6 +125,7 @@ async fn serve(
     let now = now_ms();
     let request_hash = envelope::verify_request(
         &view,
+        &gw.verified,
         &header,
         forward.signature.as_ref(),
         meta.client.member(),
@@ -237,7 +238,7 @@ async fn serve(
         timestamp_ms: now_ms(),
     };
     let (signature, response_hash) =
-        envelope::sign_response(&response_header, gw.server_id.member(), &gw.signer);
+        envelope::sign_response(&response_header, gw.server_id.member(), &gw.signer).await;
     let mut rec = known.signed_record(
         Side::Provider,
         Step::Answered,

@@ -1,12 +1,14 @@
 //! Keys, certificates, signatures and TLS configuration.
 //!
 //! - [`sign`]: the members' and the authority's Ed25519 signing keys (ring).
+//! - [`batch`]: one signature over the Merkle root of many digests.
 //! - [`tls`]: rustls configurations for the client, peer and admin ports, with
 //!   certificates pinned to what the global configuration lists.
 //! - [`dev`]: a development PKI made with rcgen (`kopir certs dev`).
 //! - [`jws`]: compact JWS tokens signed with Ed25519 (consent tokens, report
 //!   assertions).
 
+pub mod batch;
 pub mod dev;
 pub mod jws;
 pub mod sign;
