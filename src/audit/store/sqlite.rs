@@ -1,9 +1,12 @@
 //! The embedded store: SQLite (compiled into kopir) at `<data_dir>/audit.db`.
 //!
-//! WAL mode with `synchronous=FULL`: a commit returns once the WAL is synced,
-//! so one transaction costs one fsync however many records it holds. Writes go
-//! through one connection (used only by the writer task); reads use a small
-//! pool of their own connections and run beside the writer.
+//! WAL mode with `synchronous=FULL`: a commit returns once the WAL is synced
+//! (with `fdatasync`, see `.cargo/config.toml`), so one transaction costs one
+//! sync however many records it holds. Writes go through one connection (used
+//! only by the writer task), in the blocking pool, or on the writer's own
+//! thread for a lone record while commits are quick; reads use a small pool
+//! of their own connections and run beside the writer. A background thread
+//! folds the WAL back into the database file, so commits never wait for it.
 //!
 //! # Indexes
 //!
@@ -25,7 +28,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use futures_util::future::BoxFuture;
@@ -173,7 +179,16 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     keys: Mutex<Keys>,
+    /// True while the last append committed within [`QUICK_COMMIT`].
+    quick: AtomicBool,
 }
+
+/// An append of one record is committed on the calling thread, without a
+/// hand-off to the blocking pool and back, while commits take less than this.
+/// A lone record means the server is nearly idle, and two thread switches
+/// would cost about as much as the commit itself; a slower disk sends every
+/// commit to the blocking pool, where it cannot hold up other calls.
+const QUICK_COMMIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The embedded SQLite store.
 #[derive(Clone)]
@@ -209,6 +224,40 @@ fn write_err(e: rusqlite::Error) -> AuditError {
 /// bought nothing in `kopir bench audit` but could add 64 MiB per reader to
 /// the server's memory.
 const PRAGMAS: &str = "PRAGMA synchronous=FULL; PRAGMA cache_size=-16384; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=10000; PRAGMA journal_size_limit=134217728;";
+
+/// How often a background thread folds the WAL back into the database file.
+const WAL_FOLD_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Folds the WAL back into the database file every [`WAL_FOLD_EVERY`] from a
+/// thread and connection of its own, with passive checkpoints (which neither
+/// wait for the writer nor hold it up), so that commits do not stall while a
+/// checkpoint copies pages and syncs the database file; measured, such stalls
+/// set the slowest answers under load. Once a checkpoint has caught up, the
+/// writer starts the WAL over, so it stays small. The writer's automatic
+/// checkpoint remains as a backstop. The thread ends with the store.
+fn fold_wal_in_background(path: &Path, store: std::sync::Weak<Inner>) {
+    let path = path.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("audit-wal".into())
+        .spawn(move || {
+            let conn = match connect(&path) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit WAL checkpoints stay with the writer");
+                    return;
+                }
+            };
+            while store.strong_count() > 0 {
+                std::thread::sleep(WAL_FOLD_EVERY);
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "audit WAL checkpoint");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "audit WAL checkpoints stay with the writer");
+    }
+}
 
 /// The writer's page cache: small, since it only appends (a large cache
 /// costs a scan of it at every commit).
@@ -250,18 +299,19 @@ impl SqliteStore {
             conn.execute_batch(WRITER_PRAGMAS)
                 .map_err(open_err(&path))?;
             let upto = keys_upto(&conn).map_err(open_err(&path))?;
-            Ok(Self {
-                inner: Arc::new(Inner {
-                    path,
-                    writer: Mutex::new(conn),
-                    readers: Mutex::new(Vec::new()),
-                    keys: Mutex::new(Keys {
-                        upto,
-                        job: None,
-                        chunk: KEY_CHUNK,
-                    }),
+            let inner = Arc::new(Inner {
+                path,
+                writer: Mutex::new(conn),
+                readers: Mutex::new(Vec::new()),
+                keys: Mutex::new(Keys {
+                    upto,
+                    job: None,
+                    chunk: KEY_CHUNK,
                 }),
-            })
+                quick: AtomicBool::new(false),
+            });
+            fold_wal_in_background(&inner.path, Arc::downgrade(&inner));
+            Ok(Self { inner })
         })
         .await
         .map_err(|e| AuditError::Open(format!("sqlite open task: {e}")))?
@@ -646,78 +696,15 @@ impl AuditStore for SqliteStore {
     }
 
     fn append(&self, entries: Vec<Entry>) -> BoxFuture<'_, Result<Vec<Link>, AuditError>> {
-        Box::pin(self.write(move |conn, keys| {
-            if entries.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(write_err)?;
-            let head = head_of(&tx).map_err(write_err)?;
-            let chained = chain(head, &entries);
-            {
-                let mut stmt = tx.prepare_cached(&insert_sql()).map_err(write_err)?;
-                for (e, (seq, prev, hash)) in entries.iter().zip(&chained) {
-                    stmt.execute(params![
-                        seq_to_db(*seq),
-                        &prev[..],
-                        &hash[..],
-                        e.node,
-                        e.request_id,
-                        e.at_ms,
-                        e.side.as_str(),
-                        e.step.as_str(),
-                        e.client,
-                        e.service,
-                        e.method,
-                        e.purpose,
-                        e.subject.as_ref().map(|h| &h[..]),
-                        e.basis,
-                        e.user,
-                        e.peer,
-                        e.status,
-                        e.reason,
-                        e.message,
-                        e.body_sha256.as_ref().map(|h| &h[..]),
-                        e.request_hash.as_ref().map(|h| &h[..]),
-                        e.signature.as_deref(),
-                        e.signer_key.as_ref().map(|h| &h[..]),
-                        e.signed_hash.as_ref().map(|h| &h[..]),
-                        e.body.as_deref(),
-                        e.query_group,
-                        e.hidden_until_ms,
-                        e.hidden_reason,
-                    ])
-                    .map_err(write_err)?;
-                }
-            }
-            // A slice of the key index rides in the same transaction (and
-            // fsync). Should it fail, the records still go in: the slice is
-            // redone later from `keys_upto`.
-            let head = chained.last().map(|c| c.0).unwrap_or(0);
-            let slice_ok = match tx.savepoint() {
-                Ok(sp) => match index_keys(&sp, keys, head, entries.len() * 8) {
-                    Ok(()) => sp.commit().is_ok(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "audit key index: will retry");
-                        false
-                    }
-                },
-                Err(_) => false,
-            };
-            tx.commit().map_err(write_err)?;
-            if let Ok(mut k) = keys.lock() {
-                if !slice_ok {
-                    k.job = None;
-                } else {
-                    k.settle();
-                }
-            }
-            Ok(chained
-                .into_iter()
-                .map(|(seq, _, hash)| Link { seq, hash })
-                .collect())
-        }))
+        if entries.len() == 1 && self.inner.quick.load(Ordering::Relaxed) {
+            return Box::pin(std::future::ready(append_timed(&self.inner, &entries)));
+        }
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || append_timed(&inner, &entries))
+                .await
+                .map_err(|e| AuditError::Write(format!("sqlite write task: {e}")))?
+        })
     }
 
     fn head(&self) -> BoxFuture<'_, Result<Option<Link>, AuditError>> {
@@ -866,6 +853,99 @@ impl AuditStore for SqliteStore {
     }
 }
 
+/// Appends `entries` on the writer connection in one transaction, and notes
+/// whether the commit was quick.
+fn append_timed(inner: &Inner, entries: &[Entry]) -> Result<Vec<Link>, AuditError> {
+    let started = std::time::Instant::now();
+    let mut conn = inner
+        .writer
+        .lock()
+        .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
+    let links = append_batch(&mut conn, &inner.keys, entries);
+    inner
+        .quick
+        .store(started.elapsed() < QUICK_COMMIT, Ordering::Relaxed);
+    links
+}
+
+/// Appends `entries` in one transaction, chained to the current head.
+fn append_batch(
+    conn: &mut Connection,
+    keys: &Mutex<Keys>,
+    entries: &[Entry],
+) -> Result<Vec<Link>, AuditError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(write_err)?;
+    let head = head_of(&tx).map_err(write_err)?;
+    let chained = chain(head, entries);
+    {
+        let mut stmt = tx.prepare_cached(&insert_sql()).map_err(write_err)?;
+        for (e, (seq, prev, hash)) in entries.iter().zip(&chained) {
+            stmt.execute(params![
+                seq_to_db(*seq),
+                &prev[..],
+                &hash[..],
+                e.node,
+                e.request_id,
+                e.at_ms,
+                e.side.as_str(),
+                e.step.as_str(),
+                e.client,
+                e.service,
+                e.method,
+                e.purpose,
+                e.subject.as_ref().map(|h| &h[..]),
+                e.basis,
+                e.user,
+                e.peer,
+                e.status,
+                e.reason,
+                e.message,
+                e.body_sha256.as_ref().map(|h| &h[..]),
+                e.request_hash.as_ref().map(|h| &h[..]),
+                e.signature.as_deref(),
+                e.signer_key.as_ref().map(|h| &h[..]),
+                e.signed_hash.as_ref().map(|h| &h[..]),
+                e.body.as_deref(),
+                e.query_group,
+                e.hidden_until_ms,
+                e.hidden_reason,
+            ])
+            .map_err(write_err)?;
+        }
+    }
+    // A slice of the key index rides in the same transaction (and
+    // fsync). Should it fail, the records still go in: the slice is
+    // redone later from `keys_upto`.
+    let head = chained.last().map(|c| c.0).unwrap_or(0);
+    let slice_ok = match tx.savepoint() {
+        Ok(sp) => match index_keys(&sp, keys, head, entries.len() * 8) {
+            Ok(()) => sp.commit().is_ok(),
+            Err(e) => {
+                tracing::warn!(error = %e, "audit key index: will retry");
+                false
+            }
+        },
+        Err(_) => false,
+    };
+    tx.commit().map_err(write_err)?;
+    if let Ok(mut k) = keys.lock() {
+        if !slice_ok {
+            k.job = None;
+        } else {
+            k.settle();
+        }
+    }
+    Ok(chained
+        .into_iter()
+        .map(|(seq, _, hash)| Link { seq, hash })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -970,6 +1050,34 @@ mod tests {
 
     /// Queries by subject and request id give the same answers whether the
     /// records are in the key index, in the tail after it, or both.
+    /// Single records commit on the caller's thread once commits are quick,
+    /// and the WAL is folded back in the background, so that the writer
+    /// starts it over instead of letting it grow to its checkpoint size.
+    #[tokio::test]
+    async fn lone_records_commit_in_place_and_the_wal_is_folded_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        let key = PseudonymKey::random().unwrap();
+        assert!(!store.inner.quick.load(Ordering::Relaxed));
+        for i in 1..=60 {
+            store.append(vec![entry(i, &key)]).await.unwrap();
+        }
+        assert!(store.inner.quick.load(Ordering::Relaxed));
+        let frames = |conn: &Connection| -> i64 {
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+                .unwrap()
+        };
+        let probe = connect(&store.inner.path).unwrap();
+        std::thread::sleep(WAL_FOLD_EVERY * 3);
+        store.append(vec![entry(61, &key)]).await.unwrap();
+        let after = frames(&probe);
+        assert!(
+            (1..20).contains(&after),
+            "the WAL holds {after} frames after 61 commits: it was not started over"
+        );
+        assert_eq!(store.head().await.unwrap().map(|h| h.seq), Some(61));
+    }
+
     #[tokio::test]
     async fn the_key_index_and_the_tail_answer_alike() {
         let dir = tempfile::tempdir().unwrap();
