@@ -24,7 +24,7 @@ use crate::{
     consent::{ConsentVerifier, DEFAULT_MAX_SILENCE, FeedOptions, RevocationFeed, RevocationSet},
     error::{Reason, Refusal},
     exchange::{
-        Gateway, consumer, peers::Peers, provider::Provider, replay::ReplayGuard,
+        Gateway, RegisteredClient, consumer, peers::Peers, provider::Provider, replay::ReplayGuard,
         upstream::Registry,
     },
     globalconf::watch::watch as watch_conf,
@@ -236,7 +236,10 @@ pub async fn start(
     );
     let mut clients = HashMap::new();
     for c in &config.clients {
-        clients.insert(c.id.clone(), cert_fingerprint(&c.cert)?);
+        clients.insert(
+            c.id.clone(),
+            RegisteredClient::of(load_certs(&c.cert)?[0].as_ref())?,
+        );
     }
     let mut services = HashMap::new();
     for s in &config.services {

@@ -63,6 +63,8 @@ fn the_benchmark_prints_every_figure_for_each_level() {
         ] {
             assert!(g[key].as_f64().unwrap() > 0.0, "gateway.{key}: {g}");
         }
+        // Every commit holds at least one record.
+        assert!(g["records_per_commit"].as_f64().unwrap() >= 1.0, "{g}");
         // Under overload, every error is a call shed at once.
         assert_eq!(g["errors"], g["shed"], "{g}");
         assert!(g["slowest_ms"].as_f64().unwrap() > 0.0, "{g}");

@@ -130,6 +130,9 @@ pub struct GatewayFigures {
     /// per call: the disk wait of a call when calls are serial; shared by the
     /// calls of a group commit under load.
     pub fsync_ms_per_call: f64,
+    /// Audit records per commit, both writers together: how well group
+    /// commit shares each sync.
+    pub records_per_commit: f64,
     /// What the two servers add to the direct call at the median: gateway
     /// p50 minus direct p50 (of which `fsync_ms_per_call` is disk wait).
     pub added_p50_ms: f64,
@@ -146,6 +149,8 @@ struct Sample {
     consumer: Duration,
     provider: Duration,
     commit_ns: u64,
+    commits: u64,
+    records: u64,
 }
 
 impl Sample {
@@ -156,6 +161,8 @@ impl Sample {
             consumer: self.consumer.saturating_sub(before.consumer),
             provider: self.provider.saturating_sub(before.provider),
             commit_ns: self.commit_ns.saturating_sub(before.commit_ns),
+            commits: self.commits.saturating_sub(before.commits),
+            records: self.records.saturating_sub(before.records),
         }
     }
 }
@@ -414,28 +421,27 @@ impl Bench {
         }
     }
 
-    /// The serving processes' CPU time and the audit writers' commit time so far.
+    /// The serving processes' CPU time and the audit writers' work so far.
     async fn sample(&self) -> anyhow::Result<Sample> {
-        Ok(Sample {
+        let mut sample = Sample {
             registry: self.registry.cpu()?,
             consumer: self.consumer.cpu()?,
             provider: self.provider.cpu()?,
-            commit_ns: self.commit_ns().await?,
-        })
-    }
-
-    /// Nanoseconds both audit writers have spent committing.
-    async fn commit_ns(&self) -> anyhow::Result<u64> {
-        let mut total = 0;
+            commit_ns: 0,
+            commits: 0,
+            records: 0,
+        };
         for admin in &self.admins {
-            total += admin
+            let stats = admin
                 .clone()
                 .stats(AuditStatsRequest {})
                 .await?
-                .into_inner()
-                .commit_ns;
+                .into_inner();
+            sample.commit_ns += stats.commit_ns;
+            sample.commits += stats.commits;
+            sample.records += stats.records;
         }
-        Ok(total)
+        Ok(sample)
     }
 
     async fn level(
@@ -479,6 +485,7 @@ impl Bench {
             consumer_peak_rss_mib: peak_rss_mib(self.consumer.pid())?,
             provider_peak_rss_mib: peak_rss_mib(self.provider.pid())?,
             fsync_ms_per_call: spent.commit_ns as f64 / 1e6 / calls,
+            records_per_commit: spent.records as f64 / spent.commits.max(1) as f64,
             shed: run.shed,
             slowest_ms: run.slowest_us as f64 / 1000.0,
             added_p50_ms: figures.p50_ms - direct.p50_ms,
@@ -538,11 +545,12 @@ fn print_level(l: &Level) {
     row("gateway", &l.gateway.figures);
     let g = &l.gateway;
     println!(
-        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; adds {:.2} ms at p50, of which audit commits (disk) {:.2} ms, the rest {:.2} ms; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
+        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; adds {:.2} ms at p50, of which audit commits (disk) {:.2} ms ({:.1} records per commit), the rest {:.2} ms; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
         g.consumer_cpu_us_per_call,
         g.provider_cpu_us_per_call,
         g.added_p50_ms,
         g.fsync_ms_per_call,
+        g.records_per_commit,
         g.added_p50_ms - g.fsync_ms_per_call,
         g.consumer_peak_rss_mib,
         g.provider_peak_rss_mib,

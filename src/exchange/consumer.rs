@@ -17,7 +17,7 @@ use crate::{
     audit::{Side, Step},
     error::{Reason, Refusal},
     globalconf::{ConfError, ConfView},
-    pki::{self, Fingerprint, sha256},
+    pki::{Fingerprint, sha256},
     policy,
     proto::kopir::v1::{ForwardRequest, ForwardResponse},
 };
@@ -222,7 +222,7 @@ fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<()
                 ),
             )
         })?;
-    if Fingerprint::of(cert.as_ref()) != *expected {
+    if Fingerprint::of(cert.as_ref()) != expected.fingerprint {
         return Err(Refusal::new(
             Reason::ClientCertificateMismatch,
             format!(
@@ -231,17 +231,17 @@ fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<()
             ),
         ));
     }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    match pki::validity(cert.as_ref()) {
-        Ok((from, to)) if (from..=to).contains(&now) => Ok(()),
-        _ => Err(Refusal::new(
+    let (from, to) = expected.valid;
+    if !(from..=to).contains(&(now_ms() / 1000)) {
+        return Err(Refusal::new(
             Reason::ClientCertificateMismatch,
             format!(
                 "the client certificate of {} is expired or not yet valid",
                 meta.client
             ),
-        )),
+        ));
     }
+    Ok(())
 }
 
 /// A provider's answer whose signature and body hash were checked.

@@ -88,6 +88,26 @@ impl Limits {
     }
 }
 
+/// The client certificate an information system must present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisteredClient {
+    /// SHA-256 of the certificate.
+    pub fingerprint: Fingerprint,
+    /// Its validity (Unix seconds, inclusive), read once: a certificate that
+    /// matches the fingerprint is this certificate.
+    pub valid: (i64, i64),
+}
+
+impl RegisteredClient {
+    /// The registration of a certificate (DER).
+    pub fn of(der: &[u8]) -> Result<Self, crate::pki::PkiError> {
+        Ok(Self {
+            fingerprint: Fingerprint::of(der),
+            valid: crate::pki::validity(der)?,
+        })
+    }
+}
+
 /// Everything the security path of one server needs, shared by its ports.
 pub struct Gateway {
     /// This server's id.
@@ -102,9 +122,9 @@ pub struct Gateway {
     pub audit: Arc<dyn AuditLog>,
     /// Limits.
     pub limits: Limits,
-    /// Local information systems allowed on the client port, by the fingerprint
-    /// of their client certificate.
-    pub clients: HashMap<SubsystemId, Fingerprint>,
+    /// Local information systems allowed on the client port, by the client
+    /// certificate registered for each.
+    pub clients: HashMap<SubsystemId, RegisteredClient>,
     /// True if the client port accepts plaintext (development, loopback only):
     /// then clients are not authenticated.
     pub plaintext_clients: bool,
