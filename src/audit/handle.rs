@@ -46,7 +46,7 @@ pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Default capacity of the append queue.
 pub const DEFAULT_QUEUE: usize = 8192;
 /// A batch at least this large means concurrent appenders: gather a little.
-const GATHER_THRESHOLD: usize = 32;
+const GATHER_THRESHOLD: usize = 8;
 /// How many times the writer yields to gather a batch under load.
 const GATHER_ROUNDS: u32 = 8;
 /// How many record hashes the writer reads at once when it catches up.

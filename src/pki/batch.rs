@@ -122,9 +122,10 @@ type Job = ([u8; 32], oneshot::Sender<Vec<u8>>);
 /// Signs digests for concurrent callers, one signature per batch.
 ///
 /// A task takes the first waiting digest, lets the other tasks ready to run
-/// go once (so that callers arriving together join), takes whatever else is
-/// waiting up to [`MAX_BATCH`], and signs the lot. Alone, a caller waits only
-/// for that one turn of the scheduler; under load, batches grow with it.
+/// go (so that callers arriving together join), takes whatever else is
+/// waiting up to [`MAX_BATCH`], and signs the lot. It gives them another
+/// turn, up to a few, while each turn brings more. Alone, a caller waits only
+/// for one turn of the scheduler; under load, batches grow with it.
 #[derive(Debug, Clone)]
 pub struct BatchSigner {
     key: Arc<SigningKey>,
@@ -157,17 +158,27 @@ impl BatchSigner {
     }
 }
 
+/// How many turns of the scheduler a batch may wait for more digests, as
+/// long as each turn brings some.
+const GATHER_ROUNDS: usize = 4;
+
 /// The signing task: one signature per batch of waiting digests. The number
 /// waiting is bounded by the calls a server admits at once.
 async fn run(key: Arc<SigningKey>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
-        tokio::task::yield_now().await;
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        for _ in 0..GATHER_ROUNDS {
+            tokio::task::yield_now().await;
+            let before = batch.len();
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if batch.len() == before || batch.len() == MAX_BATCH {
+                break;
             }
         }
         let digests: Vec<[u8; 32]> = batch.iter().map(|(d, _)| *d).collect();
