@@ -257,6 +257,48 @@ async fn information_system_without_a_valid_client_certificate_is_refused() {
 use rustls::pki_types::pem::PemObject;
 
 #[tokio::test]
+async fn an_expired_registered_client_certificate_is_refused() {
+    // The certificate registered for the benefits system expired yesterday.
+    let mut params = rcgen::CertificateParams::new(vec!["benefits".into()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let pem_dir = tempfile::tempdir().unwrap();
+    let cert_path = pem_dir.path().join("expired.pem");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    let h = launch(&|node, config| {
+        if node == "mlspp" {
+            for client in &mut config.clients {
+                if client.id.to_string() == BENEFITS {
+                    client.cert = cert_path.clone();
+                }
+            }
+        }
+    })
+    .await;
+    let identity = (
+        pki::certs_from_pem(cert.pem().as_bytes(), "t").unwrap(),
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+    );
+    let addr = h.fed.node("mlspp").server.client_addr;
+    let expired = h.fed.channel_to(addr, Some(identity)).await.unwrap();
+    let status = get_person_status(&h, expired, h.get_person()).await;
+    assert_refused(
+        &status,
+        Code::Unauthenticated,
+        "client.certificate_mismatch",
+    );
+    assert!(
+        status.message().contains("expired or not yet valid"),
+        "{}",
+        status.message()
+    );
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
 async fn access_rule_denies() {
     let h = launch(&|_, _| {}).await;
     // MOJ lets the benefits system read realty only for the means test.

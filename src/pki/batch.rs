@@ -80,7 +80,7 @@ pub fn sign_all(key: &SigningKey, digests: &[[u8; 32]]) -> Vec<Vec<u8>> {
     if let [digest] = digests {
         return vec![key.sign(digest)];
     }
-    // Build the tree level by level; an odd node out is carried up as it is.
+    // Build the tree level by level, from the digests up to the root.
     let mut levels: Vec<Vec<[u8; 32]>> = vec![digests.to_vec()];
     while levels.last().is_some_and(|l| l.len() > 1) {
         let below = levels.last().map(Vec::as_slice).unwrap_or_default();
@@ -88,8 +88,8 @@ pub fn sign_all(key: &SigningKey, digests: &[[u8; 32]]) -> Vec<Vec<u8>> {
             .chunks(2)
             .map(|pair| match pair {
                 [left, right] => node(left, right),
-                [single] => *single,
-                _ => unreachable!("chunks(2) yields one or two"),
+                // An odd node out is carried up as it is.
+                _ => pair[0],
             })
             .collect();
         levels.push(above);
