@@ -682,18 +682,15 @@ fn query_keyed(
 }
 
 fn head_of(conn: &Connection) -> Result<Option<Link>, rusqlite::Error> {
-    conn.query_row(
-        "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1",
-        [],
-        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
-    )
-    .optional()
-    .map(|row| {
-        row.map(|(seq, hash)| Link {
-            seq: seq_from_db(seq),
-            hash: lossy_hash(&hash),
+    conn.prepare_cached("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .optional()
+        .map(|row| {
+            row.map(|(seq, hash)| Link {
+                seq: seq_from_db(seq),
+                hash: lossy_hash(&hash),
+            })
         })
-    })
 }
 
 impl AuditStore for SqliteStore {
