@@ -237,6 +237,20 @@ impl LocalFederation {
         )
     }
 
+    /// Every record a node's audit log keeps of one exchange, oldest first.
+    pub async fn records(
+        &self,
+        node: &str,
+        request_id: &str,
+    ) -> anyhow::Result<Vec<crate::audit::record::StoredRecord>> {
+        Ok(self
+            .node(node)
+            .audit
+            .store()
+            .by_request(request_id.into())
+            .await?)
+    }
+
     /// A node by name.
     pub fn node(&self, name: &str) -> &Node {
         &self.nodes[name]

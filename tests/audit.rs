@@ -125,13 +125,7 @@ impl Harness {
     }
 
     async fn records(&self, node: &str, request_id: &str) -> Vec<StoredRecord> {
-        self.fed
-            .node(node)
-            .audit
-            .store()
-            .by_request(request_id.into())
-            .await
-            .unwrap()
+        self.fed.records(node, request_id).await.unwrap()
     }
 
     fn registry_calls(&self) -> u64 {

@@ -267,13 +267,7 @@ impl World {
     }
 
     async fn records(&self, node: &str, request_id: &str) -> Vec<StoredRecord> {
-        self.fed
-            .node(node)
-            .audit
-            .store()
-            .by_request(request_id.into())
-            .await
-            .unwrap()
+        self.fed.records(node, request_id).await.unwrap()
     }
 
     /// The basis the provider `node` recorded when it accepted `request_id`.
