@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use common::{assert_refused, with_meta};
 use kopir::{
@@ -227,6 +227,37 @@ async fn twin_records_share_the_request_id_and_their_signatures_check(store: Sto
     h.fed.shutdown().await;
 }
 
+// ---- one wait for the disk per server and exchange, before the answer ----
+
+async fn each_server_waits_for_the_disk_once_per_exchange(store: Store) {
+    let h = launch(store).await;
+    let stats = |node: &str| {
+        let s = h.fed.node(node).audit.stats();
+        (
+            s.records.load(Ordering::Relaxed),
+            s.syncs.load(Ordering::Relaxed),
+            s.pending.load(Ordering::Relaxed),
+        )
+    };
+    let before = [stats("mlspp"), stats("moj")];
+    for i in 1..=3u64 {
+        h.get_person(&format!("sync-{i}")).await.unwrap();
+        for (node, (records, syncs, _)) in ["mlspp", "moj"].into_iter().zip(before) {
+            // Two records per exchange, one of them written ahead of the
+            // other and made durable by it: nothing is left pending once
+            // the answer is out.
+            assert_eq!(stats(node), (records + 2 * i, syncs + i, 0), "{node}");
+        }
+    }
+    for node in ["mlspp", "moj"] {
+        let first = h.records(node, "sync-1").await;
+        assert_eq!(first.len(), 2, "{node}");
+    }
+    h.verify("mlspp").await;
+    h.verify("moj").await;
+    h.fed.shutdown().await;
+}
+
 // ---- batch signatures: shared by concurrent exchanges, checked one by one ----
 
 async fn concurrent_exchanges_share_batch_signatures_that_check_alone(store: Store) {
@@ -413,6 +444,9 @@ async fn a_store_that_refuses_writes_stops_the_exchange(store: Store) {
         ]
     );
     assert_eq!(consumer[1].reason.as_deref(), Some("audit.unavailable"));
+    // The failure's record made the `forwarded` one durable too.
+    let pending = &h.fed.node("mlspp").audit.stats().pending;
+    assert_eq!(pending.load(Ordering::Relaxed), 0);
     set_refusing(&h, "moj", false).await;
 
     // Once the stores accept writes again, exchanges resume on intact logs.
@@ -504,6 +538,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     twin_records_share_the_request_id_and_their_signatures_check,
+    each_server_waits_for_the_disk_once_per_exchange,
     concurrent_exchanges_share_batch_signatures_that_check_alone,
     refusals_are_recorded_on_both_sides,
     a_store_that_refuses_writes_stops_the_exchange,

@@ -65,6 +65,9 @@ fn the_benchmark_prints_every_figure_for_each_level() {
         }
         // Every commit holds at least one record.
         assert!(g["records_per_commit"].as_f64().unwrap() >= 1.0, "{g}");
+        // Each server waits for the disk at most once per exchange.
+        let syncs = g["syncs_per_call"].as_f64().unwrap();
+        assert!(syncs > 0.0 && syncs <= 2.0, "{g}");
         // Under overload, every error is a call shed at once.
         assert_eq!(g["errors"], g["shed"], "{g}");
         assert!(g["slowest_ms"].as_f64().unwrap() > 0.0, "{g}");

@@ -21,7 +21,7 @@ use super::{
     pgtest::TempPostgres,
     pseudonym::PseudonymKey,
     record::Entry,
-    store::{AuditStore, Query, postgres::PostgresStore, sqlite::SqliteStore},
+    store::{AuditStore, Commit, Query, postgres::PostgresStore, sqlite::SqliteStore},
     verify::{VerifyOptions, verify_store},
 };
 use crate::pki::{dev::signing_pair, sign::SigningKey};
@@ -219,7 +219,7 @@ async fn build_log(
                 .collect::<Vec<_>>()
         })
         .await?;
-        store.append(entries).await?;
+        store.append(entries, Commit::Durable).await?;
         next = end + 1;
     }
     if !quiet {

@@ -8,6 +8,9 @@
 //! commit returns (one fsync for the whole batch) answers every waiter of the
 //! batch. If the write fails, every waiter gets [`AuditError::Write`] and
 //! nothing of the batch is acknowledged. The chain order is the commit order.
+//! A batch of [`AuditLog::append_written`] records only is committed without
+//! waiting for the disk ([`Commit::Written`]); any durable commit after it,
+//! or the next checkpoint, covers it.
 //!
 //! The writer also keeps the Merkle [`Frontier`] of the log and signs a
 //! [`Checkpoint`] every `checkpoint_interval`, on demand
@@ -34,7 +37,7 @@ use super::{
     merkle::Frontier,
     pseudonym::{self, PseudonymKey},
     record::{Entry, Hash, Link, StoredRecord},
-    store::{self, AuditStore, Location, StoredCheckpoint},
+    store::{self, AuditStore, Commit, Location, StoredCheckpoint},
 };
 use crate::clock::now_ms;
 use crate::pki::sign::SigningKey;
@@ -181,8 +184,10 @@ impl Default for WriterOptions {
     }
 }
 
+type Waiter = oneshot::Sender<Result<(), AuditError>>;
+
 enum Command {
-    Append(Box<Entry>, oneshot::Sender<Result<(), AuditError>>),
+    Append(Box<Entry>, Commit, Waiter),
     Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, AuditError>>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -364,17 +369,25 @@ impl AuditHandle {
     }
 }
 
+impl AuditHandle {
+    async fn append_as(&self, record: AuditRecord, commit: Commit) -> Result<(), AuditError> {
+        let entry = Entry::from_record(record, &self.node, &self.pseudonyms);
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append(Box::new(entry), commit, tx))
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+}
+
 impl AuditLog for AuditHandle {
     fn append(&self, record: AuditRecord) -> BoxFuture<'_, Result<(), AuditError>> {
-        Box::pin(async move {
-            let entry = Entry::from_record(record, &self.node, &self.pseudonyms);
-            let (tx, rx) = oneshot::channel();
-            self.tx
-                .send(Command::Append(Box::new(entry), tx))
-                .await
-                .map_err(|_| AuditError::Closed)?;
-            rx.await.map_err(|_| AuditError::Closed)?
-        })
+        Box::pin(self.append_as(record, Commit::Durable))
+    }
+
+    fn append_written(&self, record: AuditRecord) -> BoxFuture<'_, Result<(), AuditError>> {
+        Box::pin(self.append_as(record, Commit::Written))
     }
 }
 
@@ -395,12 +408,44 @@ impl Tree {
 /// Counters of the writer since it started (read with [`AuditHandle::stats`]).
 #[derive(Debug, Default)]
 pub struct WriterStats {
-    /// Records made durable.
+    /// Records committed.
     pub records: AtomicU64,
-    /// Commits that made them durable.
+    /// Commits (transactions) that wrote them.
     pub commits: AtomicU64,
-    /// Nanoseconds spent in those commits.
+    /// Those of the commits that waited for the disk ([`Commit::Durable`]).
+    pub syncs: AtomicU64,
+    /// Records written but not yet durable: those committed since the last
+    /// durable commit (0 whenever the exchange path has answered).
+    pub pending: AtomicU64,
+    /// Nanoseconds spent in the commits.
     pub commit_ns: AtomicU64,
+}
+
+/// The appends the writer takes into one transaction.
+struct Batch {
+    entries: Vec<(Entry, Waiter)>,
+    /// Durable if any append of the batch asked for it.
+    commit: Commit,
+}
+
+impl Batch {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(n),
+            commit: Commit::Written,
+        }
+    }
+
+    fn push(&mut self, entry: Entry, commit: Commit, waiter: Waiter) {
+        if commit == Commit::Durable {
+            self.commit = Commit::Durable;
+        }
+        self.entries.push((entry, waiter));
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 struct Writer {
@@ -481,8 +526,7 @@ impl Writer {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });
-        let mut batch: Vec<(Entry, oneshot::Sender<Result<(), AuditError>>)> =
-            Vec::with_capacity(self.max_batch);
+        let mut batch = Batch::with_capacity(self.max_batch);
         loop {
             // The timer goes first so that a steady stream of appends cannot
             // starve the periodic checkpoint.
@@ -507,8 +551,8 @@ impl Writer {
             };
             while let Some(command) = pending.take() {
                 match command {
-                    Command::Append(entry, waiter) => {
-                        batch.push((*entry, waiter));
+                    Command::Append(entry, commit, waiter) => {
+                        batch.push(*entry, commit, waiter);
                         // Take whatever else is queued, up to a full batch.
                         // Under load (the last batch was large), give the
                         // appenders just answered a moment to come back, so
@@ -522,7 +566,7 @@ impl Writer {
                             let before = batch.len();
                             while batch.len() < self.max_batch {
                                 match rx.try_recv() {
-                                    Ok(Command::Append(e, w)) => batch.push((*e, w)),
+                                    Ok(Command::Append(e, c, w)) => batch.push(*e, c, w),
                                     Ok(other) => {
                                         pending = Some(other);
                                         break;
@@ -551,8 +595,8 @@ impl Writer {
                         // first: it is ahead of it in the channel.
                         rx.close();
                         while let Ok(command) = rx.try_recv() {
-                            if let Command::Append(e, w) = command {
-                                batch.push((*e, w));
+                            if let Command::Append(e, c, w) = command {
+                                batch.push(*e, c, w);
                                 if batch.len() >= self.max_batch {
                                     self.write(&mut batch).await;
                                 }
@@ -576,21 +620,31 @@ impl Writer {
     }
 
     /// Appends the batch in one transaction and answers its waiters.
-    async fn write(&mut self, batch: &mut Vec<(Entry, oneshot::Sender<Result<(), AuditError>>)>) {
-        if batch.is_empty() {
+    async fn write(&mut self, batch: &mut Batch) {
+        if batch.entries.is_empty() {
             return;
         }
-        let (entries, waiters): (Vec<Entry>, Vec<_>) = batch.drain(..).unzip();
+        let commit = std::mem::replace(&mut batch.commit, Commit::Written);
+        let (entries, waiters): (Vec<Entry>, Vec<_>) = batch.entries.drain(..).unzip();
         let started = std::time::Instant::now();
-        let appended = self.store.append(entries).await;
+        let appended = self.store.append(entries, commit).await;
         let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         match appended {
             Ok(links) => {
-                self.stats.commit_ns.fetch_add(spent, Ordering::Relaxed);
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .records
-                    .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+                let n = waiters.len() as u64;
+                let stats = &self.stats;
+                stats.commit_ns.fetch_add(spent, Ordering::Relaxed);
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.records.fetch_add(n, Ordering::Relaxed);
+                match commit {
+                    Commit::Durable => {
+                        stats.syncs.fetch_add(1, Ordering::Relaxed);
+                        stats.pending.store(0, Ordering::Relaxed);
+                    }
+                    Commit::Written => {
+                        stats.pending.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
                 for w in waiters {
                     let _ = w.send(Ok(()));
                 }

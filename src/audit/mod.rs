@@ -249,6 +249,21 @@ pub enum AuditError {
 
 /// Where a security server makes its audit records durable.
 pub trait AuditLog: Send + Sync + 'static {
-    /// Appends a record; resolves once it is durable (or the write failed).
+    /// Appends a record; resolves once it is durable (or the write failed),
+    /// and with it every record appended before it.
     fn append(&self, record: AuditRecord) -> BoxFuture<'_, Result<(), AuditError>>;
+
+    /// Appends a record that a later [`AuditLog::append`] of the same
+    /// exchange will follow before the server answers anyone: resolves once
+    /// it is written in chain order and safe from a crash of the process
+    /// (or the write failed), without waiting for the disk. That later append
+    /// makes it durable. The exchange path uses it for the record made before
+    /// a request goes on (the consumer's `forwarded`, the provider's
+    /// `accepted`), so that an exchange waits for the disk once per server,
+    /// not twice, and releases no data before both records are durable. A
+    /// record left written only (its exchange cancelled, say) becomes durable
+    /// with the next append or checkpoint. By default, the same as `append`.
+    fn append_written(&self, record: AuditRecord) -> BoxFuture<'_, Result<(), AuditError>> {
+        self.append(record)
+    }
 }

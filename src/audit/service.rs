@@ -367,6 +367,8 @@ impl AuditService for AuditServiceImpl {
             records: s.records.load(Ordering::Relaxed),
             commits: s.commits.load(Ordering::Relaxed),
             commit_ns: s.commit_ns.load(Ordering::Relaxed),
+            syncs: s.syncs.load(Ordering::Relaxed),
+            pending: s.pending.load(Ordering::Relaxed),
         }))
     }
 }

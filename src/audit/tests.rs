@@ -3,7 +3,10 @@
 //! throwaway PostgreSQL cluster ([`super::pgtest::TempPostgres`]). Tampering is
 //! done with raw SQL, as an intruder with database access would.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use super::{
     AuditHandle, AuditLog, AuditRecord, Side, Step, WriterOptions,
@@ -330,6 +333,49 @@ async fn concurrent_appends_are_group_committed(kind: Kind) {
     .await
     .unwrap();
     assert!(report.ok() && report.records == 300, "{report:#?}");
+}
+
+async fn written_records_become_durable_with_the_next_append(kind: Kind) {
+    let log = Log::new(kind, 2, &[]).await;
+    let stats = || {
+        let s = log.handle.stats();
+        (
+            s.commits.load(Ordering::Relaxed),
+            s.syncs.load(Ordering::Relaxed),
+            s.pending.load(Ordering::Relaxed),
+        )
+    };
+    assert_eq!(stats(), (2, 2, 0));
+    // Written: committed, in the chain and readable, not waited for.
+    log.handle.append_written(record(3)).await.unwrap();
+    assert_eq!(stats(), (3, 2, 1));
+    assert_eq!(log.get(3).await.entry.request_id, record(3).request_id);
+    // The next durable append covers it.
+    log.handle.append(record(4)).await.unwrap();
+    assert_eq!(stats(), (4, 3, 0));
+    // A batch that holds one durable append waits for the disk as a whole.
+    let tasks: Vec<_> = (5..=20)
+        .map(|i| {
+            let h = log.handle.clone();
+            tokio::spawn(async move {
+                if i == 20 {
+                    h.append(record(i)).await
+                } else {
+                    h.append_written(record(i)).await
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(stats().2, 0, "{:?}", stats());
+    // Shutting down leaves nothing pending: the final checkpoint is durable.
+    log.handle.append_written(record(21)).await.unwrap();
+    log.handle.shutdown().await;
+    let report = log.verify().await;
+    assert!(report.ok() && report.unsigned_tail == 0, "{report:#?}");
+    assert_eq!(report.records, 21);
 }
 
 async fn a_refused_write_acknowledges_nothing(kind: Kind) {
@@ -831,6 +877,7 @@ macro_rules! for_each_store {
 for_each_store!(
     appends_chain_and_verify,
     concurrent_appends_are_group_committed,
+    written_records_become_durable_with_the_next_append,
     a_refused_write_acknowledges_nothing,
     queries_filter_and_page_newest_first,
     show_and_proofs,

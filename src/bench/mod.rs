@@ -133,6 +133,9 @@ pub struct GatewayFigures {
     /// Audit records per commit, both writers together: how well group
     /// commit shares each sync.
     pub records_per_commit: f64,
+    /// Commits that waited for the disk, per call, both writers together (at
+    /// most 2: one per server, which makes both of its records durable).
+    pub syncs_per_call: f64,
     /// What the two servers add to the direct call at the median: gateway
     /// p50 minus direct p50 (of which `fsync_ms_per_call` is disk wait).
     pub added_p50_ms: f64,
@@ -150,6 +153,7 @@ struct Sample {
     provider: Duration,
     commit_ns: u64,
     commits: u64,
+    syncs: u64,
     records: u64,
 }
 
@@ -162,6 +166,7 @@ impl Sample {
             provider: self.provider.saturating_sub(before.provider),
             commit_ns: self.commit_ns.saturating_sub(before.commit_ns),
             commits: self.commits.saturating_sub(before.commits),
+            syncs: self.syncs.saturating_sub(before.syncs),
             records: self.records.saturating_sub(before.records),
         }
     }
@@ -241,7 +246,7 @@ impl ExchangeBenchArgs {
         let bench = Arc::new(Bench::start(&dir, connections, largest * 2).await?);
         if !self.json {
             println!(
-                "GetPerson on loopback, {} s per mode and level: direct to the registry, and through both security servers (client cert, mutual TLS, two signatures, three verifications, access rule, consent token, four durable audit records)",
+                "GetPerson on loopback, {} s per mode and level: direct to the registry, and through both security servers (client cert, mutual TLS, two signatures, three verifications, access rule, consent token, four audit records, durable before each answer)",
                 self.seconds
             );
         }
@@ -429,6 +434,7 @@ impl Bench {
             provider: self.provider.cpu()?,
             commit_ns: 0,
             commits: 0,
+            syncs: 0,
             records: 0,
         };
         for admin in &self.admins {
@@ -439,6 +445,7 @@ impl Bench {
                 .into_inner();
             sample.commit_ns += stats.commit_ns;
             sample.commits += stats.commits;
+            sample.syncs += stats.syncs;
             sample.records += stats.records;
         }
         Ok(sample)
@@ -486,6 +493,7 @@ impl Bench {
             provider_peak_rss_mib: peak_rss_mib(self.provider.pid())?,
             fsync_ms_per_call: spent.commit_ns as f64 / 1e6 / calls,
             records_per_commit: spent.records as f64 / spent.commits.max(1) as f64,
+            syncs_per_call: spent.syncs as f64 / calls,
             shed: run.shed,
             slowest_ms: run.slowest_us as f64 / 1000.0,
             added_p50_ms: figures.p50_ms - direct.p50_ms,
@@ -545,12 +553,13 @@ fn print_level(l: &Level) {
     row("gateway", &l.gateway.figures);
     let g = &l.gateway;
     println!(
-        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; adds {:.2} ms at p50, of which audit commits (disk) {:.2} ms ({:.1} records per commit), the rest {:.2} ms; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
+        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; adds {:.2} ms at p50, of which audit commits (disk) {:.2} ms ({:.1} records per commit, {:.2} syncs per call), the rest {:.2} ms; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
         g.consumer_cpu_us_per_call,
         g.provider_cpu_us_per_call,
         g.added_p50_ms,
         g.fsync_ms_per_call,
         g.records_per_commit,
+        g.syncs_per_call,
         g.added_p50_ms - g.fsync_ms_per_call,
         g.consumer_peak_rss_mib,
         g.provider_peak_rss_mib,

@@ -11,7 +11,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use super::{
     Gateway, Known, deadline, durable, envelope, frame,
     meta::{CallMeta, keys},
-    now_ms, peers, record_refusal, registry_status,
+    now_ms, peers, record_refusal, registry_status, written,
 };
 use crate::{
     audit::{Side, Step},
@@ -125,7 +125,8 @@ async fn exchange(
     let header = meta.to_header(now_ms(), body_hash);
     let (signature, request_hash) =
         envelope::sign_request_batched(&header, gw.server_id.member(), &gw.signer).await;
-    // 6. No audit, no data: the record is durable before anything leaves.
+    // 6. No audit, no data: the record is written before anything leaves;
+    //    the answer's record (8) makes both durable before the caller sees it.
     let mut rec = known.signed_record(
         Side::Consumer,
         Step::Forwarded,
@@ -135,7 +136,7 @@ async fn exchange(
     );
     rec.request_hash = Some(request_hash);
     rec.body = gw.kept_body(&body);
-    durable(&*gw.audit, rec).await.map_err(refused)?;
+    written(&*gw.audit, rec).await.map_err(refused)?;
     let forward = ForwardRequest {
         header: Some(header),
         signature: Some(signature),

@@ -31,7 +31,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tonic::Code;
 
 use crate::{
-    audit::{AuditLog, AuditRecord, Side, Step},
+    audit::{AuditError, AuditLog, AuditRecord, Side, Step},
     consent::ConsentVerifier,
     error::{Reason, Refusal},
     globalconf::GlobalConfHandle,
@@ -238,15 +238,28 @@ impl Known {
     }
 }
 
-/// Makes `record` durable, or refuses with `audit.unavailable`.
+/// Makes `record` durable (and every record before it), or refuses with
+/// `audit.unavailable`.
 pub(crate) async fn durable(audit: &dyn AuditLog, record: AuditRecord) -> Result<(), Refusal> {
-    audit.append(record).await.map_err(|e| {
-        tracing::error!(error = %e, "audit record could not be made durable");
-        Refusal::new(
-            Reason::AuditUnavailable,
-            "this security server cannot make its audit record durable, so nothing was sent or released; retry later",
-        )
-    })
+    audit.append(record).await.map_err(audit_unavailable)
+}
+
+/// Writes `record`, the first of an exchange whose later record is made
+/// [`durable`] before the server answers ([`AuditLog::append_written`]), or
+/// refuses with `audit.unavailable`.
+pub(crate) async fn written(audit: &dyn AuditLog, record: AuditRecord) -> Result<(), Refusal> {
+    audit
+        .append_written(record)
+        .await
+        .map_err(audit_unavailable)
+}
+
+fn audit_unavailable(e: AuditError) -> Refusal {
+    tracing::error!(error = %e, "audit record could not be written");
+    Refusal::new(
+        Reason::AuditUnavailable,
+        "this security server cannot make its audit record durable, so nothing was sent or released; retry later",
+    )
 }
 
 /// Records a refusal; the refusal stands even if the record cannot be written

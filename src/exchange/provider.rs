@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Gateway, Known, consumer::conf_refusal, durable, envelope, meta::CallMeta, now_ms,
-    record_refusal,
+    record_refusal, written,
 };
 use crate::{
     audit::{Side, Step},
@@ -180,7 +180,8 @@ async fn serve(
                 .basis()
         }
     };
-    // 7. No audit, no data: the acceptance is durable before the registry is called.
+    // 7. No audit, no data: the acceptance is written before the registry is
+    //    called, and made durable with the answer's record (9) or the failure's.
     let mut rec = known.signed_record(
         Side::Provider,
         Step::Accepted,
@@ -192,7 +193,7 @@ async fn serve(
     rec.peer = Some(peer.clone());
     rec.request_hash = Some(request_hash);
     rec.body = gw.kept_body(&forward.body);
-    durable(&*gw.audit, rec).await.map_err(refused)?;
+    written(&*gw.audit, rec).await.map_err(refused)?;
     // 8. Call the registry within the caller's deadline.
     let registry_timeout = timeout
         .saturating_sub(Duration::from_millis(5))

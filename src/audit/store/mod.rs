@@ -118,6 +118,19 @@ pub struct StoredCheckpoint {
     pub frontier: Vec<u8>,
 }
 
+/// How far an append's commit goes before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// On stable storage: the commit waits for the disk (fsync). Everything
+    /// committed before it is then durable too, as both stores keep one
+    /// ordered log (SQLite's WAL, PostgreSQL's WAL).
+    Durable,
+    /// Written, in chain order, and safe from a crash of the process (in the
+    /// operating system's cache), but not waited for: the next
+    /// [`Commit::Durable`] commit makes it durable.
+    Written,
+}
+
 /// A storage backend for the audit log.
 ///
 /// Appends are only ever called by one writer task per node; reads may run
@@ -126,10 +139,14 @@ pub trait AuditStore: Send + Sync + 'static {
     /// A short description for messages (`sqlite:/path`, `postgres://host/db`).
     fn describe(&self) -> String;
 
-    /// Appends `entries` after the current head in one transaction, durable
-    /// when this resolves; returns each entry's sequence number and hash, in
-    /// order. On error nothing was appended.
-    fn append(&self, entries: Vec<Entry>) -> BoxFuture<'_, Result<Vec<Link>, AuditError>>;
+    /// Appends `entries` after the current head in one transaction, committed
+    /// as `commit` says when this resolves; returns each entry's sequence
+    /// number and hash, in order. On error nothing was appended.
+    fn append(
+        &self,
+        entries: Vec<Entry>,
+        commit: Commit,
+    ) -> BoxFuture<'_, Result<Vec<Link>, AuditError>>;
 
     /// The last record's sequence number and hash (`None` for an empty log).
     fn head(&self) -> BoxFuture<'_, Result<Option<Link>, AuditError>>;

@@ -20,8 +20,8 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::{Client, NoTls, Row, types::ToSql};
 
 use super::{
-    AuditStore, COLUMNS, Conditions, Page, Query, RawRow, Scanned, SqlValue, StoredCheckpoint,
-    lossy_hash, seq_from_db, seq_to_db,
+    AuditStore, COLUMNS, Commit, Conditions, Page, Query, RawRow, Scanned, SqlValue,
+    StoredCheckpoint, lossy_hash, seq_from_db, seq_to_db,
 };
 use crate::audit::{
     AuditError,
@@ -211,12 +211,23 @@ impl PostgresStore {
         Ok(guard)
     }
 
-    async fn append_inner(&self, entries: Vec<Entry>) -> Result<Vec<Link>, AuditError> {
+    async fn append_inner(
+        &self,
+        entries: Vec<Entry>,
+        commit: Commit,
+    ) -> Result<Vec<Link>, AuditError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
         let mut client = self.writer().await?;
         let tx = client.transaction().await.map_err(write_err)?;
+        if commit == Commit::Written {
+            // An asynchronous commit: the next synchronous commit waits for
+            // the WAL to be flushed up to itself, which covers this one.
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(write_err)?;
+        }
         let head = tx
             .query_one(
                 "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
@@ -400,8 +411,12 @@ impl AuditStore for PostgresStore {
         redact(&self.url)
     }
 
-    fn append(&self, entries: Vec<Entry>) -> BoxFuture<'_, Result<Vec<Link>, AuditError>> {
-        Box::pin(self.append_inner(entries))
+    fn append(
+        &self,
+        entries: Vec<Entry>,
+        commit: Commit,
+    ) -> BoxFuture<'_, Result<Vec<Link>, AuditError>> {
+        Box::pin(self.append_inner(entries, commit))
     }
 
     fn head(&self) -> BoxFuture<'_, Result<Option<Link>, AuditError>> {
@@ -595,7 +610,7 @@ mod tests {
     /// A store made before the report columns existed gains them on connect.
     #[tokio::test]
     async fn an_older_store_gains_the_report_columns() {
-        use super::{AuditStore, PostgresStore, SCHEMA, connect_client};
+        use super::{AuditStore, Commit, PostgresStore, SCHEMA, connect_client};
         use crate::audit::{Side, Step, pgtest::TempPostgres, record::Entry};
         let pg = TempPostgres::shared().unwrap();
         let url = pg.create_database().await.unwrap();
@@ -643,7 +658,10 @@ mod tests {
             hidden_until_ms: Some(5),
             hidden_reason: Some("why".into()),
         };
-        store.append(vec![entry.clone()]).await.unwrap();
+        store
+            .append(vec![entry.clone()], Commit::Durable)
+            .await
+            .unwrap();
         let back = store.by_request("r".into()).await.unwrap();
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].entry, entry);

@@ -1,10 +1,12 @@
 //! The embedded store: SQLite (compiled into kopir) at `<data_dir>/audit.db`.
 //!
-//! WAL mode with `synchronous=FULL`: a commit returns once the WAL is synced
-//! (with `fdatasync`, see `.cargo/config.toml`), so one transaction costs one
-//! sync however many records it holds. Writes go through one connection (used
-//! only by the writer task), in the blocking pool, or on the writer's own
-//! thread for a lone record while commits are quick; reads use a small pool
+//! WAL mode with `synchronous=FULL`: a durable commit returns once the WAL is
+//! synced (with `fdatasync`, see `.cargo/config.toml`), so one transaction
+//! costs one sync however many records it holds. A [`Commit::Written`] commit
+//! runs with `synchronous=NORMAL` and leaves its sync to the next durable one.
+//! Writes go through one connection (used only by the writer task), in the
+//! blocking pool, or on the writer's own thread for a lone record while
+//! commits are quick (or need no sync); reads use a small pool
 //! of their own connections and run beside the writer. A background thread
 //! folds the WAL back into the database file, so commits never wait for it.
 //!
@@ -38,8 +40,8 @@ use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AuditStore, COLUMNS, Conditions, Page, Query, RawRow, Scanned, SqlValue, StoredCheckpoint,
-    lossy_hash, seq_from_db, seq_to_db,
+    AuditStore, COLUMNS, Commit, Conditions, Page, Query, RawRow, Scanned, SqlValue,
+    StoredCheckpoint, lossy_hash, seq_from_db, seq_to_db,
 };
 use crate::audit::{
     AuditError,
@@ -174,12 +176,37 @@ impl Keys {
     }
 }
 
+/// The write connection and the `synchronous` level it is set to.
+struct WriteConn {
+    conn: Connection,
+    /// The commit kind `synchronous` is set for (`FULL` or `NORMAL`).
+    commit: Commit,
+}
+
+impl WriteConn {
+    /// Sets `synchronous` for a commit of this kind: `FULL` syncs the WAL
+    /// at commit; `NORMAL` writes it and leaves the sync to the next `FULL`
+    /// commit (the WAL is one ordered file, so that sync covers every frame
+    /// before it) or to a checkpoint, which syncs the WAL before it copies.
+    fn prepare(&mut self, commit: Commit) -> Result<&mut Connection, rusqlite::Error> {
+        if self.commit != commit {
+            let level = match commit {
+                Commit::Durable => "PRAGMA synchronous=FULL",
+                Commit::Written => "PRAGMA synchronous=NORMAL",
+            };
+            self.conn.execute_batch(level)?;
+            self.commit = commit;
+        }
+        Ok(&mut self.conn)
+    }
+}
+
 struct Inner {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    writer: Mutex<WriteConn>,
     readers: Mutex<Vec<Connection>>,
     keys: Mutex<Keys>,
-    /// True while the last append committed within [`QUICK_COMMIT`].
+    /// True while the last durable append committed within [`QUICK_COMMIT`].
     quick: AtomicBool,
 }
 
@@ -307,7 +334,10 @@ impl SqliteStore {
             let upto = keys_upto(&conn).map_err(open_err(&path))?;
             let inner = Arc::new(Inner {
                 path,
-                writer: Mutex::new(conn),
+                writer: Mutex::new(WriteConn {
+                    conn,
+                    commit: Commit::Durable,
+                }),
                 readers: Mutex::new(Vec::new()),
                 keys: Mutex::new(Keys {
                     upto,
@@ -377,11 +407,12 @@ impl SqliteStore {
     ) -> Result<T, AuditError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = inner
+            let mut writer = inner
                 .writer
                 .lock()
                 .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
-            f(&mut conn, &inner.keys)
+            let conn = writer.prepare(Commit::Durable).map_err(write_err)?;
+            f(conn, &inner.keys)
         })
         .await
         .map_err(|e| AuditError::Write(format!("sqlite write task: {e}")))?
@@ -698,13 +729,22 @@ impl AuditStore for SqliteStore {
         format!("sqlite:{}", self.inner.path.display())
     }
 
-    fn append(&self, entries: Vec<Entry>) -> BoxFuture<'_, Result<Vec<Link>, AuditError>> {
-        if entries.len() == 1 && self.inner.quick.load(Ordering::Relaxed) && other_workers() {
-            return Box::pin(std::future::ready(append_timed(&self.inner, &entries)));
+    fn append(
+        &self,
+        entries: Vec<Entry>,
+        commit: Commit,
+    ) -> BoxFuture<'_, Result<Vec<Link>, AuditError>> {
+        let quick = commit == Commit::Written || self.inner.quick.load(Ordering::Relaxed);
+        if entries.len() == 1 && quick && other_workers() {
+            return Box::pin(std::future::ready(append_timed(
+                &self.inner,
+                &entries,
+                commit,
+            )));
         }
         let inner = self.inner.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || append_timed(&inner, &entries))
+            tokio::task::spawn_blocking(move || append_timed(&inner, &entries, commit))
                 .await
                 .map_err(|e| AuditError::Write(format!("sqlite write task: {e}")))?
         })
@@ -858,16 +898,19 @@ impl AuditStore for SqliteStore {
 
 /// Appends `entries` on the writer connection in one transaction, and notes
 /// whether the commit was quick.
-fn append_timed(inner: &Inner, entries: &[Entry]) -> Result<Vec<Link>, AuditError> {
+fn append_timed(inner: &Inner, entries: &[Entry], commit: Commit) -> Result<Vec<Link>, AuditError> {
     let started = std::time::Instant::now();
-    let mut conn = inner
+    let mut writer = inner
         .writer
         .lock()
         .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
-    let links = append_batch(&mut conn, &inner.keys, entries);
-    inner
-        .quick
-        .store(started.elapsed() < QUICK_COMMIT, Ordering::Relaxed);
+    let conn = writer.prepare(commit).map_err(write_err)?;
+    let links = append_batch(conn, &inner.keys, entries);
+    if commit == Commit::Durable {
+        inner
+            .quick
+            .store(started.elapsed() < QUICK_COMMIT, Ordering::Relaxed);
+    }
     links
 }
 
@@ -1043,7 +1086,10 @@ mod tests {
         new.query_group = Some("claim-1".into());
         new.hidden_until_ms = Some(5);
         new.hidden_reason = Some("inquiry".into());
-        store.append(vec![new.clone()]).await.unwrap();
+        store
+            .append(vec![new.clone()], Commit::Durable)
+            .await
+            .unwrap();
         let all = store.read_all_blocking().unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].entry, old);
@@ -1061,7 +1107,10 @@ mod tests {
         let store = SqliteStore::open_in(dir.path()).await.unwrap();
         let key = PseudonymKey::random().unwrap();
         for i in 1..=60 {
-            store.append(vec![entry(i, &key)]).await.unwrap();
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
         }
         let frames = |conn: &Connection| -> i64 {
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
@@ -1069,7 +1118,10 @@ mod tests {
         };
         let probe = connect(&store.inner.path).unwrap();
         std::thread::sleep(WAL_FOLD_EVERY * 3);
-        store.append(vec![entry(61, &key)]).await.unwrap();
+        store
+            .append(vec![entry(61, &key)], Commit::Durable)
+            .await
+            .unwrap();
         let after = frames(&probe);
         assert!(
             (1..20).contains(&after),
@@ -1086,7 +1138,7 @@ mod tests {
         let key = PseudonymKey::random().unwrap();
         let all: Vec<Entry> = (1..=61).map(|i| entry(i, &key)).collect();
         for batch in all.chunks(5) {
-            store.append(batch.to_vec()).await.unwrap();
+            store.append(batch.to_vec(), Commit::Durable).await.unwrap();
         }
         assert!(store.keys_indexed() >= 40, "{}", store.keys_indexed());
         assert!(store.keys_indexed() < 61);
