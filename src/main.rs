@@ -5,7 +5,10 @@ use clap::Parser;
 // Security servers allocate and free small buffers on every call (HTTP/2
 // frames, headers, protobuf, audit records) from many threads; mimalloc does
 // that with less contention and fragmentation than the system allocator
-// (README, "Performance").
+// (README, "Performance"). It is built without transparent huge pages
+// (`no_thp`): with them, each 2 MiB region it touches becomes resident, and
+// a server used about 56-60 MiB at 64 calls in flight instead of 37-40 MiB,
+// for no measurable speed.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
