@@ -22,7 +22,8 @@
 //! runs*, one per chunk of [`KEY_CHUNK`] records, a slice riding in each append
 //! transaction. Each run goes at the end of the index, so its pages are
 //! written once and in order, whatever the log's size (a small LSM tree with
-//! one level). `audit_meta.keys_upto` says how far it reaches; a query by one
+//! one level). A background thread reads and sorts each chunk; the writer only
+//! writes it. `audit_meta.keys_upto` says how far it reaches; a query by one
 //! of those probes each run newest first (a few dozen probes on a million
 //! records), scans the (at most about one chunk long) tail after the last run,
 //! and always checks the full value on the record itself. The key index is
@@ -120,8 +121,11 @@ const READERS: usize = 4;
 
 /// Records per sorted chunk of the key index.
 pub const KEY_CHUNK: u64 = 32_768;
-/// Key-index entries written after each append, at least.
-const KEY_SLICE: usize = 4096;
+/// Key-index entries written after each append, at least (more for a large
+/// batch: eight per record, twice the rate records bring them). Small, so
+/// that no commit is held up much: 4,096 made a run of commits 4-6 ms
+/// slower each under load, which showed in the slowest answers.
+const KEY_SLICE: usize = 256;
 /// `audit_keys.kind` of subject pseudonyms.
 const KIND_SUBJECT: i64 = 0;
 /// `audit_keys.kind` of request ids.
@@ -267,11 +271,12 @@ const WAL_FOLD_EVERY: std::time::Duration = std::time::Duration::from_millis(250
 /// checkpoint copies pages and syncs the database file; measured, such stalls
 /// set the slowest answers under load. Once a checkpoint has caught up, the
 /// writer starts the WAL over, so it stays small. The writer's automatic
-/// checkpoint remains as a backstop. The thread ends with the store.
-fn fold_wal_in_background(path: &Path, store: std::sync::Weak<Inner>) {
+/// checkpoint remains as a backstop. The same thread prepares the key
+/// index's next chunk ([`prepare_key_job`]). It ends with the store.
+fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     let path = path.to_path_buf();
     let spawned = std::thread::Builder::new()
-        .name("audit-wal".into())
+        .name("audit-upkeep".into())
         .spawn(move || {
             let conn = match connect(&path) {
                 Ok(conn) => conn,
@@ -280,10 +285,16 @@ fn fold_wal_in_background(path: &Path, store: std::sync::Weak<Inner>) {
                     return;
                 }
             };
-            while store.strong_count() > 0 {
+            loop {
                 std::thread::sleep(WAL_FOLD_EVERY);
+                let Some(inner) = store.upgrade() else {
+                    return;
+                };
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::debug!(error = %e, "audit WAL checkpoint");
+                }
+                if let Err(e) = prepare_key_job(&conn, &inner.keys) {
+                    tracing::debug!(error = %e, "audit key index: will retry");
                 }
             }
         });
@@ -346,7 +357,7 @@ impl SqliteStore {
                 }),
                 quick: AtomicBool::new(false),
             });
-            fold_wal_in_background(&inner.path, Arc::downgrade(&inner));
+            upkeep_in_background(&inner.path, Arc::downgrade(&inner));
             Ok(Self { inner })
         })
         .await
@@ -539,6 +550,72 @@ fn keys_upto(conn: &Connection) -> Result<u64, rusqlite::Error> {
     .map(|v| v.map(seq_from_db).unwrap_or(0))
 }
 
+fn lock_keys(keys: &Mutex<Keys>) -> Result<std::sync::MutexGuard<'_, Keys>, rusqlite::Error> {
+    keys.lock()
+        .map_err(|_| rusqlite::Error::InvalidParameterName("key index poisoned".into()))
+}
+
+/// The key-index entries of the chunk of records after `upto`, sorted.
+fn read_key_job(conn: &Connection, upto: u64, chunk: u64) -> Result<KeyJob, rusqlite::Error> {
+    let (from, end) = (upto + 1, upto + chunk);
+    let mut entries = Vec::with_capacity(4 * chunk as usize);
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, subject, request_id, client, service FROM audit_records WHERE seq >= ?1 AND seq <= ?2",
+    )?;
+    let rows = stmt.query_map(params![seq_to_db(from), seq_to_db(end)], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Option<Vec<u8>>>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    for row in rows {
+        let (seq, subject, request_id, client, service) = row?;
+        if let Some(h) = subject.as_deref().and_then(hash_from_slice) {
+            entries.push((KIND_SUBJECT, subject_key(&h), seq));
+        }
+        entries.push((KIND_REQUEST, text_key(&request_id), seq));
+        entries.push((KIND_CLIENT, text_key(&client), seq));
+        entries.push((KIND_SERVICE, text_key(&service), seq));
+    }
+    entries.sort_unstable();
+    Ok(KeyJob {
+        end,
+        entries,
+        done: 0,
+        pending: 0,
+    })
+}
+
+/// Reads and sorts the next chunk of the key index once all its records are
+/// in the log, on the calling thread and connection (the WAL thread's), so
+/// that the writer only writes it, a slice per append. Reading a chunk of
+/// 32,768 records and sorting its keys took tens of milliseconds, a stall of
+/// every exchange in flight when the writer did it.
+fn prepare_key_job(conn: &Connection, keys: &Mutex<Keys>) -> Result<(), rusqlite::Error> {
+    let (upto, chunk) = {
+        let k = lock_keys(keys)?;
+        if k.job.is_some() {
+            return Ok(());
+        }
+        (k.upto, k.chunk.max(1))
+    };
+    let head: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit_records", [], |r| {
+        r.get(0)
+    })?;
+    if seq_from_db(head) < upto + chunk {
+        return Ok(());
+    }
+    let job = read_key_job(conn, upto, chunk)?;
+    let mut k = lock_keys(keys)?;
+    if k.job.is_none() && k.upto == upto {
+        k.job = Some(job);
+    }
+    Ok(())
+}
+
 /// Writes the next slice (at least `want` entries) of the key index, starting
 /// a new sorted chunk when a whole one is waiting.
 fn index_keys(
@@ -547,46 +624,16 @@ fn index_keys(
     head: u64,
     want: usize,
 ) -> Result<(), rusqlite::Error> {
-    let mut k = keys
-        .lock()
-        .map_err(|_| rusqlite::Error::InvalidParameterName("key index poisoned".into()))?;
+    let mut k = lock_keys(keys)?;
     if k.job.is_none() {
+        // The WAL thread reads and sorts the next chunk off the writer's path
+        // ([`prepare_key_job`]); the writer does it only once a whole chunk
+        // more is waiting (that thread is missing, or cannot keep up).
         let chunk = k.chunk.max(1);
-        if head < k.upto + chunk {
+        if head < k.upto + 2 * chunk {
             return Ok(());
         }
-        let (from, end) = (k.upto + 1, k.upto + chunk);
-        let mut entries = Vec::with_capacity(4 * chunk as usize);
-        {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, subject, request_id, client, service FROM audit_records WHERE seq >= ?1 AND seq <= ?2",
-            )?;
-            let rows = stmt.query_map(params![seq_to_db(from), seq_to_db(end)], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Option<Vec<u8>>>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })?;
-            for row in rows {
-                let (seq, subject, request_id, client, service) = row?;
-                if let Some(h) = subject.as_deref().and_then(hash_from_slice) {
-                    entries.push((KIND_SUBJECT, subject_key(&h), seq));
-                }
-                entries.push((KIND_REQUEST, text_key(&request_id), seq));
-                entries.push((KIND_CLIENT, text_key(&client), seq));
-                entries.push((KIND_SERVICE, text_key(&service), seq));
-            }
-        }
-        entries.sort_unstable();
-        k.job = Some(KeyJob {
-            end,
-            entries,
-            done: 0,
-            pending: 0,
-        });
+        k.job = Some(read_key_job(conn, k.upto, chunk)?);
     }
     let Some(job) = k.job.as_mut() else {
         return Ok(());
@@ -1128,6 +1175,37 @@ mod tests {
             "the WAL holds {after} frames after 61 commits: it was not started over"
         );
         assert_eq!(store.head().await.unwrap().map(|h| h.seq), Some(61));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_key_index_chunk_is_read_behind_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        store.set_key_chunk(8);
+        let key = PseudonymKey::random().unwrap();
+        // One chunk is waiting, not two: the writer leaves it to the
+        // background thread.
+        for i in 1..=10 {
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.keys_indexed(), 0);
+        let prepared = || store.inner.keys.lock().unwrap().job.is_some();
+        let waited = std::time::Instant::now();
+        while !prepared() && waited.elapsed() < std::time::Duration::from_secs(10) {
+            tokio::time::sleep(WAL_FOLD_EVERY / 5).await;
+        }
+        assert!(prepared(), "the background thread did not read the chunk");
+        // The next append writes it.
+        store
+            .append(vec![entry(11, &key)], Commit::Durable)
+            .await
+            .unwrap();
+        assert_eq!(store.keys_indexed(), 8);
+        let rows = store.by_request("req-1".into()).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
     }
 
     #[tokio::test]
