@@ -278,13 +278,14 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     let spawned = std::thread::Builder::new()
         .name("audit-upkeep".into())
         .spawn(move || {
-            let conn = match connect(&path) {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "audit WAL checkpoints stay with the writer");
-                    return;
-                }
-            };
+            let conn =
+                match connect(&path).and_then(|c| c.execute_batch(WRITER_PRAGMAS).map(|()| c)) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit WAL checkpoints stay with the writer");
+                        return;
+                    }
+                };
             loop {
                 std::thread::sleep(WAL_FOLD_EVERY);
                 let Some(inner) = store.upgrade() else {
@@ -303,9 +304,14 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     }
 }
 
-/// The writer's page cache: small, since it only appends (a large cache
-/// costs a scan of it at every commit).
-const WRITER_PRAGMAS: &str = "PRAGMA cache_size=-8000;";
+/// The page cache of the writer and of the upkeep thread: 2 MiB. The writer
+/// only appends, touching the last pages of the table and its indexes (a
+/// large cache costs a scan of it at every commit); the upkeep thread reads
+/// each chunk of the key index once. Both caches fill up with pages read or
+/// written once and never again, so a larger one only costs the server
+/// memory (8 MiB for the writer plus 16 MiB for the upkeep thread put a
+/// server above 60 MiB under load).
+const WRITER_PRAGMAS: &str = "PRAGMA cache_size=-2048;";
 
 fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_with_flags(
