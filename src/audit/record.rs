@@ -125,6 +125,42 @@ pub struct Entry {
     pub hidden_reason: Option<String>,
 }
 
+#[cfg(test)]
+impl Entry {
+    /// A record of `step` on `side` written by `node`, every other field
+    /// empty: the base of test fixtures (`Entry { field: ..,
+    /// ..Entry::bare(..) }`).
+    pub(crate) fn bare(node: &str, side: Side, step: Step) -> Self {
+        Self {
+            node: node.into(),
+            request_id: String::new(),
+            at_ms: 0,
+            side,
+            step,
+            client: String::new(),
+            service: String::new(),
+            method: String::new(),
+            purpose: String::new(),
+            subject: None,
+            basis: None,
+            user: None,
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: None,
+            request_hash: None,
+            signature: None,
+            signer_key: None,
+            signed_hash: None,
+            body: None,
+            query_group: None,
+            hidden_until_ms: None,
+            hidden_reason: None,
+        }
+    }
+}
+
 impl Entry {
     /// The stored form of `record`, written by `node`, with the subject
     /// replaced by its pseudonym under `key`.
@@ -409,31 +445,17 @@ mod tests {
 
     fn entry(i: u64) -> Entry {
         Entry {
-            node: "n1".into(),
             request_id: format!("req-{i}"),
             at_ms: 1_700_000_000_000 + i as i64,
-            side: Side::Consumer,
-            step: Step::Forwarded,
             client: "KZ/GOV/MLSPP/benefits".into(),
             service: "KZ/GOV/MOJ/population".into(),
             method: "/kz.population.v1.PopulationRegistry/GetPerson".into(),
             purpose: "benefit".into(),
             subject: Some([7; 32]),
-            basis: None,
             user: Some(String::new()),
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
             body_sha256: Some([1; 32]),
-            request_hash: None,
             signature: Some(vec![1, 2, 3]),
-            signer_key: None,
-            signed_hash: None,
-            body: None,
-            query_group: None,
-            hidden_until_ms: None,
-            hidden_reason: None,
+            ..Entry::bare("n1", Side::Consumer, Step::Forwarded)
         }
     }
 

@@ -632,31 +632,17 @@ mod tests {
             .unwrap();
         let store = PostgresStore::connect(&url).await.unwrap();
         let entry = Entry {
-            node: "n".into(),
             request_id: "r".into(),
             at_ms: 1,
-            side: Side::Provider,
-            step: Step::Accepted,
             client: "c".into(),
             service: "s".into(),
             method: "/p.S/M".into(),
             purpose: "p".into(),
             subject: Some([1; 32]),
-            basis: None,
-            user: None,
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
-            body_sha256: None,
-            request_hash: None,
-            signature: None,
-            signer_key: None,
-            signed_hash: None,
-            body: None,
             query_group: Some("g".into()),
             hidden_until_ms: Some(5),
             hidden_reason: Some("why".into()),
+            ..Entry::bare("n", Side::Provider, Step::Accepted)
         };
         store
             .append(vec![entry.clone()], Commit::Durable)

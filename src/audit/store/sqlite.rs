@@ -1052,31 +1052,14 @@ mod tests {
 
     fn entry(i: u64, key: &PseudonymKey) -> Entry {
         Entry {
-            node: "n".into(),
             request_id: format!("req-{}", i / 3),
             at_ms: i as i64,
-            side: Side::Consumer,
-            step: Step::Answered,
             client: format!("c{}", i % 2),
             service: "s".into(),
             method: "m".into(),
             purpose: "p".into(),
             subject: (!i.is_multiple_of(10)).then(|| key.pseudonym(&format!("iin:{}", i % 4))),
-            basis: None,
-            user: None,
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
-            body_sha256: None,
-            request_hash: None,
-            signature: None,
-            signer_key: None,
-            signed_hash: None,
-            body: None,
-            query_group: None,
-            hidden_until_ms: None,
-            hidden_reason: None,
+            ..Entry::bare("n", Side::Consumer, Step::Answered)
         }
     }
 
