@@ -262,8 +262,6 @@ pub trait AuditLog: Send + Sync + 'static {
     /// `accepted`), so that an exchange waits for the disk once per server,
     /// not twice, and releases no data before both records are durable. A
     /// record left written only (its exchange cancelled, say) becomes durable
-    /// with the next append or checkpoint. By default, the same as `append`.
-    fn append_written(&self, record: AuditRecord) -> BoxFuture<'_, Result<(), AuditError>> {
-        self.append(record)
-    }
+    /// with the next append or checkpoint.
+    fn append_written(&self, record: AuditRecord) -> BoxFuture<'_, Result<(), AuditError>>;
 }
