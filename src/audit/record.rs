@@ -127,37 +127,16 @@ pub struct Entry {
 
 #[cfg(test)]
 impl Entry {
-    /// A record of `step` on `side` written by `node`, every other field
-    /// empty: the base of test fixtures (`Entry { field: ..,
+    /// A record of `step` on `side` written by `node`, at time 0, every other
+    /// field empty: the base of test fixtures (`Entry { field: ..,
     /// ..Entry::bare(..) }`).
     pub(crate) fn bare(node: &str, side: Side, step: Step) -> Self {
-        Self {
-            node: node.into(),
-            request_id: String::new(),
+        let record = AuditRecord {
             at_ms: 0,
-            side,
-            step,
-            client: String::new(),
-            service: String::new(),
-            method: String::new(),
-            purpose: String::new(),
-            subject: None,
-            basis: None,
-            user: None,
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
-            body_sha256: None,
-            request_hash: None,
-            signature: None,
-            signer_key: None,
-            signed_hash: None,
-            body: None,
-            query_group: None,
-            hidden_until_ms: None,
-            hidden_reason: None,
-        }
+            ..AuditRecord::new(side, step)
+        };
+        // No subject, so the key is not used.
+        Self::from_record(record, node, &PseudonymKey::from_bytes(&[0; 32]))
     }
 }
 
