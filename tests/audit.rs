@@ -54,25 +54,7 @@ struct Harness {
 
 async fn launch(store: Store) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let (pg, urls) = match store {
-        Store::Embedded => (None, Vec::new()),
-        Store::Postgres => {
-            let pg = TempPostgres::shared().unwrap();
-            let mut urls = Vec::new();
-            for node in ["mlspp", "moj", "src"] {
-                urls.push((node, pg.create_database().await.unwrap()));
-            }
-            (Some(pg), urls)
-        }
-    };
-    let fed = LocalFederation::launch(dir.path(), &|name, config| {
-        config.audit.database = urls
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, url)| url.clone());
-    })
-    .await
-    .unwrap();
+    let (fed, pg) = common::federation_with_audit_in(dir.path(), store == Store::Postgres).await;
     if store == Store::Postgres {
         assert!(
             fed.node("moj")

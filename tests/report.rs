@@ -81,24 +81,7 @@ async fn launch() -> Harness {
 /// The federation, with the servers' audit logs in PostgreSQL if `postgres`.
 async fn launch_on(postgres: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let (pg, urls) = if postgres {
-        let pg = TempPostgres::shared().unwrap();
-        let mut urls = Vec::new();
-        for node in ["mlspp", "moj", "src"] {
-            urls.push((node, pg.create_database().await.unwrap()));
-        }
-        (Some(pg), urls)
-    } else {
-        (None, Vec::new())
-    };
-    let fed = LocalFederation::launch(dir.path(), &|name, config| {
-        config.audit.database = urls
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, url)| url.clone());
-    })
-    .await
-    .unwrap();
+    let (fed, pg) = common::federation_with_audit_in(dir.path(), postgres).await;
     let parents = fed.dataset.sample_parents(2);
     let anchors = vec![VerifyingKey::load(&fed.layout.authority_cert()).unwrap()];
     let view = watch::read(&fed.globalconf_path, &anchors).unwrap();

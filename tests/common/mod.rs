@@ -1,8 +1,10 @@
 //! Helpers shared by the end-to-end tests.
 
+use std::{path::Path, sync::Arc};
+
 use tonic::{Code, Request, Status, metadata::MetadataValue};
 
-use kopir::error::ERROR_KEY;
+use kopir::{audit::pgtest::TempPostgres, error::ERROR_KEY, federation::LocalFederation};
 
 /// A request carrying `message` and the given metadata.
 pub fn with_meta<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
@@ -27,4 +29,33 @@ pub fn assert_refused(status: &Status, code: Code, reason: &str) {
         "status: {status:?}"
     );
     assert!(!status.message().is_empty(), "a refusal says why");
+}
+
+/// The demo federation in `dir`, each server's audit log in a database of
+/// its own in the shared throwaway PostgreSQL cluster if `postgres` (the
+/// cluster handle is returned to be kept alive), else in the embedded store.
+#[allow(dead_code)] // not every test binary launches a federation this way
+pub async fn federation_with_audit_in(
+    dir: &Path,
+    postgres: bool,
+) -> (LocalFederation, Option<Arc<TempPostgres>>) {
+    let mut urls = Vec::new();
+    let pg = if postgres {
+        let pg = TempPostgres::shared().unwrap();
+        for node in ["mlspp", "moj", "src"] {
+            urls.push((node, pg.create_database().await.unwrap()));
+        }
+        Some(pg)
+    } else {
+        None
+    };
+    let fed = LocalFederation::launch(dir, &|name, config| {
+        config.audit.database = urls
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, url)| url.clone());
+    })
+    .await
+    .unwrap();
+    (fed, pg)
 }
