@@ -2,9 +2,11 @@
 //! is made durable before data moves ("no audit, no data").
 //!
 //! The exchange path builds an [`AuditRecord`] for each step of an exchange and
-//! awaits [`AuditLog::append`]; only when it returns `Ok` is the request
-//! forwarded or the answer released. A failed append stops the exchange with
-//! `UNAVAILABLE` / `audit.unavailable`.
+//! awaits its commit: [`AuditLog::append_written`] for the first record of a
+//! side, before the request is forwarded or the registry called, and
+//! [`AuditLog::append`] for the last, which makes both durable before the
+//! answer is released. A failed append stops the exchange with `UNAVAILABLE` /
+//! `audit.unavailable`.
 //!
 //! The parts, in the order a record meets them:
 //!
