@@ -3,9 +3,9 @@
 //!
 //! - client port: the member's information systems call registry methods here;
 //!   health and reflection answer too, every other path goes to
-//!   [`exchange::consumer`].
+//!   [`crate::exchange::consumer`].
 //! - peer port: other security servers, mutual TLS only: `kopir.v1.Exchange`
-//!   ([`exchange::provider`]), health, reflection; and the citizen's access
+//!   ([`crate::exchange::provider`]), health, reflection; and the citizen's access
 //!   report for portals and auditors, `kopir.v1.AccessReport` ([`crate::report`]).
 //! - admin port (optional): operators, mutual TLS: the `AuditService` (only
 //!   for the client certificates `operators` lists), health, reflection.

@@ -27,7 +27,7 @@
 //! - [`signatures`]: checks the exchange signature a record keeps;
 //! - [`export`]: self-contained archives of a range, verifiable offline;
 //! - [`service`]: the gRPC `AuditService` for the admin port;
-//! - [`cli`] and [`bench`]: `kopir audit ...` and `kopir bench audit`;
+//! - [`cli`] and [`bench`](mod@bench): `kopir audit ...` and `kopir bench audit`;
 //! - [`pgtest`]: a throwaway PostgreSQL cluster for tests and the benchmark;
 
 pub mod bench;
