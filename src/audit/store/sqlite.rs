@@ -596,7 +596,7 @@ fn read_key_job(conn: &Connection, upto: u64, chunk: u64) -> Result<KeyJob, rusq
 }
 
 /// Reads and sorts the next chunk of the key index once all its records are
-/// in the log, on the calling thread and connection (the WAL thread's), so
+/// in the log, on the calling thread and connection (the upkeep thread's), so
 /// that the writer only writes it, a slice per append. Reading a chunk of
 /// 32,768 records and sorting its keys took tens of milliseconds, a stall of
 /// every exchange in flight when the writer did it.
@@ -632,7 +632,7 @@ fn index_keys(
 ) -> Result<(), rusqlite::Error> {
     let mut k = lock_keys(keys)?;
     if k.job.is_none() {
-        // The WAL thread reads and sorts the next chunk off the writer's path
+        // The upkeep thread reads and sorts the next chunk off the writer's path
         // ([`prepare_key_job`]); the writer does it only once a whole chunk
         // more is waiting (that thread is missing, or cannot keep up).
         let chunk = k.chunk.max(1);
