@@ -221,20 +221,22 @@ impl PostgresStore {
         }
         let mut client = self.writer().await?;
         let tx = client.transaction().await.map_err(write_err)?;
-        if commit == Commit::Written {
-            // An asynchronous commit: the next synchronous commit waits for
-            // the WAL to be flushed up to itself, which covers this one.
-            tx.batch_execute("SET LOCAL synchronous_commit = off")
-                .await
-                .map_err(write_err)?;
-        }
-        let head = tx
-            .query_one(
-                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
-                &[],
-            )
-            .await
-            .map_err(write_err)?;
+        // A written commit is asynchronous: the next synchronous commit waits
+        // for the WAL to be flushed up to itself, which covers this one. The
+        // setting goes in the same round trip as the head's lock.
+        let asynchronous = async {
+            match commit {
+                Commit::Written => tx.batch_execute("SET LOCAL synchronous_commit = off").await,
+                Commit::Durable => Ok(()),
+            }
+        };
+        let head = tx.query_one(
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        );
+        let (asynchronous, head) = tokio::join!(asynchronous, head);
+        asynchronous.map_err(write_err)?;
+        let head = head.map_err(write_err)?;
         let head_seq: i64 = head.try_get(0).map_err(write_err)?;
         let head_hash: Vec<u8> = head.try_get(1).map_err(write_err)?;
         let head = (head_seq > 0).then(|| Link {
