@@ -278,14 +278,13 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     let spawned = std::thread::Builder::new()
         .name("audit-upkeep".into())
         .spawn(move || {
-            let conn =
-                match connect(&path).and_then(|c| c.execute_batch(WRITER_PRAGMAS).map(|()| c)) {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "audit WAL checkpoints stay with the writer");
-                        return;
-                    }
-                };
+            let conn = match connect_small_cache(&path) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no audit upkeep thread: WAL checkpoints and key-index reads stay with the writer");
+                    return;
+                }
+            };
             loop {
                 std::thread::sleep(WAL_FOLD_EVERY);
                 let Some(inner) = store.upgrade() else {
@@ -311,7 +310,14 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
 /// written once and never again, so a larger one only costs the server
 /// memory (8 MiB for the writer plus 16 MiB for the upkeep thread put a
 /// server above 60 MiB under load).
-const WRITER_PRAGMAS: &str = "PRAGMA cache_size=-2048;";
+const SMALL_CACHE: &str = "PRAGMA cache_size=-2048;";
+
+/// A connection with the [`SMALL_CACHE`]: the writer's and the upkeep thread's.
+fn connect_small_cache(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = connect(path)?;
+    conn.execute_batch(SMALL_CACHE)?;
+    Ok(conn)
+}
 
 fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_with_flags(
@@ -343,11 +349,9 @@ impl SqliteStore {
     pub async fn open(path: &Path) -> Result<Self, AuditError> {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let conn = connect(&path).map_err(open_err(&path))?;
+            let conn = connect_small_cache(&path).map_err(open_err(&path))?;
             conn.execute_batch(SCHEMA).map_err(open_err(&path))?;
             add_missing_columns(&conn).map_err(open_err(&path))?;
-            conn.execute_batch(WRITER_PRAGMAS)
-                .map_err(open_err(&path))?;
             let upto = keys_upto(&conn).map_err(open_err(&path))?;
             let inner = Arc::new(Inner {
                 path,
