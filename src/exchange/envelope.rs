@@ -51,8 +51,18 @@ impl Canonical {
     fn text(&mut self, s: &str) -> &mut Self {
         self.field(s.as_bytes())
     }
+    /// Lowercase hex, written straight into the form (no string in
+    /// between: a request and its answer take ten of these on each side).
     fn hex(&mut self, b: &[u8]) -> &mut Self {
-        self.field(hex::encode(b).as_bytes())
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        self.0.reserve(4 + 2 * b.len());
+        self.0
+            .extend_from_slice(&((2 * b.len()) as u32).to_be_bytes());
+        for &x in b {
+            self.0
+                .extend_from_slice(&[DIGITS[usize::from(x >> 4)], DIGITS[usize::from(x & 0x0f)]]);
+        }
+        self
     }
 }
 
@@ -254,4 +264,27 @@ pub fn verify_response(
         return Err(bad("the provider's response answers another request".into()));
     }
     Ok(response_hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte fields enter the form as lowercase hex, each prefixed with its
+    /// length, as the module header documents.
+    #[test]
+    fn byte_fields_are_lowercase_hex() {
+        let body: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
+        let h = RequestHeader {
+            body_sha256: body.clone().into(),
+            ..RequestHeader::default()
+        };
+        let form = request_canonical(&h, "KZ/GOV/MLSPP", &[0x00, 0xff, 0x0a]);
+        let mut tail = 64u32.to_be_bytes().to_vec();
+        tail.extend_from_slice(hex::encode(&body).as_bytes());
+        assert!(form.ends_with(&tail));
+        let mut key = 6u32.to_be_bytes().to_vec();
+        key.extend_from_slice(b"00ff0a");
+        assert!(form.windows(key.len()).any(|w| w == key));
+    }
 }

@@ -183,7 +183,13 @@ fn check_text(key: &str, value: &str, max: usize) -> Result<(), Refusal> {
     if value.len() > max {
         return Err(invalid(key, format!("longer than {max} bytes")));
     }
-    if value.chars().any(char::is_control) {
+    // ASCII (the usual case, a consent token) is checked byte by byte.
+    let control = if value.is_ascii() {
+        value.bytes().any(|b| b.is_ascii_control())
+    } else {
+        value.chars().any(char::is_control)
+    };
+    if control {
         return Err(invalid(key, "contains control characters"));
     }
     Ok(())
@@ -405,6 +411,32 @@ mod tests {
             parse_hide_until("2031-02-03T01:00:00+01:00").unwrap(),
             1_927_843_200_000
         );
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_ascii_and_beyond() {
+        let header = CallMeta::from_headers(M, &headers(&base()))
+            .unwrap()
+            .to_header(1, [0; 32]);
+        for (user, ok) in [
+            ("Aigerim S.", true),
+            ("Айгерим С.", true),
+            ("Aigerim\x07", false),
+            ("Ай\u{85}герим", false),
+        ] {
+            let h = RequestHeader {
+                user: user.into(),
+                ..header.clone()
+            };
+            match CallMeta::from_header(&h) {
+                Ok(meta) => assert!(ok && meta.user.as_deref() == Some(user), "{user:?}"),
+                Err(r) => {
+                    assert!(!ok, "{user:?}: {}", r.message);
+                    assert_eq!(r.reason, Reason::MetadataInvalid);
+                    assert!(r.message.contains("control characters"), "{}", r.message);
+                }
+            }
+        }
     }
 
     #[test]
