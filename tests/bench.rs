@@ -60,6 +60,7 @@ fn the_benchmark_prints_every_figure_for_each_level() {
             "consumer_cpu_us_per_call",
             "provider_cpu_us_per_call",
             "added_p50_ms",
+            "switches_per_call",
         ] {
             assert!(g[key].as_f64().unwrap() > 0.0, "gateway.{key}: {g}");
         }

@@ -154,6 +154,28 @@ pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {
     Ok(Duration::from_micros(ticks * 1_000_000 / TICKS_PER_SECOND))
 }
 
+/// Context switches (voluntary and not) of a process's threads alive now:
+/// how often its threads stopped, to wait or because another took the CPU.
+/// A thread that has ended takes its count with it, so a sample is a floor.
+pub fn context_switches(pid: u32) -> std::io::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// The most resident memory a process has had (`VmHWM`), in MiB.
 pub fn peak_rss_mib(pid: u32) -> std::io::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -199,5 +221,16 @@ mod tests {
         assert!(x > 0);
         assert!(cpu_time(pid).unwrap() >= before);
         assert!(peak_rss_mib(pid).unwrap() > 1.0);
+    }
+
+    #[test]
+    fn a_sleeping_thread_switches() {
+        let pid = std::process::id();
+        let before = context_switches(pid).unwrap();
+        std::thread::spawn(|| std::thread::sleep(Duration::from_millis(5)))
+            .join()
+            .unwrap();
+        // This thread, at least, waited for the other one.
+        assert!(context_switches(pid).unwrap() > before);
     }
 }

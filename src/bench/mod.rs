@@ -54,7 +54,7 @@ use crate::{
     },
     registry::RegistryKind,
 };
-use measure::{Figures, Outcome, closed_loop, cpu_time, peak_rss_mib};
+use measure::{Figures, Outcome, closed_loop, context_switches, cpu_time, peak_rss_mib};
 
 const POPULATION: &str = RegistryKind::Population.default_service_id();
 const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
@@ -136,6 +136,10 @@ pub struct GatewayFigures {
     /// Commits that waited for the disk, per call, both writers together (at
     /// most 2: one per server, which makes both of its records durable).
     pub syncs_per_call: f64,
+    /// Context switches of both servers' threads per call: each is a thread
+    /// parking and being woken (or preempted), the main cost at one call in
+    /// flight besides the disk.
+    pub switches_per_call: f64,
     /// What the two servers add to the direct call at the median: gateway
     /// p50 minus direct p50 (of which `fsync_ms_per_call` is disk wait).
     pub added_p50_ms: f64,
@@ -151,6 +155,7 @@ struct Sample {
     registry: Duration,
     consumer: Duration,
     provider: Duration,
+    switches: u64,
     commit_ns: u64,
     commits: u64,
     syncs: u64,
@@ -164,6 +169,7 @@ impl Sample {
             registry: self.registry.saturating_sub(before.registry),
             consumer: self.consumer.saturating_sub(before.consumer),
             provider: self.provider.saturating_sub(before.provider),
+            switches: self.switches.saturating_sub(before.switches),
             commit_ns: self.commit_ns.saturating_sub(before.commit_ns),
             commits: self.commits.saturating_sub(before.commits),
             syncs: self.syncs.saturating_sub(before.syncs),
@@ -199,6 +205,11 @@ impl Process {
 
     fn cpu(&self) -> anyhow::Result<Duration> {
         cpu_time(self.pid()).with_context(|| format!("CPU time of the {}", self.name))
+    }
+
+    fn switches(&self) -> anyhow::Result<u64> {
+        context_switches(self.pid())
+            .with_context(|| format!("context switches of the {}", self.name))
     }
 }
 
@@ -432,6 +443,7 @@ impl Bench {
             registry: self.registry.cpu()?,
             consumer: self.consumer.cpu()?,
             provider: self.provider.cpu()?,
+            switches: self.consumer.switches()? + self.provider.switches()?,
             commit_ns: 0,
             commits: 0,
             syncs: 0,
@@ -494,6 +506,7 @@ impl Bench {
             fsync_ms_per_call: spent.commit_ns as f64 / 1e6 / calls,
             records_per_commit: spent.records as f64 / spent.commits.max(1) as f64,
             syncs_per_call: spent.syncs as f64 / calls,
+            switches_per_call: spent.switches as f64 / calls,
             shed: run.shed,
             slowest_ms: run.slowest_us as f64 / 1000.0,
             added_p50_ms: figures.p50_ms - direct.p50_ms,
@@ -553,7 +566,7 @@ fn print_level(l: &Level) {
     row("gateway", &l.gateway.figures);
     let g = &l.gateway;
     println!(
-        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; adds {:.2} ms at p50, of which audit commits (disk) {:.2} ms ({:.1} records per commit, {:.2} syncs per call), the rest {:.2} ms; peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
+        "  gateway: consumer {:.0} us + provider {:.0} us CPU/call; adds {:.2} ms at p50, of which audit commits (disk) {:.2} ms ({:.1} records per commit, {:.2} syncs per call), the rest {:.2} ms ({:.1} context switches per call); peak RSS consumer {:.1} MiB, provider {:.1} MiB; ratio {:.2}",
         g.consumer_cpu_us_per_call,
         g.provider_cpu_us_per_call,
         g.added_p50_ms,
@@ -561,6 +574,7 @@ fn print_level(l: &Level) {
         g.records_per_commit,
         g.syncs_per_call,
         g.added_p50_ms - g.fsync_ms_per_call,
+        g.switches_per_call,
         g.consumer_peak_rss_mib,
         g.provider_peak_rss_mib,
         l.ratio
