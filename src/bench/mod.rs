@@ -137,8 +137,8 @@ pub struct GatewayFigures {
     /// most 2: one per server, which makes both of its records durable).
     pub syncs_per_call: f64,
     /// Context switches of both servers' threads per call: each is a thread
-    /// parking and being woken (or preempted), the main cost at one call in
-    /// flight besides the disk.
+    /// parking and being woken (or preempted), a large part of what one call
+    /// in flight costs besides cryptography and the disk.
     pub switches_per_call: f64,
     /// What the two servers add to the direct call at the median: gateway
     /// p50 minus direct p50 (of which `fsync_ms_per_call` is disk wait).
