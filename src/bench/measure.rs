@@ -224,13 +224,22 @@ mod tests {
     }
 
     #[test]
-    fn a_sleeping_thread_switches() {
-        let pid = std::process::id();
-        let before = context_switches(pid).unwrap();
-        std::thread::spawn(|| std::thread::sleep(Duration::from_millis(5)))
-            .join()
+    fn a_sleeping_process_has_switched() {
+        // A process of its own: in this one, other tests' threads come and
+        // go, and take their counts with them.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
             .unwrap();
-        // This thread, at least, waited for the other one.
-        assert!(context_switches(pid).unwrap() > before);
+        let t = Instant::now();
+        let mut switches = 0;
+        while switches == 0 && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+            switches = context_switches(child.id()).unwrap();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(switches > 0);
+        assert!(context_switches(u32::MAX).is_err());
     }
 }
