@@ -164,13 +164,9 @@ pub fn context_switches(pid: u32) -> std::io::Result<u64> {
         let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
             continue;
         };
-        total += status
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("voluntary_ctxt_switches:")
-                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-            })
-            .filter_map(|v| v.trim().parse::<u64>().ok())
+        total += ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+            .iter()
+            .filter_map(|key| status_value(&status, key))
             .sum::<u64>();
     }
     Ok(total)
@@ -179,12 +175,18 @@ pub fn context_switches(pid: u32) -> std::io::Result<u64> {
 /// The most resident memory a process has had (`VmHWM`), in MiB.
 pub fn peak_rss_mib(pid: u32) -> std::io::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    let kib = status_value(&status, "VmHWM:")
         .ok_or_else(|| std::io::Error::other("no VmHWM in /proc status"))?;
-    Ok(kib / 1024.0)
+    Ok(kib as f64 / 1024.0)
+}
+
+/// The number on the line of a `/proc` status file that starts with `key`
+/// (sizes are in kB, which the number is left in).
+fn status_value(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[cfg(test)]

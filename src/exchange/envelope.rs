@@ -42,9 +42,12 @@ impl Canonical {
         c.field(tag.as_bytes());
         c
     }
+    /// The 4-byte big-endian length that opens each field.
+    fn prefix(&mut self, len: usize) {
+        self.0.extend_from_slice(&(len as u32).to_be_bytes());
+    }
     fn field(&mut self, bytes: &[u8]) -> &mut Self {
-        self.0
-            .extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        self.prefix(bytes.len());
         self.0.extend_from_slice(bytes);
         self
     }
@@ -55,9 +58,7 @@ impl Canonical {
     /// between: a request and its answer take ten of these on each side).
     fn hex(&mut self, b: &[u8]) -> &mut Self {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        self.0.reserve(4 + 2 * b.len());
-        self.0
-            .extend_from_slice(&((2 * b.len()) as u32).to_be_bytes());
+        self.prefix(2 * b.len());
         for &x in b {
             self.0
                 .extend_from_slice(&[DIGITS[usize::from(x >> 4)], DIGITS[usize::from(x & 0x0f)]]);

@@ -183,13 +183,7 @@ fn check_text(key: &str, value: &str, max: usize) -> Result<(), Refusal> {
     if value.len() > max {
         return Err(invalid(key, format!("longer than {max} bytes")));
     }
-    // ASCII (the usual case, a consent token) is checked byte by byte.
-    let control = if value.is_ascii() {
-        value.bytes().any(|b| b.is_ascii_control())
-    } else {
-        value.chars().any(char::is_control)
-    };
-    if control {
+    if value.chars().any(char::is_control) {
         return Err(invalid(key, "contains control characters"));
     }
     Ok(())
