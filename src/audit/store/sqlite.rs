@@ -13,21 +13,10 @@
 //! # Indexes
 //!
 //! Time is indexed directly: it grows with the log, so an append touches the
-//! same last pages of that index. Subject pseudonyms and request ids are
-//! random, and an ordinary index on them would dirty one random page per
-//! record, which (written whole to the WAL at every commit) costs more than
-//! everything else together. They, and the client and service ids, are instead
-//! kept in `audit_keys (chunk, kind, key, seq)`, a compact index (the first 8
-//! bytes of the pseudonym, or of the SHA-256 of the id) written *in sorted
-//! runs*, one per chunk of [`KEY_CHUNK`] records, a slice riding in each append
-//! transaction. Each run goes at the end of the index, so its pages are
-//! written once and in order, whatever the log's size (a small LSM tree with
-//! one level). A background thread reads and sorts each chunk; the writer only
-//! writes it. `audit_meta.keys_upto` says how far it reaches; a query by one
-//! of those probes each run newest first (a few dozen probes on a million
-//! records), scans the (at most about one chunk long) tail after the last run,
-//! and always checks the full value on the record itself. The key index is
-//! derived data, not part of the chain: `verify` never reads it.
+//! same last pages of that index. Subject pseudonyms, request ids, clients and
+//! services go into a key index of sorted runs instead ([`keys`]).
+
+mod keys;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,7 +36,7 @@ use super::{
 use crate::audit::{
     AuditError,
     checkpoint::Checkpoint,
-    record::{Entry, Hash, Link, StoredRecord, chain, hash_from_slice},
+    record::{Entry, Hash, Link, StoredRecord, chain},
 };
 
 /// The file name of the embedded store under the data directory.
@@ -89,17 +78,6 @@ CREATE TABLE IF NOT EXISTS audit_records (
     hidden_until_ms INTEGER,
     hidden_reason TEXT
 );
-CREATE TABLE IF NOT EXISTS audit_keys (
-    chunk INTEGER NOT NULL,
-    kind INTEGER NOT NULL,
-    key INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (chunk, kind, key, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit_meta (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
 CREATE INDEX IF NOT EXISTS audit_records_at ON audit_records(at_ms);
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -118,67 +96,6 @@ CREATE INDEX IF NOT EXISTS audit_checkpoints_seq ON audit_checkpoints(seq);
 
 /// How many idle read connections are kept.
 const READERS: usize = 4;
-
-/// Records per sorted chunk of the key index.
-pub const KEY_CHUNK: u64 = 32_768;
-/// Key-index entries written after each append, at least (more for a large
-/// batch: eight per record, twice the rate records bring them). Small, so
-/// that no commit is held up much: 4,096 made a run of commits 4-6 ms
-/// slower each under load, which showed in the slowest answers.
-const KEY_SLICE: usize = 256;
-/// `audit_keys.kind` of subject pseudonyms.
-const KIND_SUBJECT: i64 = 0;
-/// `audit_keys.kind` of request ids.
-const KIND_REQUEST: i64 = 1;
-/// `audit_keys.kind` of client subsystem ids.
-const KIND_CLIENT: i64 = 2;
-/// `audit_keys.kind` of provider subsystem ids.
-const KIND_SERVICE: i64 = 3;
-
-/// The key of a subject pseudonym in `audit_keys`.
-fn subject_key(h: &Hash) -> i64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&h[..8]);
-    i64::from_be_bytes(b)
-}
-
-/// The key of a request, client or service id in `audit_keys`.
-fn text_key(id: &str) -> i64 {
-    subject_key(&crate::pki::sha256(id.as_bytes()))
-}
-
-/// A chunk of the key index being written, sorted by (kind, key, seq).
-#[derive(Debug, Default)]
-struct KeyJob {
-    end: u64,
-    entries: Vec<(i64, i64, i64)>,
-    /// Entries committed.
-    done: usize,
-    /// Entries written in the transaction now open.
-    pending: usize,
-}
-
-#[derive(Debug, Default)]
-struct Keys {
-    /// `audit_meta.keys_upto`: records up to here are in `audit_keys`.
-    upto: u64,
-    job: Option<KeyJob>,
-    /// Records per chunk ([`KEY_CHUNK`], smaller in tests).
-    chunk: u64,
-}
-
-impl Keys {
-    /// The transaction that carried the last slice committed.
-    fn settle(&mut self) {
-        if let Some(job) = self.job.as_mut() {
-            job.done += std::mem::take(&mut job.pending);
-            if job.done == job.entries.len() {
-                self.upto = job.end;
-                self.job = None;
-            }
-        }
-    }
-}
 
 /// The write connection and the `synchronous` level it is set to.
 struct WriteConn {
@@ -209,7 +126,7 @@ struct Inner {
     path: PathBuf,
     writer: Mutex<WriteConn>,
     readers: Mutex<Vec<Connection>>,
-    keys: Mutex<Keys>,
+    keys: Mutex<keys::Keys>,
     /// True while the last durable append committed within [`QUICK_COMMIT`].
     quick: AtomicBool,
 }
@@ -293,7 +210,7 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::debug!(error = %e, "audit WAL checkpoint");
                 }
-                if let Err(e) = prepare_key_job(&conn, &inner.keys) {
+                if let Err(e) = keys::prepare(&conn, &inner.keys) {
                     tracing::debug!(error = %e, "audit key index: will retry");
                 }
             }
@@ -351,8 +268,10 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let conn = connect_small_cache(&path).map_err(open_err(&path))?;
             conn.execute_batch(SCHEMA).map_err(open_err(&path))?;
+            conn.execute_batch(keys::SCHEMA).map_err(open_err(&path))?;
             add_missing_columns(&conn).map_err(open_err(&path))?;
-            let upto = keys_upto(&conn).map_err(open_err(&path))?;
+            keys::drop_older_index(&conn).map_err(open_err(&path))?;
+            let upto = keys::keys_upto(&conn).map_err(open_err(&path))?;
             let inner = Arc::new(Inner {
                 path,
                 writer: Mutex::new(WriteConn {
@@ -360,11 +279,7 @@ impl SqliteStore {
                     commit: Commit::Durable,
                 }),
                 readers: Mutex::new(Vec::new()),
-                keys: Mutex::new(Keys {
-                    upto,
-                    job: None,
-                    chunk: KEY_CHUNK,
-                }),
+                keys: Mutex::new(keys::Keys::new(upto)),
                 quick: AtomicBool::new(false),
             });
             upkeep_in_background(&inner.path, Arc::downgrade(&inner));
@@ -424,7 +339,7 @@ impl SqliteStore {
     /// Runs `f` on the write connection in the blocking pool.
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection, &Mutex<Keys>) -> Result<T, AuditError> + Send + 'static,
+        f: impl FnOnce(&mut Connection, &Mutex<keys::Keys>) -> Result<T, AuditError> + Send + 'static,
     ) -> Result<T, AuditError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -550,129 +465,6 @@ fn add_missing_columns(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-fn keys_upto(conn: &Connection) -> Result<u64, rusqlite::Error> {
-    conn.query_row(
-        "SELECT value FROM audit_meta WHERE name = 'keys_upto'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .optional()
-    .map(|v| v.map(seq_from_db).unwrap_or(0))
-}
-
-fn lock_keys(keys: &Mutex<Keys>) -> Result<std::sync::MutexGuard<'_, Keys>, rusqlite::Error> {
-    keys.lock()
-        .map_err(|_| rusqlite::Error::InvalidParameterName("key index poisoned".into()))
-}
-
-/// The key-index entries of the chunk of records after `upto`, sorted.
-fn read_key_job(conn: &Connection, upto: u64, chunk: u64) -> Result<KeyJob, rusqlite::Error> {
-    let (from, end) = (upto + 1, upto + chunk);
-    let mut entries = Vec::with_capacity(4 * chunk as usize);
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, subject, request_id, client, service FROM audit_records WHERE seq >= ?1 AND seq <= ?2",
-    )?;
-    let rows = stmt.query_map(params![seq_to_db(from), seq_to_db(end)], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, Option<Vec<u8>>>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, String>(4)?,
-        ))
-    })?;
-    for row in rows {
-        let (seq, subject, request_id, client, service) = row?;
-        if let Some(h) = subject.as_deref().and_then(hash_from_slice) {
-            entries.push((KIND_SUBJECT, subject_key(&h), seq));
-        }
-        entries.push((KIND_REQUEST, text_key(&request_id), seq));
-        entries.push((KIND_CLIENT, text_key(&client), seq));
-        entries.push((KIND_SERVICE, text_key(&service), seq));
-    }
-    entries.sort_unstable();
-    Ok(KeyJob {
-        end,
-        entries,
-        done: 0,
-        pending: 0,
-    })
-}
-
-/// Reads and sorts the next chunk of the key index once all its records are
-/// in the log, on the calling thread and connection (the upkeep thread's), so
-/// that the writer only writes it, a slice per append. Reading a chunk of
-/// 32,768 records and sorting its keys took tens of milliseconds, a stall of
-/// every exchange in flight when the writer did it.
-fn prepare_key_job(conn: &Connection, keys: &Mutex<Keys>) -> Result<(), rusqlite::Error> {
-    let (upto, chunk) = {
-        let k = lock_keys(keys)?;
-        if k.job.is_some() {
-            return Ok(());
-        }
-        (k.upto, k.chunk.max(1))
-    };
-    let head: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit_records", [], |r| {
-        r.get(0)
-    })?;
-    if seq_from_db(head) < upto + chunk {
-        return Ok(());
-    }
-    let job = read_key_job(conn, upto, chunk)?;
-    let mut k = lock_keys(keys)?;
-    if k.job.is_none() && k.upto == upto {
-        k.job = Some(job);
-    }
-    Ok(())
-}
-
-/// Writes the next slice (at least `want` entries) of the key index, starting
-/// a new sorted chunk when a whole one is waiting.
-fn index_keys(
-    conn: &Connection,
-    keys: &Mutex<Keys>,
-    head: u64,
-    want: usize,
-) -> Result<(), rusqlite::Error> {
-    let mut k = lock_keys(keys)?;
-    if k.job.is_none() {
-        // The upkeep thread reads and sorts the next chunk off the writer's path
-        // ([`prepare_key_job`]); the writer does it only once a whole chunk
-        // more is waiting (that thread is missing, or cannot keep up).
-        let chunk = k.chunk.max(1);
-        if head < k.upto + 2 * chunk {
-            return Ok(());
-        }
-        k.job = Some(read_key_job(conn, k.upto, chunk)?);
-    }
-    let Some(job) = k.job.as_mut() else {
-        return Ok(());
-    };
-    // A slice written in a transaction that then failed to commit is redone.
-    job.pending = 0;
-    let take = want.max(KEY_SLICE).min(job.entries.len() - job.done);
-    let last = job.done + take == job.entries.len();
-    {
-        let mut stmt = conn.prepare_cached(
-            "INSERT OR IGNORE INTO audit_keys (chunk, kind, key, seq) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        let chunk = seq_to_db(job.end);
-        for (kind, key, seq) in &job.entries[job.done..job.done + take] {
-            stmt.execute(params![chunk, kind, key, seq])?;
-        }
-        if last {
-            conn.execute(
-                "INSERT INTO audit_meta (name, value) VALUES ('keys_upto', ?1)
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                params![seq_to_db(job.end)],
-            )?;
-        }
-    }
-    // Counted as done once the enclosing transaction commits (`Keys::settle`).
-    job.pending = take;
-    Ok(())
-}
-
 /// A query through the key index when it names a subject or request id:
 /// the unindexed tail first (newest), then the indexed part, in one read
 /// transaction. Other queries go straight to the table.
@@ -683,13 +475,16 @@ fn query_keyed(
 ) -> Result<Vec<StoredRecord>, AuditError> {
     // The most selective key the query names.
     let key = if let Some(id) = &query.request_id {
-        Some((KIND_REQUEST, text_key(id)))
+        Some((keys::Kind::Request, keys::text_key(id)))
     } else if let Some(h) = &query.subject {
-        Some((KIND_SUBJECT, subject_key(h)))
+        Some((keys::Kind::Subject, keys::subject_key(h)))
     } else if let Some(c) = &query.client {
-        Some((KIND_CLIENT, text_key(c)))
+        Some((keys::Kind::Client, keys::text_key(c)))
     } else {
-        query.service.as_ref().map(|s| (KIND_SERVICE, text_key(s)))
+        query
+            .service
+            .as_ref()
+            .map(|s| (keys::Kind::Service, keys::text_key(s)))
     };
     let c = Conditions::of(query, |n| format!("?{n}"));
     let Some((kind, key)) = key else {
@@ -701,7 +496,7 @@ fn query_keyed(
     };
     conn.execute_batch("BEGIN").map_err(read_err)?;
     let result = (|| {
-        let upto = seq_to_db(keys_upto(conn).map_err(read_err)?);
+        let upto = seq_to_db(keys::keys_upto(conn).map_err(read_err)?);
         let n = c.values.len();
         let mut values = c.values.clone();
         values.push(SqlValue::Int(upto));
@@ -712,56 +507,36 @@ fn query_keyed(
             clauses.join(" AND ")
         );
         let mut out = records(conn, &tail, &values)?;
-        // Then each sorted run, newest first. A run is named by its last
-        // sequence number.
-        let prefixed = Conditions::of(query, |n| format!("?{n}"));
-        let mut clauses: Vec<String> = prefixed
-            .clauses
-            .iter()
-            .map(|cl| format!("r.{cl}"))
-            .collect();
-        clauses.push(format!(
-            "k.chunk = ?{} AND k.kind = ?{} AND k.key = ?{}",
-            n + 1,
-            n + 2,
-            n + 3
-        ));
-        let cols: Vec<String> = COLUMNS.split(", ").map(|c| format!("r.{c}")).collect();
-        let mut next_chunk = conn
-            .query_row(
-                "SELECT MAX(chunk) FROM audit_keys WHERE chunk <= ?1",
-                params![upto],
-                |r| r.get::<_, Option<i64>>(0),
-            )
-            .map_err(read_err)?;
-        while let Some(chunk) = next_chunk {
+        // Then each sorted run, newest first (a run is named by its last
+        // sequence number), each record it names checked against the query.
+        let one = format!(
+            "SELECT {COLUMNS} FROM audit_records WHERE {} seq = ?{}",
+            c.clauses
+                .iter()
+                .map(|cl| format!("{cl} AND "))
+                .collect::<String>(),
+            n + 1
+        );
+        let before = query.before_seq.map(seq_to_db).unwrap_or(i64::MAX);
+        let mut next_run = keys::run_at_or_below(conn, upto).map_err(read_err)?;
+        while let Some(run) = next_run {
             if out.len() >= limit {
                 break;
             }
-            let below = conn
-                .query_row(
-                    "SELECT MAX(chunk) FROM audit_keys WHERE chunk < ?1",
-                    params![chunk],
-                    |r| r.get::<_, Option<i64>>(0),
-                )
-                .map_err(read_err)?;
+            next_run = keys::run_at_or_below(conn, run - 1).map_err(read_err)?;
             // Runs wholly at or after the cursor hold nothing for this page.
-            let skip =
-                matches!((query.before_seq, below), (Some(b), Some(lo)) if seq_to_db(b) <= lo + 1);
-            if !skip {
-                let indexed = format!(
-                    "SELECT {} FROM audit_keys k JOIN audit_records r ON r.seq = k.seq WHERE {} ORDER BY k.seq DESC LIMIT {}",
-                    cols.join(", "),
-                    clauses.join(" AND "),
-                    limit - out.len()
-                );
-                let mut values = c.values.clone();
-                values.push(SqlValue::Int(chunk));
-                values.push(SqlValue::Int(kind));
-                values.push(SqlValue::Int(key));
-                out.extend(records(conn, &indexed, &values)?);
+            if next_run.is_some_and(|lo| before <= lo + 1) {
+                continue;
             }
-            next_chunk = below;
+            for seq in keys::seqs_in_run(conn, run, kind, key).map_err(read_err)? {
+                if out.len() >= limit {
+                    break;
+                }
+                if seq < before {
+                    values[n] = SqlValue::Int(seq);
+                    out.extend(records(conn, &one, &values)?);
+                }
+            }
         }
         Ok(out)
     })();
@@ -974,7 +749,7 @@ fn append_timed(inner: &Inner, entries: &[Entry], commit: Commit) -> Result<Vec<
 /// Appends `entries` in one transaction, chained to the current head.
 fn append_batch(
     conn: &mut Connection,
-    keys: &Mutex<Keys>,
+    keys: &Mutex<keys::Keys>,
     entries: &[Entry],
 ) -> Result<Vec<Link>, AuditError> {
     if entries.is_empty() {
@@ -1021,12 +796,11 @@ fn append_batch(
             .map_err(write_err)?;
         }
     }
-    // A slice of the key index rides in the same transaction (and
-    // fsync). Should it fail, the records still go in: the slice is
-    // redone later from `keys_upto`.
+    // Blocks of the key index ride in the same transaction (and fsync).
+    // Should they fail, the records still go in: the run is prepared again.
     let head = chained.last().map(|c| c.0).unwrap_or(0);
-    let slice_ok = match tx.savepoint() {
-        Ok(sp) => match index_keys(&sp, keys, head, entries.len() * 8) {
+    let blocks_ok = match tx.savepoint() {
+        Ok(sp) => match keys::write(&sp, keys, head, entries.len()) {
             Ok(()) => sp.commit().is_ok(),
             Err(e) => {
                 tracing::warn!(error = %e, "audit key index: will retry");
@@ -1035,12 +809,19 @@ fn append_batch(
         },
         Err(_) => false,
     };
+    let record_keys: Vec<_> = entries
+        .iter()
+        .map(|e| keys::record_keys(e.subject.as_ref(), &e.request_id, &e.client, &e.service))
+        .collect();
     tx.commit().map_err(write_err)?;
     if let Ok(mut k) = keys.lock() {
-        if !slice_ok {
-            k.job = None;
-        } else {
+        if blocks_ok {
             k.settle();
+        } else {
+            k.abandon();
+        }
+        for ((seq, _, _), rk) in chained.iter().zip(record_keys) {
+            k.gather(*seq, rk);
         }
     }
     Ok(chained
@@ -1185,20 +966,74 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(store.keys_indexed(), 0);
-        let prepared = || store.inner.keys.lock().unwrap().job.is_some();
+        let prepared = || store.inner.keys.lock().unwrap().prepared();
         let waited = std::time::Instant::now();
         while !prepared() && waited.elapsed() < std::time::Duration::from_secs(10) {
             tokio::time::sleep(WAL_FOLD_EVERY / 5).await;
         }
         assert!(prepared(), "the background thread did not read the chunk");
-        // The next append writes it.
-        store
-            .append(vec![entry(11, &key)], Commit::Durable)
-            .await
-            .unwrap();
+        // The next appends write it, a block (here, one kind of key) each.
+        for i in 11..=14 {
+            assert_eq!(store.keys_indexed(), 0);
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
         assert_eq!(store.keys_indexed(), 8);
         let rows = store.by_request("req-1".into()).await.unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    }
+
+    /// A store with the older key index (a row per key) drops it on open
+    /// and rebuilds the runs as records are appended; queries answer alike
+    /// throughout.
+    #[tokio::test]
+    async fn an_older_key_index_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PseudonymKey::random().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        for i in 1..=12 {
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+        drop(store);
+        let conn = connect(&db_path(dir.path())).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE audit_keys (chunk INTEGER NOT NULL, kind INTEGER NOT NULL, key INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (chunk, kind, key, seq)) WITHOUT ROWID;
+             INSERT INTO audit_keys VALUES (8, 1, 0, 1);
+             INSERT INTO audit_meta (name, value) VALUES ('keys_upto', 8);",
+        )
+        .unwrap();
+        drop(conn);
+
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        store.set_key_chunk(4);
+        assert_eq!(store.keys_indexed(), 0);
+        let older: i64 = connect(&db_path(dir.path()))
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'audit_keys'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(older, 0, "the older key index is still there");
+        let by_request = |store: SqliteStore| async move {
+            let rows = store.by_request("req-2".into()).await.unwrap();
+            rows.iter().map(|r| r.seq).collect::<Vec<_>>()
+        };
+        assert_eq!(by_request(store.clone()).await, [6, 7, 8]);
+        for i in 13..=40 {
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+        assert!(store.keys_indexed() >= 8, "{}", store.keys_indexed());
+        assert_eq!(by_request(store).await, [6, 7, 8]);
     }
 
     #[tokio::test]
