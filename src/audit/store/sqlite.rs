@@ -129,6 +129,9 @@ struct Inner {
     keys: Mutex<keys::Keys>,
     /// True while the last durable append committed within [`QUICK_COMMIT`].
     quick: AtomicBool,
+    /// Set by the upkeep thread once its checkpoint caught up: the writer
+    /// then folds back what it committed meanwhile ([`finish_fold`]).
+    fold_rest: AtomicBool,
 }
 
 /// An append of one record is committed on the calling thread, without a
@@ -187,9 +190,11 @@ const WAL_FOLD_EVERY: std::time::Duration = std::time::Duration::from_millis(250
 /// wait for the writer nor hold it up), so that commits do not stall while a
 /// checkpoint copies pages and syncs the database file; measured, such stalls
 /// set the slowest answers under load. Once a checkpoint has caught up, the
-/// writer starts the WAL over, so it stays small. The writer's automatic
-/// checkpoint remains as a backstop. The same thread prepares the key
-/// index's next chunk ([`prepare_key_job`]). It ends with the store.
+/// writer folds back the few frames it committed meanwhile ([`finish_fold`])
+/// and starts the WAL over, so it stays small and is written in place. The
+/// writer's automatic checkpoint remains as a backstop. The same thread
+/// prepares the key index's next chunk ([`keys::prepare`]). It ends with the
+/// store.
 fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     let path = path.to_path_buf();
     let spawned = std::thread::Builder::new()
@@ -207,8 +212,17 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
                 let Some(inner) = store.upgrade() else {
                     return;
                 };
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!(error = %e, "audit WAL checkpoint");
+                let folded = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match folded {
+                    // Every frame there when it started is in the database
+                    // file (none held back by a reader).
+                    Ok((frames, copied)) if frames > 0 && copied == frames => {
+                        inner.fold_rest.store(true, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "audit WAL checkpoint"),
                 }
                 if let Err(e) = keys::prepare(&conn, &inner.keys) {
                     tracing::debug!(error = %e, "audit key index: will retry");
@@ -281,6 +295,7 @@ impl SqliteStore {
                 readers: Mutex::new(Vec::new()),
                 keys: Mutex::new(keys::Keys::new(upto)),
                 quick: AtomicBool::new(false),
+                fold_rest: AtomicBool::new(false),
             });
             upkeep_in_background(&inner.path, Arc::downgrade(&inner));
             Ok(Self { inner })
@@ -728,15 +743,35 @@ impl AuditStore for SqliteStore {
     }
 }
 
+/// Folds back into the database file the frames the writer committed while
+/// the upkeep thread's checkpoint ran, so that the next transaction starts
+/// the WAL over. A writer that never pauses always commits during that
+/// checkpoint, and SQLite starts the WAL over only once every frame is
+/// folded back: without this, the WAL grew to the automatic checkpoint
+/// (about 41 MB), and while a file grows each sync also writes its size to
+/// the disk, one more round trip (at one call in flight this takes about
+/// 0.1 ms off the disk time per exchange: lower in ten of thirteen
+/// interleaved pairs, equal in two). Copying the few
+/// frames and syncing the database file takes the writer well under a
+/// millisecond, once per [`WAL_FOLD_EVERY`] at most.
+fn finish_fold(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::debug!(error = %e, "audit WAL checkpoint on the writer");
+    }
+}
+
 /// Appends `entries` on the writer connection in one transaction, and notes
 /// whether the commit was quick.
 fn append_timed(inner: &Inner, entries: &[Entry], commit: Commit) -> Result<Vec<Link>, AuditError> {
-    let started = std::time::Instant::now();
     let mut writer = inner
         .writer
         .lock()
         .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
     let conn = writer.prepare(commit).map_err(write_err)?;
+    if inner.fold_rest.swap(false, Ordering::Relaxed) {
+        finish_fold(conn);
+    }
+    let started = std::time::Instant::now();
     let links = append_batch(conn, &inner.keys, entries);
     if commit == Commit::Durable {
         inner
@@ -949,6 +984,59 @@ mod tests {
             "the WAL holds {after} frames after 61 commits: it was not started over"
         );
         assert_eq!(store.head().await.unwrap().map(|h| h.seq), Some(61));
+    }
+
+    /// Appends that never pause still see the WAL started over after the
+    /// background checkpoints (SQLite's automatic checkpoint, which would
+    /// also start it over, is turned off here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_started_over_under_steady_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        let key = PseudonymKey::random().unwrap();
+        store
+            .inner
+            .writer
+            .lock()
+            .unwrap()
+            .conn
+            .execute_batch("PRAGMA wal_autocheckpoint=0")
+            .unwrap();
+        let mut wal = db_path(dir.path()).into_os_string();
+        wal.push("-wal");
+        // The WAL header's checkpoint sequence number, one up at each start-over.
+        let starts = || {
+            use std::io::Read;
+            let mut header = [0u8; 16];
+            std::fs::File::open(&wal)
+                .and_then(|mut f| f.read_exact(&mut header))
+                .map_or(0, |()| {
+                    u32::from_be_bytes([header[12], header[13], header[14], header[15]])
+                })
+        };
+        store
+            .append(vec![entry(1, &key)], Commit::Durable)
+            .await
+            .unwrap();
+        let first = starts();
+        let began = std::time::Instant::now();
+        let mut appends = 1;
+        // The header is read every 64 appends, so that reading it makes no
+        // pause in which a background checkpoint could catch up alone.
+        while (appends % 64 != 0 || starts().wrapping_sub(first) < 2)
+            && began.elapsed() < std::time::Duration::from_secs(10)
+        {
+            appends += 1;
+            store
+                .append(vec![entry(appends, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+        let restarts = starts().wrapping_sub(first);
+        assert!(
+            restarts >= 2,
+            "the WAL was started over {restarts} times in {appends} appends"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
