@@ -309,7 +309,7 @@ impl SqliteStore {
     #[doc(hidden)]
     pub fn set_key_chunk(&self, records: u64) {
         if let Ok(mut k) = self.inner.keys.lock() {
-            k.chunk = records.max(1);
+            k.set_chunk(records);
         }
     }
 
@@ -480,9 +480,9 @@ fn add_missing_columns(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-/// A query through the key index when it names a subject or request id:
-/// the unindexed tail first (newest), then the indexed part, in one read
-/// transaction. Other queries go straight to the table.
+/// A query through the key index when it names a request id, subject,
+/// client or service: the unindexed tail first (newest), then the runs, in
+/// one read transaction. Other queries go straight to the table.
 fn query_keyed(
     conn: &Connection,
     query: &Query,

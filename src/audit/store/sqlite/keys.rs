@@ -114,8 +114,8 @@ pub(super) fn record_keys(
 pub(super) struct Keys {
     /// `audit_meta.keys_upto`: records up to here are in the runs.
     pub(super) upto: u64,
-    /// Records per chunk ([`KEY_CHUNK`], smaller in tests).
-    pub(super) chunk: u64,
+    /// Records per chunk ([`KEY_CHUNK`], smaller in tests; at least 1).
+    chunk: u64,
     /// The next run, sorted into blocks and being written.
     job: Option<Job>,
     /// The keys of the records appended since the last chunk taken.
@@ -165,12 +165,22 @@ impl Keys {
         }
     }
 
+    /// Sets how many records go into one chunk (at least one).
+    pub(super) fn set_chunk(&mut self, records: u64) {
+        self.chunk = records.max(1);
+    }
+
+    /// The last record of the next run.
+    fn next_end(&self) -> u64 {
+        self.upto + self.chunk
+    }
+
     /// Notes the keys of record `seq`, just committed. Records must come in
     /// order; after a gap, gathering starts over. At most three chunks are
     /// kept (should the runs fall behind, later chunks are read back).
     pub(super) fn gather(&mut self, seq: u64, keys: RecordKeys) {
         let g = &mut self.gathered;
-        if seq != g.next || seq - g.from >= 3 * self.chunk.max(1) {
+        if seq != g.next || seq - g.from >= 3 * self.chunk {
             *g = Gathered {
                 from: seq,
                 next: seq,
@@ -328,7 +338,7 @@ fn next_job(
 ) -> Result<Option<Job>, rusqlite::Error> {
     let (upto, end, gathered) = {
         let mut k = lock(keys)?;
-        let end = k.upto + k.chunk.max(1);
+        let end = k.next_end();
         if k.job.is_some() || head < end {
             return Ok(None);
         }
@@ -348,7 +358,7 @@ fn next_job(
 
 /// Makes `job` the run being written, unless another one got there first.
 fn install(k: &mut Keys, job: Job) {
-    if k.job.is_none() && k.upto + k.chunk.max(1) == job.end {
+    if k.job.is_none() && k.next_end() == job.end {
         k.forget(job.end);
         k.job = Some(job);
     }
@@ -379,13 +389,13 @@ pub(super) fn write(
 ) -> Result<(), rusqlite::Error> {
     let behind = {
         let k = lock(keys)?;
-        k.job.is_none() && head >= k.upto + 2 * k.chunk.max(1)
+        k.job.is_none() && head >= k.next_end() + k.chunk
     };
     if behind && let Some(job) = next_job(conn, keys, head)? {
         install(&mut *lock(keys)?, job);
     }
     let mut k = lock(keys)?;
-    let chunk = usize::try_from(k.chunk.max(1)).unwrap_or(usize::MAX);
+    let chunk = usize::try_from(k.chunk).unwrap_or(usize::MAX);
     let Some(job) = k.job.as_mut() else {
         return Ok(());
     };
@@ -528,7 +538,7 @@ mod tests {
         )
         .unwrap();
         let mut keys = Keys::new(0);
-        keys.chunk = 16;
+        keys.set_chunk(16);
         for seq in 1..=20u64 {
             let subject = (seq % 5 != 0).then(|| crate::pki::sha256(&seq.to_be_bytes()));
             let (request, client, service) =
@@ -563,7 +573,7 @@ mod tests {
     #[test]
     fn gathered_keys_cover_a_chunk_or_are_not_used() {
         let mut keys = Keys::new(0);
-        keys.chunk = 4;
+        keys.set_chunk(4);
         let k = |n: i64| [None, Some(n), Some(0), Some(0)];
         for seq in 2..=5 {
             keys.gather(seq, k(seq as i64));
