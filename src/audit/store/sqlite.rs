@@ -27,7 +27,7 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{
     AuditStore, COLUMNS, Commit, Conditions, Page, Query, RawRow, Scanned, SqlValue,
@@ -115,7 +115,7 @@ impl WriteConn {
                 Commit::Durable => "PRAGMA synchronous=FULL",
                 Commit::Written => "PRAGMA synchronous=NORMAL",
             };
-            self.conn.execute_batch(level)?;
+            run_cached(&self.conn, level)?;
             self.commit = commit;
         }
         Ok(&mut self.conn)
@@ -450,12 +450,69 @@ fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
 const CHECKPOINT_COLUMNS: &str =
     "seq, head, root, at_ms, node, key_id, cert_der, signature, frontier";
 
-fn insert_sql() -> String {
-    let marks: Vec<String> = (1..=28).map(|i| format!("?{i}")).collect();
-    format!(
-        "INSERT INTO audit_records ({COLUMNS}) VALUES ({})",
-        marks.join(", ")
-    )
+/// The statement that inserts one record (built once: the writer looks it up
+/// in its statement cache at every append).
+fn insert_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let marks: Vec<String> = (1..=28).map(|i| format!("?{i}")).collect();
+        format!(
+            "INSERT INTO audit_records ({COLUMNS}) VALUES ({})",
+            marks.join(", ")
+        )
+    });
+    &SQL
+}
+
+/// Runs one of the writer's fixed statements (`BEGIN`, `COMMIT`, a
+/// `PRAGMA`...) from the statement cache: parsing it anew at every append
+/// cost the writer more than inserting the record.
+fn run_cached(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(sql)?.raw_execute().map(drop)
+}
+
+/// The writer's transaction: `BEGIN IMMEDIATE` to `COMMIT`, rolled back if
+/// dropped before it commits.
+struct WriteTx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> WriteTx<'c> {
+    fn begin(conn: &'c Connection) -> Result<Self, rusqlite::Error> {
+        run_cached(conn, "BEGIN IMMEDIATE")?;
+        Ok(Self { conn, open: true })
+    }
+
+    fn commit(mut self) -> Result<(), rusqlite::Error> {
+        run_cached(self.conn, "COMMIT")?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Runs `f` within a savepoint: what it wrote is undone if it fails,
+    /// and the transaction goes on either way.
+    fn within_savepoint(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<(), rusqlite::Error>,
+    ) -> Result<(), rusqlite::Error> {
+        run_cached(self.conn, "SAVEPOINT side_work")?;
+        let done = f(self.conn);
+        if done.is_err() {
+            run_cached(self.conn, "ROLLBACK TO side_work")?;
+        }
+        run_cached(self.conn, "RELEASE side_work")?;
+        done
+    }
+}
+
+impl Drop for WriteTx<'_> {
+    fn drop(&mut self) {
+        if self.open
+            && let Err(e) = run_cached(self.conn, "ROLLBACK")
+        {
+            tracing::warn!(error = %e, "audit append: rollback failed");
+        }
+    }
 }
 
 /// Columns added after the first schema, with their types: a store made
@@ -790,13 +847,11 @@ fn append_batch(
     if entries.is_empty() {
         return Ok(Vec::new());
     }
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(write_err)?;
-    let head = head_of(&tx).map_err(write_err)?;
+    let tx = WriteTx::begin(conn).map_err(write_err)?;
+    let head = head_of(conn).map_err(write_err)?;
     let chained = chain(head, entries);
     {
-        let mut stmt = tx.prepare_cached(&insert_sql()).map_err(write_err)?;
+        let mut stmt = conn.prepare_cached(insert_sql()).map_err(write_err)?;
         for (e, (seq, prev, hash)) in entries.iter().zip(&chained) {
             stmt.execute(params![
                 seq_to_db(*seq),
@@ -834,16 +889,14 @@ fn append_batch(
     // Blocks of the key index ride in the same transaction (and fsync).
     // Should they fail, the records still go in: the run is prepared again.
     let head = chained.last().map(|c| c.0).unwrap_or(0);
-    let blocks_ok = match tx.savepoint() {
-        Ok(sp) => match keys::write(&sp, keys, head, entries.len()) {
-            Ok(()) => sp.commit().is_ok(),
+    let blocks_ok = !keys::due(keys, head)
+        || match tx.within_savepoint(|conn| keys::write(conn, keys, head, entries.len())) {
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "audit key index: will retry");
                 false
             }
-        },
-        Err(_) => false,
-    };
+        };
     let record_keys: Vec<_> = entries
         .iter()
         .map(|e| keys::record_keys(e.subject.as_ref(), &e.request_id, &e.client, &e.service))
@@ -1194,5 +1247,40 @@ mod tests {
         drop(store);
         let store = SqliteStore::open_in(dir.path()).await.unwrap();
         assert_eq!(store.keys_indexed(), upto);
+    }
+
+    /// Blocks of the key index ride in the records' transaction, under a
+    /// savepoint: when they cannot be written, the records still are, and
+    /// the run is written once it can be.
+    #[tokio::test]
+    async fn records_go_in_when_the_key_index_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        store.set_key_chunk(4);
+        let key = PseudonymKey::random().unwrap();
+        let other = connect(&db_path(dir.path())).unwrap();
+        other.execute_batch("DROP TABLE audit_key_blocks").unwrap();
+        for i in 1..=12 {
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.keys_indexed(), 0);
+        let records = store.read_all_blocking().unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=12).collect::<Vec<_>>()
+        );
+        other.execute_batch(keys::SCHEMA).unwrap();
+        for i in 13..=16 {
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+        assert!(store.keys_indexed() >= 4, "{}", store.keys_indexed());
+        let rows = store.by_request("req-1".into()).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
     }
 }

@@ -175,6 +175,12 @@ impl Keys {
         self.upto + self.chunk
     }
 
+    /// True once the log ending at `head` holds a whole chunk beyond the
+    /// next run: the writer then prepares that run itself.
+    fn chunk_waiting(&self, head: u64) -> bool {
+        head >= self.next_end() + self.chunk
+    }
+
     /// Notes the keys of record `seq`, just committed. Records must come in
     /// order; after a gap, gathering starts over. At most three chunks are
     /// kept (should the runs fall behind, later chunks are read back).
@@ -377,6 +383,12 @@ pub(super) fn prepare(conn: &Connection, keys: &Mutex<Keys>) -> Result<(), rusql
     Ok(())
 }
 
+/// True if [`write`] has work once the log ends at `head`: blocks of a
+/// prepared run to write, or the next run to prepare.
+pub(super) fn due(keys: &Mutex<Keys>, head: u64) -> bool {
+    lock(keys).map_or(true, |k| k.job.is_some() || k.chunk_waiting(head))
+}
+
 /// Writes the next blocks of the run being written, in the writer's open
 /// transaction that appended `records` records up to `head`. The writer
 /// prepares a run itself only once a whole chunk more is waiting (the
@@ -389,7 +401,7 @@ pub(super) fn write(
 ) -> Result<(), rusqlite::Error> {
     let behind = {
         let k = lock(keys)?;
-        k.job.is_none() && head >= k.next_end() + k.chunk
+        k.job.is_none() && k.chunk_waiting(head)
     };
     if behind && let Some(job) = next_job(conn, keys, head)? {
         install(&mut *lock(keys)?, job);
