@@ -335,6 +335,25 @@ async fn concurrent_appends_are_group_committed(kind: Kind) {
     assert!(report.ok() && report.records == 300, "{report:#?}");
 }
 
+/// An append whose caller goes away while the record is being written (a
+/// cancelled call) still lands, and the log's tree stays in step with it.
+async fn an_abandoned_append_still_lands(kind: Kind) {
+    let log = Log::new(kind, 2, &[2]).await;
+    {
+        let mut abandoned = log.handle.append(record(3));
+        // One poll starts the write; then the caller goes away.
+        std::future::poll_fn(|cx| std::task::Poll::Ready(abandoned.as_mut().poll(cx).is_ready()))
+            .await;
+    }
+    log.handle.append(record(4)).await.unwrap();
+    let cp = log.handle.checkpoint().await.unwrap().unwrap();
+    assert_eq!(cp.seq, 4);
+    let report = log.verify().await;
+    assert!(report.ok(), "{report:#?}");
+    assert_eq!((report.records, report.unsigned_tail), (4, 0));
+    assert_eq!(log.get(3).await.entry.request_id, record(3).request_id);
+}
+
 async fn written_records_become_durable_with_the_next_append(kind: Kind) {
     let log = Log::new(kind, 2, &[]).await;
     let stats = || {
@@ -877,6 +896,7 @@ macro_rules! for_each_store {
 for_each_store!(
     appends_chain_and_verify,
     concurrent_appends_are_group_committed,
+    an_abandoned_append_still_lands,
     written_records_become_durable_with_the_next_append,
     a_refused_write_acknowledges_nothing,
     queries_filter_and_page_newest_first,
