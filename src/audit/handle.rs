@@ -1,18 +1,16 @@
-//! The server's audit log: [`AuditHandle`], its configuration and its
-//! writer (group commit and checkpoints).
+//! The server's audit log: [`AuditHandle`], its configuration and its single
+//! writer task (group commit and checkpoints).
 //!
-//! Every [`AuditLog::append`] pseudonymises the subject in the caller's task.
-//! If nothing is queued and the writer is idle, the caller writes its record
-//! itself, holding the writer's state: alone, a record costs no hand-off
-//! between tasks. Otherwise it queues the entry on a bounded channel and
-//! waits for its own answer. The writer task takes whatever is queued (up to
-//! `max_batch`), appends it in one transaction, and only after the commit
-//! returns (one fsync for the whole batch) answers every waiter of the batch.
-//! If the write fails, every waiter gets [`AuditError::Write`] and nothing of
-//! the batch is acknowledged. The chain order is the commit order. A batch of
-//! [`AuditLog::append_written`] records only is committed without waiting
-//! for the disk ([`Commit::Written`]); any durable commit after it, or the
-//! next checkpoint, covers it.
+//! Every [`AuditLog::append`] pseudonymises the subject in the caller's task,
+//! then queues the entry on a bounded channel and waits for its own answer.
+//! One writer task owns the store's write side: it takes whatever is queued
+//! (up to `max_batch`), appends it in one transaction, and only after the
+//! commit returns (one fsync for the whole batch) answers every waiter of the
+//! batch. If the write fails, every waiter gets [`AuditError::Write`] and
+//! nothing of the batch is acknowledged. The chain order is the commit order.
+//! A batch of [`AuditLog::append_written`] records only is committed without
+//! waiting for the disk ([`Commit::Written`]); any durable commit after it,
+//! or the next checkpoint, covers it.
 //!
 //! The writer also keeps the Merkle [`Frontier`] of the log and signs a
 //! [`Checkpoint`] every `checkpoint_interval`, on demand
@@ -21,13 +19,11 @@
 //! before it signs.
 
 use std::{
-    future::Future,
     path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::Poll,
     time::Duration,
 };
 
@@ -205,9 +201,6 @@ pub struct AuditHandle {
     signer: Arc<SigningKey>,
     node: String,
     tx: mpsc::Sender<Command>,
-    /// The writer's state, held by the writer task while it writes a batch
-    /// or a checkpoint, or by an appender that found it idle.
-    state: Arc<tokio::sync::Mutex<Writer>>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -257,7 +250,6 @@ impl AuditHandle {
             tree_ok: true,
             last_checkpoint: 0,
             last_batch: 0,
-            closed: false,
         };
         if let Err(e) = writer.load().await {
             // A log with a hole (tampering, or a store restored from a partial
@@ -268,8 +260,7 @@ impl AuditHandle {
             writer.tree_ok = false;
         }
         let (tx, rx) = mpsc::channel(options.queue.max(1));
-        let state = Arc::new(tokio::sync::Mutex::new(writer));
-        let task = tokio::spawn(run(state.clone(), rx, options.checkpoint_interval));
+        let task = tokio::spawn(writer.run(rx, options.checkpoint_interval));
         Ok(Arc::new(Self {
             stats,
             store,
@@ -277,7 +268,6 @@ impl AuditHandle {
             signer,
             node: node.to_owned(),
             tx,
-            state,
             writer: tokio::sync::Mutex::new(Some(task)),
         }))
     }
@@ -382,27 +372,6 @@ impl AuditHandle {
 impl AuditHandle {
     async fn append_as(&self, record: AuditRecord, commit: Commit) -> Result<(), AuditError> {
         let entry = Entry::from_record(record, &self.node, &self.pseudonyms);
-        // Nothing queued and the writer idle: write this record here, on the
-        // caller's thread, rather than hand it to the writer task and back.
-        // The lock keeps the commit order; appenders arriving meanwhile
-        // queue, and the writer task commits them together afterwards.
-        if self.tx.capacity() == self.tx.max_capacity()
-            && let Ok(mut writer) = self.state.clone().try_lock_owned()
-            && !writer.closed
-        {
-            let (tx, rx) = oneshot::channel();
-            let mut batch = Batch::with_capacity(1);
-            batch.push(entry, commit, tx);
-            let mut write = Box::pin(async move { writer.write(&mut batch).await });
-            // A write that must wait (for the blocking pool or the network)
-            // is finished by a task of its own, whatever becomes of this
-            // caller: the writer's state stays in step with the store.
-            let done = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx).is_ready()));
-            if !done.await {
-                tokio::spawn(write);
-            }
-            return rx.await.map_err(|_| AuditError::Closed)?;
-        }
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::Append(Box::new(entry), commit, tx))
@@ -493,8 +462,6 @@ struct Writer {
     last_checkpoint: u64,
     /// The size of the last batch written.
     last_batch: usize,
-    /// Set at shutdown: appends are refused from then on.
-    closed: bool,
 }
 
 impl Writer {
@@ -552,6 +519,100 @@ impl Writer {
         }
         Ok(())
     }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, interval: Option<Duration>) {
+        let mut ticker = interval.map(|d| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        let mut batch = Batch::with_capacity(self.max_batch);
+        loop {
+            // The timer goes first so that a steady stream of appends cannot
+            // starve the periodic checkpoint.
+            let command = tokio::select! {
+                biased;
+                _ = async {
+                    match ticker.as_mut() {
+                        Some(t) => { t.tick().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    if let Err(e) = self.checkpoint().await {
+                        tracing::warn!(error = %e, "periodic audit checkpoint failed");
+                    }
+                    continue;
+                }
+                command = rx.recv() => command,
+            };
+            let mut pending = match command {
+                None => break,
+                Some(c) => Some(c),
+            };
+            while let Some(command) = pending.take() {
+                match command {
+                    Command::Append(entry, commit, waiter) => {
+                        batch.push(*entry, commit, waiter);
+                        // Take whatever else is queued, up to a full batch.
+                        // Under load (the last batch was large), give the
+                        // appenders just answered a moment to come back, so
+                        // that they share this commit rather than the next.
+                        let mut rounds = if self.last_batch >= GATHER_THRESHOLD {
+                            GATHER_ROUNDS
+                        } else {
+                            0
+                        };
+                        loop {
+                            let before = batch.len();
+                            while batch.len() < self.max_batch {
+                                match rx.try_recv() {
+                                    Ok(Command::Append(e, c, w)) => batch.push(*e, c, w),
+                                    Ok(other) => {
+                                        pending = Some(other);
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            if rounds == 0
+                                || pending.is_some()
+                                || batch.len() >= self.max_batch
+                                || (batch.len() == before && rounds < GATHER_ROUNDS)
+                            {
+                                break;
+                            }
+                            rounds -= 1;
+                            tokio::task::yield_now().await;
+                        }
+                        self.last_batch = batch.len();
+                        self.write(&mut batch).await;
+                    }
+                    Command::Checkpoint(reply) => {
+                        let _ = reply.send(self.checkpoint().await);
+                    }
+                    Command::Shutdown(reply) => {
+                        // Whatever was queued before the shutdown is written
+                        // first: it is ahead of it in the channel.
+                        rx.close();
+                        while let Ok(command) = rx.try_recv() {
+                            if let Command::Append(e, c, w) = command {
+                                batch.push(*e, c, w);
+                                if batch.len() >= self.max_batch {
+                                    self.write(&mut batch).await;
+                                }
+                            }
+                        }
+                        self.write(&mut batch).await;
+                        self.final_checkpoint().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                }
+            }
+        }
+        self.final_checkpoint().await;
+    }
+
     async fn final_checkpoint(&mut self) {
         if let Err(e) = self.checkpoint().await {
             tracing::warn!(error = %e, "final audit checkpoint failed");
@@ -659,110 +720,6 @@ impl Writer {
         self.last_checkpoint = size;
         Ok(Some(cp))
     }
-}
-
-/// The writer task: takes the queued appends in batches, signs the periodic
-/// checkpoints and answers the commands, holding the writer's state for each.
-async fn run(
-    state: Arc<tokio::sync::Mutex<Writer>>,
-    mut rx: mpsc::Receiver<Command>,
-    interval: Option<Duration>,
-) {
-    let mut ticker = interval.map(|d| {
-        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
-    let max_batch = state.lock().await.max_batch;
-    let mut batch = Batch::with_capacity(max_batch);
-    loop {
-        // The timer goes first so that a steady stream of appends cannot
-        // starve the periodic checkpoint.
-        let command = tokio::select! {
-            biased;
-            _ = async {
-                match ticker.as_mut() {
-                    Some(t) => { t.tick().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {
-                if let Err(e) = state.lock().await.checkpoint().await {
-                    tracing::warn!(error = %e, "periodic audit checkpoint failed");
-                }
-                continue;
-            }
-            command = rx.recv() => command,
-        };
-        let mut pending = match command {
-            None => break,
-            Some(c) => Some(c),
-        };
-        while let Some(command) = pending.take() {
-            let mut writer = state.lock().await;
-            match command {
-                Command::Append(entry, commit, waiter) => {
-                    batch.push(*entry, commit, waiter);
-                    // Take whatever else is queued, up to a full batch.
-                    // Under load (the last batch was large), give the
-                    // appenders just answered a moment to come back, so
-                    // that they share this commit rather than the next.
-                    let mut rounds = if writer.last_batch >= GATHER_THRESHOLD {
-                        GATHER_ROUNDS
-                    } else {
-                        0
-                    };
-                    loop {
-                        let before = batch.len();
-                        while batch.len() < max_batch {
-                            match rx.try_recv() {
-                                Ok(Command::Append(e, c, w)) => batch.push(*e, c, w),
-                                Ok(other) => {
-                                    pending = Some(other);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        if rounds == 0
-                            || pending.is_some()
-                            || batch.len() >= max_batch
-                            || (batch.len() == before && rounds < GATHER_ROUNDS)
-                        {
-                            break;
-                        }
-                        rounds -= 1;
-                        tokio::task::yield_now().await;
-                    }
-                    writer.last_batch = batch.len();
-                    writer.write(&mut batch).await;
-                }
-                Command::Checkpoint(reply) => {
-                    let _ = reply.send(writer.checkpoint().await);
-                }
-                Command::Shutdown(reply) => {
-                    // Whatever was queued before the shutdown is written
-                    // first: it is ahead of it in the channel.
-                    writer.closed = true;
-                    rx.close();
-                    while let Ok(command) = rx.try_recv() {
-                        if let Command::Append(e, c, w) = command {
-                            batch.push(*e, c, w);
-                            if batch.len() >= max_batch {
-                                writer.write(&mut batch).await;
-                            }
-                        }
-                    }
-                    writer.write(&mut batch).await;
-                    writer.final_checkpoint().await;
-                    let _ = reply.send(());
-                    return;
-                }
-            }
-        }
-    }
-    let mut writer = state.lock().await;
-    writer.closed = true;
-    writer.final_checkpoint().await;
 }
 
 #[cfg(test)]

@@ -22,11 +22,7 @@
 
 use std::{
     collections::HashSet,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -128,65 +124,12 @@ type Job = ([u8; 32], oneshot::Sender<Vec<u8>>);
 /// A task takes the first waiting digest, lets the other tasks ready to run
 /// go (so that callers arriving together join), takes whatever else is
 /// waiting up to [`MAX_BATCH`], and signs the lot. It gives them another
-/// turn, up to a few, while each turn brings more. Under load, batches grow
-/// with it. A caller that finds the signer quiet (no other caller in it, and
-/// none for [`QUIET`]) signs at once on its own thread: a batch of one would
-/// cost it two hand-offs between tasks and a turn of the scheduler for
-/// nothing.
+/// turn, up to a few, while each turn brings more. Alone, a caller waits only
+/// for one turn of the scheduler; under load, batches grow with it.
 #[derive(Debug, Clone)]
 pub struct BatchSigner {
     key: Arc<SigningKey>,
     jobs: mpsc::UnboundedSender<Job>,
-    load: Arc<Load>,
-}
-
-/// How long the signer must have had no caller for the next one to sign
-/// alone. Well above the gap between the calls of a busy server (at 5,000
-/// signatures/s, 200 us on average), well below that of a quiet one.
-pub const QUIET: Duration = Duration::from_micros(500);
-
-/// Who is using the signer and when it was last used.
-#[derive(Debug)]
-struct Load {
-    epoch: Instant,
-    /// Callers inside [`BatchSigner::sign`].
-    callers: AtomicUsize,
-    /// When the last caller came, in microseconds since `epoch`.
-    last_us: AtomicU64,
-}
-
-impl Load {
-    /// Counts a caller in; true if it may sign alone.
-    fn enter(&self) -> bool {
-        self.enter_at(u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX))
-    }
-
-    /// [`Load::enter`] at `now` microseconds since the epoch.
-    fn enter_at(&self, now: u64) -> bool {
-        let last = self.last_us.swap(now, Ordering::Relaxed);
-        let others = self.callers.fetch_add(1, Ordering::AcqRel);
-        others == 0 && now.saturating_sub(last) >= QUIET.as_micros() as u64
-    }
-}
-
-impl Default for Load {
-    fn default() -> Self {
-        Self {
-            epoch: Instant::now(),
-            callers: AtomicUsize::new(0),
-            last_us: AtomicU64::new(0),
-        }
-    }
-}
-
-/// Counts a caller out when it leaves [`BatchSigner::sign`], even if its
-/// future is dropped on the way.
-struct Caller<'a>(&'a Load);
-
-impl Drop for Caller<'_> {
-    fn drop(&mut self) {
-        self.0.callers.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl BatchSigner {
@@ -194,11 +137,7 @@ impl BatchSigner {
     pub fn start(key: Arc<SigningKey>) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(key.clone(), rx));
-        Self {
-            key,
-            jobs,
-            load: Arc::new(Load::default()),
-        }
+        Self { key, jobs }
     }
 
     /// The key signatures are made with.
@@ -208,11 +147,6 @@ impl BatchSigner {
 
     /// Signs `digest`; returns the signature value (with its path).
     pub async fn sign(&self, digest: [u8; 32]) -> Vec<u8> {
-        let alone = self.load.enter();
-        let _caller = Caller(&self.load);
-        if alone {
-            return self.key.sign(&digest);
-        }
         let (tx, rx) = oneshot::channel();
         if self.jobs.send((digest, tx)).is_ok()
             && let Ok(value) = rx.await
@@ -420,39 +354,5 @@ mod tests {
             "200 concurrent callers made {} signatures",
             signatures.len()
         );
-    }
-
-    #[test]
-    fn only_a_caller_that_finds_the_signer_quiet_signs_alone() {
-        let load = Load::default();
-        let quiet = QUIET.as_micros() as u64;
-        let t = 10 * quiet;
-        assert!(load.enter_at(t), "the first caller after a quiet spell");
-        // Another caller while the first is inside, then one just after it.
-        assert!(!load.enter_at(t + 1));
-        drop(Caller(&load));
-        drop(Caller(&load));
-        assert!(!load.enter_at(t + 2), "too soon after the others");
-        drop(Caller(&load));
-        assert!(load.enter_at(t + 2 + quiet));
-        drop(Caller(&load));
-        assert!(load.enter_at(t + 4 * quiet));
-        // That caller has not left: a quiet spell is not enough.
-        assert!(!load.enter_at(t + 6 * quiet));
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_quiet_signer_signs_without_its_task() {
-        use futures_util::FutureExt;
-        let (signer, verifier) = keys();
-        let batcher = BatchSigner::start(Arc::new(signer));
-        std::thread::sleep(2 * QUIET);
-        let d = sha256(b"alone");
-        // On one thread the signing task cannot run before this call
-        // returns: it is answered at once, and with a plain signature.
-        let value = batcher.sign(d).now_or_never().expect("signed at once");
-        assert_eq!(value.len(), SIGNATURE_LEN);
-        assert!(verifier.verify(&d, &value));
-        assert_eq!(batcher.load.callers.load(Ordering::Relaxed), 0);
     }
 }
