@@ -847,6 +847,10 @@ fn append_batch(
     if entries.is_empty() {
         return Ok(Vec::new());
     }
+    let record_keys: Vec<_> = entries
+        .iter()
+        .map(|e| keys::record_keys(e.subject.as_ref(), &e.request_id, &e.client, &e.service))
+        .collect();
     let tx = WriteTx::begin(conn).map_err(write_err)?;
     let head = head_of(conn).map_err(write_err)?;
     let chained = chain(head, entries);
@@ -897,10 +901,6 @@ fn append_batch(
                 false
             }
         };
-    let record_keys: Vec<_> = entries
-        .iter()
-        .map(|e| keys::record_keys(e.subject.as_ref(), &e.request_id, &e.client, &e.service))
-        .collect();
     tx.commit().map_err(write_err)?;
     if let Ok(mut k) = keys.lock() {
         if blocks_ok {
@@ -922,6 +922,20 @@ fn append_batch(
 mod tests {
     use super::*;
     use crate::audit::{Side, Step, pseudonym::PseudonymKey};
+
+    /// Appends the records `seqs` one by one, each durable.
+    async fn append_each(
+        store: &SqliteStore,
+        key: &PseudonymKey,
+        seqs: std::ops::RangeInclusive<u64>,
+    ) {
+        for i in seqs {
+            store
+                .append(vec![entry(i, key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+    }
 
     fn entry(i: u64, key: &PseudonymKey) -> Entry {
         Entry {
@@ -1015,12 +1029,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_in(dir.path()).await.unwrap();
         let key = PseudonymKey::random().unwrap();
-        for i in 1..=60 {
-            store
-                .append(vec![entry(i, &key)], Commit::Durable)
-                .await
-                .unwrap();
-        }
+        append_each(&store, &key, 1..=60).await;
         let frames = |conn: &Connection| -> i64 {
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
                 .unwrap()
@@ -1100,12 +1109,7 @@ mod tests {
         let key = PseudonymKey::random().unwrap();
         // One chunk is waiting, not two: the writer leaves it to the
         // background thread.
-        for i in 1..=10 {
-            store
-                .append(vec![entry(i, &key)], Commit::Durable)
-                .await
-                .unwrap();
-        }
+        append_each(&store, &key, 1..=10).await;
         assert_eq!(store.keys_indexed(), 0);
         let prepared = || store.inner.keys.lock().unwrap().prepared();
         let waited = std::time::Instant::now();
@@ -1134,12 +1138,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = PseudonymKey::random().unwrap();
         let store = SqliteStore::open_in(dir.path()).await.unwrap();
-        for i in 1..=12 {
-            store
-                .append(vec![entry(i, &key)], Commit::Durable)
-                .await
-                .unwrap();
-        }
+        append_each(&store, &key, 1..=12).await;
         drop(store);
         let conn = connect(&db_path(dir.path())).unwrap();
         conn.execute_batch(
@@ -1167,12 +1166,7 @@ mod tests {
             rows.iter().map(|r| r.seq).collect::<Vec<_>>()
         };
         assert_eq!(by_request(store.clone()).await, [6, 7, 8]);
-        for i in 13..=40 {
-            store
-                .append(vec![entry(i, &key)], Commit::Durable)
-                .await
-                .unwrap();
-        }
+        append_each(&store, &key, 13..=40).await;
         assert!(store.keys_indexed() >= 8, "{}", store.keys_indexed());
         assert_eq!(by_request(store).await, [6, 7, 8]);
     }
@@ -1260,12 +1254,7 @@ mod tests {
         let key = PseudonymKey::random().unwrap();
         let other = connect(&db_path(dir.path())).unwrap();
         other.execute_batch("DROP TABLE audit_key_blocks").unwrap();
-        for i in 1..=12 {
-            store
-                .append(vec![entry(i, &key)], Commit::Durable)
-                .await
-                .unwrap();
-        }
+        append_each(&store, &key, 1..=12).await;
         assert_eq!(store.keys_indexed(), 0);
         let records = store.read_all_blocking().unwrap();
         assert_eq!(
@@ -1273,12 +1262,7 @@ mod tests {
             (1..=12).collect::<Vec<_>>()
         );
         other.execute_batch(keys::SCHEMA).unwrap();
-        for i in 13..=16 {
-            store
-                .append(vec![entry(i, &key)], Commit::Durable)
-                .await
-                .unwrap();
-        }
+        append_each(&store, &key, 13..=16).await;
         assert!(store.keys_indexed() >= 4, "{}", store.keys_indexed());
         let rows = store.by_request("req-1".into()).await.unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);

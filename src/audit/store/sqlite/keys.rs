@@ -82,6 +82,22 @@ type RecordKeys = [Option<i64>; KINDS.len()];
 /// `(key, seq)` pairs by [`Kind`].
 type ByKind = [Vec<(i64, u64)>; KINDS.len()];
 
+/// Adds record `seq`'s keys to the lists of their kinds.
+fn push(by_kind: &mut ByKind, seq: u64, keys: RecordKeys) {
+    for (list, key) in by_kind.iter_mut().zip(keys) {
+        if let Some(key) = key {
+            list.push((key, seq));
+        }
+    }
+}
+
+/// Takes the pairs of records up to `end` from the front of `list` (in
+/// record order).
+fn drain_upto(list: &mut Vec<(i64, u64)>, end: u64) -> std::vec::Drain<'_, (i64, u64)> {
+    let n = list.partition_point(|&(_, seq)| seq <= end);
+    list.drain(..n)
+}
+
 /// The key of a subject pseudonym.
 pub(super) fn subject_key(h: &Hash) -> i64 {
     let mut b = [0u8; 8];
@@ -193,11 +209,7 @@ impl Keys {
                 by_kind: ByKind::default(),
             };
         }
-        for (list, key) in g.by_kind.iter_mut().zip(keys) {
-            if let Some(key) = key {
-                list.push((key, seq));
-            }
-        }
+        push(&mut g.by_kind, seq, keys);
         g.next = seq + 1;
     }
 
@@ -230,10 +242,10 @@ impl Keys {
         if g.from != self.upto + 1 || g.next <= end {
             return None;
         }
-        let taken = g.by_kind.each_mut().map(|list| {
-            let n = list.partition_point(|&(_, seq)| seq <= end);
-            list.drain(..n).collect()
-        });
+        let taken = g
+            .by_kind
+            .each_mut()
+            .map(|list| drain_upto(list, end).collect());
         g.from = end + 1;
         Some(taken)
     }
@@ -243,8 +255,7 @@ impl Keys {
         let g = &mut self.gathered;
         if g.from <= end {
             for list in &mut g.by_kind {
-                let n = list.partition_point(|&(_, seq)| seq <= end);
-                list.drain(..n);
+                drain_upto(list, end);
             }
             g.from = end + 1;
             g.next = g.next.max(g.from);
@@ -302,11 +313,7 @@ fn read_back(conn: &Connection, from: u64, end: u64) -> Result<ByKind, rusqlite:
             r.get_ref(3)?.as_str()?,
             r.get_ref(4)?.as_str()?,
         );
-        for (list, key) in by_kind.iter_mut().zip(keys) {
-            if let Some(key) = key {
-                list.push((key, seq));
-            }
-        }
+        push(&mut by_kind, seq, keys);
     }
     Ok(by_kind)
 }
@@ -376,10 +383,15 @@ pub(super) fn prepare(conn: &Connection, keys: &Mutex<Keys>) -> Result<(), rusql
     let head: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit_records", [], |r| {
         r.get(0)
     })?;
-    let Some(job) = next_job(conn, keys, seq_from_db(head))? else {
-        return Ok(());
-    };
-    install(&mut *lock(keys)?, job);
+    prepare_at(conn, keys, seq_from_db(head))
+}
+
+/// Prepares and installs the next run if the log, ending at `head`, holds
+/// all of it and none is being written.
+fn prepare_at(conn: &Connection, keys: &Mutex<Keys>, head: u64) -> Result<(), rusqlite::Error> {
+    if let Some(job) = next_job(conn, keys, head)? {
+        install(&mut *lock(keys)?, job);
+    }
     Ok(())
 }
 
@@ -403,8 +415,8 @@ pub(super) fn write(
         let k = lock(keys)?;
         k.job.is_none() && k.chunk_waiting(head)
     };
-    if behind && let Some(job) = next_job(conn, keys, head)? {
-        install(&mut *lock(keys)?, job);
+    if behind {
+        prepare_at(conn, keys, head)?;
     }
     let mut k = lock(keys)?;
     let chunk = usize::try_from(k.chunk).unwrap_or(usize::MAX);
