@@ -240,6 +240,100 @@ impl Entry {
     }
 }
 
+/// Reads canonical bytes back: the inverse of [`Entry::canonical_into`] (the
+/// embedded store's journal keeps records in this form). `None` if `bytes`
+/// are not exactly one record's canonical bytes in either form.
+pub fn parse_canonical(bytes: &[u8]) -> Option<(u64, Hash, Entry)> {
+    let mut r = Reader(bytes);
+    let v2 = match r.field()? {
+        Some(tag) if tag == RECORD_TAG.as_bytes() => true,
+        Some(tag) if tag == RECORD_TAG_V1.as_bytes() => false,
+        _ => return None,
+    };
+    let seq = u64::from_be_bytes(r.fixed()?);
+    let prev: Hash = r.fixed()?;
+    let node = r.text()?;
+    let request_id = r.text()?;
+    let at_ms = i64::from_be_bytes(r.fixed()?);
+    let side = Side::parse(&r.text()?)?;
+    let step = Step::parse(&r.text()?)?;
+    let mut entry = Entry {
+        node,
+        request_id,
+        at_ms,
+        side,
+        step,
+        client: r.text()?,
+        service: r.text()?,
+        method: r.text()?,
+        purpose: r.text()?,
+        subject: r.opt_fixed()?,
+        basis: r.opt_text()?,
+        user: r.opt_text()?,
+        peer: r.opt_text()?,
+        status: i32::from_be_bytes(r.fixed()?),
+        reason: r.opt_text()?,
+        message: r.opt_text()?,
+        body_sha256: r.opt_fixed()?,
+        request_hash: r.opt_fixed()?,
+        signature: r.field()?.map(<[u8]>::to_vec),
+        signer_key: r.opt_fixed()?,
+        signed_hash: r.opt_fixed()?,
+        body: None,
+        query_group: None,
+        hidden_until_ms: None,
+        hidden_reason: None,
+    };
+    if v2 {
+        entry.query_group = r.opt_text()?;
+        entry.hidden_until_ms = r.opt_fixed()?.map(i64::from_be_bytes);
+        entry.hidden_reason = r.opt_text()?;
+    }
+    // Each form has one encoding: the second only with a field of its own.
+    (r.0.is_empty() && entry.has_report_fields() == v2).then_some((seq, prev, entry))
+}
+
+/// Reads the fields [`Canon`] writes.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// One field: `None` inside for an absent one, `None` outside if the
+    /// bytes end early.
+    fn field(&mut self) -> Option<Option<&'a [u8]>> {
+        let (len, rest) = self.0.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len);
+        if len == u32::MAX {
+            self.0 = rest;
+            return Some(None);
+        }
+        let (value, rest) = rest.split_at_checked(usize::try_from(len).ok()?)?;
+        self.0 = rest;
+        Some(Some(value))
+    }
+
+    fn opt_fixed<const N: usize>(&mut self) -> Option<Option<[u8; N]>> {
+        match self.field()? {
+            None => Some(None),
+            Some(b) => Some(Some(b.try_into().ok()?)),
+        }
+    }
+
+    fn fixed<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.opt_fixed()?
+    }
+
+    fn opt_text(&mut self) -> Option<Option<String>> {
+        match self.field()? {
+            None => Some(None),
+            Some(b) => Some(Some(String::from_utf8(b.to_vec()).ok()?)),
+        }
+    }
+
+    fn text(&mut self) -> Option<String> {
+        self.opt_text()?
+    }
+}
+
 struct Canon<'a>(&'a mut Vec<u8>);
 
 impl Canon<'_> {
@@ -491,6 +585,31 @@ mod tests {
         );
         assert_eq!(more[0].0, 4);
         assert_eq!(more[0].1, links[2].2);
+    }
+
+    #[test]
+    fn canonical_bytes_read_back_in_both_forms() {
+        let plain = entry(1);
+        let mut covert = entry(2);
+        covert.query_group = Some("claim-1".into());
+        covert.hidden_until_ms = Some(-5);
+        covert.hidden_reason = None;
+        covert.basis = Some("law".into());
+        for e in [plain, covert] {
+            let bytes = e.canonical(9, &[3; 32]);
+            assert_eq!(parse_canonical(&bytes), Some((9, [3; 32], e.clone())));
+            // Cut short, or with a byte too many, it is no record.
+            assert_eq!(parse_canonical(&bytes[..bytes.len() - 1]), None);
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(parse_canonical(&longer), None);
+        }
+        // The second form without any field of its own is not canonical.
+        let mut forged = entry(3).canonical(1, &GENESIS);
+        forged.splice(4..4 + RECORD_TAG_V1.len(), RECORD_TAG.bytes());
+        forged.extend_from_slice(&[0xFF; 12]);
+        assert_eq!(parse_canonical(&forged), None);
+        assert_eq!(parse_canonical(b""), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! same last pages of that index. Subject pseudonyms, request ids, clients and
 //! services go into a key index of sorted runs instead ([`keys`]).
 
+mod journal;
 mod keys;
 
 use std::{
@@ -36,7 +37,7 @@ use super::{
 use crate::audit::{
     AuditError,
     checkpoint::Checkpoint,
-    record::{Entry, Hash, Link, StoredRecord, chain},
+    record::{Entry, Hash, Link, StoredRecord},
 };
 
 /// The file name of the embedded store under the data directory.
@@ -127,11 +128,26 @@ struct Inner {
     writer: Mutex<WriteConn>,
     readers: Mutex<Vec<Connection>>,
     keys: Mutex<keys::Keys>,
+    /// Where appends go first; `None` when another process writes this log
+    /// (this one may only read what is in SQLite).
+    journal: Option<Mutex<journal::Journal>>,
+    /// Held by the one fold at a time ([`fold`]).
+    folding: Mutex<()>,
+    /// Set while the last fold failed: appends first retry it, and are
+    /// refused while it fails, so that records cannot pile up where no
+    /// query or verification sees them.
+    fold_failed: AtomicBool,
     /// True while the last durable append committed within [`QUICK_COMMIT`].
     quick: AtomicBool,
-    /// Set by the upkeep thread once its checkpoint caught up: the writer
-    /// then folds back what it committed meanwhile ([`finish_fold`]).
-    fold_rest: AtomicBool,
+}
+
+impl Drop for Inner {
+    /// A store closed cleanly leaves every record in SQLite.
+    fn drop(&mut self) {
+        if let Err(e) = fold(self) {
+            tracing::warn!(error = %e, "audit journal: records stay there until the next open");
+        }
+    }
 }
 
 /// An append of one record is committed on the calling thread, without a
@@ -146,6 +162,11 @@ const QUICK_COMMIT: std::time::Duration = std::time::Duration::from_millis(1);
 fn other_workers() -> bool {
     tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() > 1)
 }
+
+/// The stores open in this process, by database path.
+static OPEN: std::sync::LazyLock<
+    Mutex<std::collections::HashMap<PathBuf, std::sync::Weak<Inner>>>,
+> = std::sync::LazyLock::new(Default::default);
 
 /// The embedded SQLite store.
 #[derive(Clone)]
@@ -182,19 +203,23 @@ fn write_err(e: rusqlite::Error) -> AuditError {
 /// the server's memory.
 const PRAGMAS: &str = "PRAGMA synchronous=FULL; PRAGMA cache_size=-16384; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=10000; PRAGMA journal_size_limit=134217728;";
 
-/// How often a background thread folds the WAL back into the database file.
-const WAL_FOLD_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often the upkeep thread folds the journal into SQLite. The records
+/// waiting meanwhile are held in memory too: at 10,000 records a second,
+/// 100 ms of them raised a server's peak memory by about 15 MiB, 20 ms by
+/// 3 MiB, at the same throughput.
+const FOLD_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
+/// Every this many folds, the upkeep thread also folds the WAL back into the
+/// database file (a page written by several folds is copied once).
+const WAL_FOLD_EVERY: u32 = 10;
 
-/// Folds the WAL back into the database file every [`WAL_FOLD_EVERY`] from a
-/// thread and connection of its own, with passive checkpoints (which neither
-/// wait for the writer nor hold it up), so that commits do not stall while a
-/// checkpoint copies pages and syncs the database file; measured, such stalls
-/// set the slowest answers under load. Once a checkpoint has caught up, the
-/// writer folds back the few frames it committed meanwhile ([`finish_fold`])
-/// and starts the WAL over, so it stays small and is written in place. The
-/// writer's automatic checkpoint remains as a backstop. The same thread
-/// prepares the key index's next chunk ([`keys::prepare`]). It ends with the
-/// store.
+/// The store's upkeep, every [`FOLD_EVERY`] on a thread of its own: it folds
+/// the journal's records into SQLite ([`fold`]: one transaction and one sync
+/// for all of them). Every [`WAL_FOLD_EVERY`] rounds it then folds the WAL
+/// back into the database file with a passive checkpoint on a connection of
+/// its own (nothing else writes meanwhile, so it catches up and the next
+/// fold starts the WAL over), and prepares the key index's next chunk
+/// ([`keys::prepare`]). The writer's
+/// automatic checkpoint remains as a backstop. It ends with the store.
 fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     let path = path.to_path_buf();
     let spawned = std::thread::Builder::new()
@@ -203,26 +228,23 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
             let conn = match connect_small_cache(&path) {
                 Ok(conn) => conn,
                 Err(e) => {
-                    tracing::warn!(error = %e, "no audit upkeep thread: WAL checkpoints and key-index reads stay with the writer");
+                    tracing::warn!(error = %e, "no audit upkeep thread: the journal is folded at reads and when full");
                     return;
                 }
             };
-            loop {
-                std::thread::sleep(WAL_FOLD_EVERY);
+            for round in 1u32.. {
+                std::thread::sleep(FOLD_EVERY);
                 let Some(inner) = store.upgrade() else {
                     return;
                 };
-                let folded = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                });
-                match folded {
-                    // Every frame there when it started is in the database
-                    // file (none held back by a reader).
-                    Ok((frames, copied)) if frames > 0 && copied == frames => {
-                        inner.fold_rest.store(true, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "audit WAL checkpoint"),
+                if let Err(e) = fold(&inner) {
+                    tracing::warn!(error = %e, "audit journal: fold failed, will retry");
+                }
+                if round % WAL_FOLD_EVERY != 0 {
+                    continue;
+                }
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "audit WAL checkpoint");
                 }
                 if let Err(e) = keys::prepare(&conn, &inner.keys) {
                     tracing::debug!(error = %e, "audit key index: will retry");
@@ -230,7 +252,7 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "audit WAL checkpoints stay with the writer");
+        tracing::warn!(error = %e, "no audit upkeep thread: the journal is folded at reads and when full");
     }
 }
 
@@ -276,32 +298,81 @@ impl SqliteStore {
         Self::open(&db_path(data_dir)).await
     }
 
-    /// Opens (creating if needed) the database file at `path`.
+    /// Opens (creating if needed) the database file at `path`, and its
+    /// journal: records a crash left there are written into SQLite first.
+    /// Within one process a path has one store (a second open shares it).
+    /// While another process has the log open, this one may only read it:
+    /// appends fail, and records it has not yet folded are not seen.
     pub async fn open(path: &Path) -> Result<Self, AuditError> {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let conn = connect_small_cache(&path).map_err(open_err(&path))?;
-            conn.execute_batch(SCHEMA).map_err(open_err(&path))?;
-            conn.execute_batch(keys::SCHEMA).map_err(open_err(&path))?;
-            add_missing_columns(&conn).map_err(open_err(&path))?;
-            keys::drop_older_index(&conn).map_err(open_err(&path))?;
-            let upto = keys::keys_upto(&conn).map_err(open_err(&path))?;
-            let inner = Arc::new(Inner {
-                path,
-                writer: Mutex::new(WriteConn {
-                    conn,
-                    commit: Commit::Durable,
-                }),
-                readers: Mutex::new(Vec::new()),
-                keys: Mutex::new(keys::Keys::new(upto)),
-                quick: AtomicBool::new(false),
-                fold_rest: AtomicBool::new(false),
-            });
+            let mut open = OPEN
+                .lock()
+                .map_err(|_| AuditError::Open("audit store registry poisoned".into()))?;
+            let key = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+            if let Some(inner) = open.get(&key).and_then(std::sync::Weak::upgrade) {
+                return Ok(Self { inner });
+            }
+            let inner = Arc::new(Self::open_new(path)?);
+            open.retain(|_, store| store.strong_count() > 0);
+            open.insert(key, Arc::downgrade(&inner));
             upkeep_in_background(&inner.path, Arc::downgrade(&inner));
             Ok(Self { inner })
         })
         .await
         .map_err(|e| AuditError::Open(format!("sqlite open task: {e}")))?
+    }
+
+    fn open_new(path: PathBuf) -> Result<Inner, AuditError> {
+        let mut conn = connect_small_cache(&path).map_err(open_err(&path))?;
+        conn.execute_batch(SCHEMA).map_err(open_err(&path))?;
+        conn.execute_batch(keys::SCHEMA).map_err(open_err(&path))?;
+        add_missing_columns(&conn).map_err(open_err(&path))?;
+        keys::drop_older_index(&conn).map_err(open_err(&path))?;
+        let keys = Mutex::new(keys::Keys::new(
+            keys::keys_upto(&conn).map_err(open_err(&path))?,
+        ));
+        let head = head_of(&conn).map_err(open_err(&path))?;
+        let journal = match journal::Journal::open(&path, head) {
+            Ok((journal, recovered)) => {
+                if !recovered.is_empty() {
+                    insert_batch(&mut conn, &keys, &recovered).map_err(|e| {
+                        AuditError::Open(format!(
+                            "{}: cannot take in the records of the journal: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    tracing::info!(
+                        records = recovered.len(),
+                        "audit journal: took in the records of an unclean stop"
+                    );
+                }
+                Some(Mutex::new(journal))
+            }
+            Err(journal::OpenError::InUse) => {
+                tracing::info!(path = %path.display(), "audit log in use by another process: read only");
+                None
+            }
+            Err(journal::OpenError::Io(e)) => {
+                return Err(AuditError::Open(format!(
+                    "{}: audit journal: {e}",
+                    path.display()
+                )));
+            }
+        };
+        Ok(Inner {
+            path,
+            writer: Mutex::new(WriteConn {
+                conn,
+                commit: Commit::Durable,
+            }),
+            readers: Mutex::new(Vec::new()),
+            keys,
+            journal,
+            folding: Mutex::new(()),
+            fold_failed: AtomicBool::new(false),
+            quick: AtomicBool::new(false),
+        })
     }
 
     /// Sets how many records go into one sorted chunk of the key index (for
@@ -323,13 +394,18 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    /// Runs `f` on a read connection in the blocking pool.
+    /// Runs `f` on a read connection in the blocking pool, once every
+    /// record appended so far is in SQLite. Should that fold fail, `f` reads
+    /// what SQLite has (and the failure is logged).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, AuditError> + Send + 'static,
     ) -> Result<T, AuditError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            if let Err(e) = fold(&inner) {
+                tracing::warn!(error = %e, "audit journal: a read sees only what SQLite has");
+            }
             let idle = inner
                 .readers
                 .lock()
@@ -351,13 +427,15 @@ impl SqliteStore {
         .map_err(|e| AuditError::Read(format!("sqlite read task: {e}")))?
     }
 
-    /// Runs `f` on the write connection in the blocking pool.
+    /// Runs `f` on the write connection in the blocking pool, once every
+    /// record appended so far is in SQLite.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection, &Mutex<keys::Keys>) -> Result<T, AuditError> + Send + 'static,
     ) -> Result<T, AuditError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            fold(&inner)?;
             let mut writer = inner
                 .writer
                 .lock()
@@ -642,13 +720,13 @@ impl AuditStore for SqliteStore {
         if entries.len() == 1 && quick && other_workers() {
             return Box::pin(std::future::ready(append_timed(
                 &self.inner,
-                &entries,
+                entries,
                 commit,
             )));
         }
         let inner = self.inner.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || append_timed(&inner, &entries, commit))
+            tokio::task::spawn_blocking(move || append_timed(&inner, entries, commit))
                 .await
                 .map_err(|e| AuditError::Write(format!("sqlite write task: {e}")))?
         })
@@ -777,6 +855,7 @@ impl AuditStore for SqliteStore {
     }
 
     fn read_all_blocking(&self) -> Result<Vec<StoredRecord>, AuditError> {
+        fold(&self.inner)?;
         let conn = connect(&self.inner.path).map_err(read_err)?;
         records(
             &conn,
@@ -800,67 +879,127 @@ impl AuditStore for SqliteStore {
     }
 }
 
-/// Folds back into the database file the frames the writer committed while
-/// the upkeep thread's checkpoint ran, so that the next transaction starts
-/// the WAL over. A writer that never pauses always commits during that
-/// checkpoint, and SQLite starts the WAL over only once every frame is
-/// folded back: without this, the WAL grew to the automatic checkpoint
-/// (about 41 MB), and while a file grows each sync also writes its size to
-/// the disk, one more round trip (at one call in flight this takes about
-/// 0.1 ms off the disk time per exchange: lower in ten of thirteen
-/// interleaved pairs, equal in two). Copying the few
-/// frames and syncing the database file takes the writer well under a
-/// millisecond, once per [`WAL_FOLD_EVERY`] at most.
-fn finish_fold(conn: &Connection) {
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        tracing::debug!(error = %e, "audit WAL checkpoint on the writer");
-    }
-}
-
-/// Appends `entries` on the writer connection in one transaction, and notes
-/// whether the commit was quick.
-fn append_timed(inner: &Inner, entries: &[Entry], commit: Commit) -> Result<Vec<Link>, AuditError> {
-    let mut writer = inner
-        .writer
-        .lock()
-        .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
-    let conn = writer.prepare(commit).map_err(write_err)?;
-    if inner.fold_rest.swap(false, Ordering::Relaxed) {
-        finish_fold(conn);
+/// Appends `entries` to the journal, and notes whether a durable commit was
+/// quick.
+fn append_timed(
+    inner: &Inner,
+    mut entries: Vec<Entry>,
+    commit: Commit,
+) -> Result<Vec<Link>, AuditError> {
+    let Some(journal) = &inner.journal else {
+        return Err(AuditError::Write(format!(
+            "{} is written by another process; this one may only read it",
+            inner.path.display()
+        )));
+    };
+    if inner.fold_failed.load(Ordering::Relaxed) {
+        fold(inner).map_err(|e| {
+            AuditError::Write(format!(
+                "the audit database does not take the journal's records: {e}"
+            ))
+        })?;
     }
     let started = std::time::Instant::now();
-    let links = append_batch(conn, &inner.keys, entries);
+    let append = |entries: &mut Vec<Entry>| {
+        lock(journal)?
+            .append(entries, commit)
+            .map_err(|e| AuditError::Write(format!("audit journal: {e}")))
+    };
+    let links = match append(&mut entries)? {
+        Some(links) => links,
+        // Both files are full: the fold is behind. Fold here, then go on.
+        None => {
+            fold(inner)?;
+            append(&mut entries)?
+                .ok_or_else(|| AuditError::Write("audit journal: no room after a fold".into()))?
+        }
+    };
     if commit == Commit::Durable {
         inner
             .quick
             .store(started.elapsed() < QUICK_COMMIT, Ordering::Relaxed);
     }
-    links
+    Ok(links)
 }
 
-/// Appends `entries` in one transaction, chained to the current head.
-fn append_batch(
+/// Locks the journal.
+fn lock(
+    journal: &Mutex<journal::Journal>,
+) -> Result<std::sync::MutexGuard<'_, journal::Journal>, AuditError> {
+    journal
+        .lock()
+        .map_err(|_| AuditError::Write("audit journal poisoned".into()))
+}
+
+/// Writes every journaled record into SQLite, one sealed file at a time,
+/// each in one transaction (and one sync); the file is reused only after
+/// that commit. At most two rounds, so that appends cannot keep a reader
+/// waiting: the file sealed before (if a fold of it failed or is under way
+/// elsewhere), then the active one, which holds every record appended before
+/// this call. Notes in [`Inner::fold_failed`] whether it failed.
+fn fold(inner: &Inner) -> Result<(), AuditError> {
+    let folded = fold_all(inner);
+    inner.fold_failed.store(folded.is_err(), Ordering::Relaxed);
+    folded
+}
+
+fn fold_all(inner: &Inner) -> Result<(), AuditError> {
+    let Some(journal) = &inner.journal else {
+        return Ok(());
+    };
+    if lock(journal)?.is_empty() {
+        return Ok(());
+    }
+    let _one = inner
+        .folding
+        .lock()
+        .map_err(|_| AuditError::Write("audit fold poisoned".into()))?;
+    for _ in 0..2 {
+        let sealed = lock(journal)?
+            .seal()
+            .map_err(|e| AuditError::Write(format!("audit journal: {e}")))?;
+        let Some(records) = sealed else {
+            break;
+        };
+        {
+            let mut writer = inner
+                .writer
+                .lock()
+                .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
+            let conn = writer.prepare(Commit::Durable).map_err(write_err)?;
+            insert_batch(conn, &inner.keys, &records)?;
+        }
+        lock(journal)?.folded();
+    }
+    Ok(())
+}
+
+/// Inserts journaled records (already chained) in one transaction, with the
+/// key index's blocks when due.
+fn insert_batch(
     conn: &mut Connection,
     keys: &Mutex<keys::Keys>,
-    entries: &[Entry],
-) -> Result<Vec<Link>, AuditError> {
-    if entries.is_empty() {
-        return Ok(Vec::new());
-    }
-    let record_keys: Vec<_> = entries
+    records: &[journal::Journaled],
+) -> Result<(), AuditError> {
+    let Some(last) = records.last() else {
+        return Ok(());
+    };
+    let record_keys: Vec<_> = records
         .iter()
-        .map(|e| keys::record_keys(e.subject.as_ref(), &e.request_id, &e.client, &e.service))
+        .map(|r| {
+            let e = &r.entry;
+            keys::record_keys(e.subject.as_ref(), &e.request_id, &e.client, &e.service)
+        })
         .collect();
     let tx = WriteTx::begin(conn).map_err(write_err)?;
-    let head = head_of(conn).map_err(write_err)?;
-    let chained = chain(head, entries);
     {
         let mut stmt = conn.prepare_cached(insert_sql()).map_err(write_err)?;
-        for (e, (seq, prev, hash)) in entries.iter().zip(&chained) {
+        for r in records {
+            let e = &r.entry;
             stmt.execute(params![
-                seq_to_db(*seq),
-                &prev[..],
-                &hash[..],
+                seq_to_db(r.seq),
+                &r.prev[..],
+                &r.hash[..],
                 e.node,
                 e.request_id,
                 e.at_ms,
@@ -892,9 +1031,9 @@ fn append_batch(
     }
     // Blocks of the key index ride in the same transaction (and fsync).
     // Should they fail, the records still go in: the run is prepared again.
-    let head = chained.last().map(|c| c.0).unwrap_or(0);
+    let head = last.seq;
     let blocks_ok = !keys::due(keys, head)
-        || match tx.within_savepoint(|conn| keys::write(conn, keys, head, entries.len())) {
+        || match tx.within_savepoint(|conn| keys::write(conn, keys, head, records.len())) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "audit key index: will retry");
@@ -908,14 +1047,11 @@ fn append_batch(
         } else {
             k.abandon();
         }
-        for ((seq, _, _), rk) in chained.iter().zip(record_keys) {
-            k.gather(*seq, rk);
+        for (r, rk) in records.iter().zip(record_keys) {
+            k.gather(r.seq, rk);
         }
     }
-    Ok(chained
-        .into_iter()
-        .map(|(seq, _, hash)| Link { seq, hash })
-        .collect())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -923,7 +1059,8 @@ mod tests {
     use super::*;
     use crate::audit::{Side, Step, pseudonym::PseudonymKey};
 
-    /// Appends the records `seqs` one by one, each durable.
+    /// Appends the records `seqs` one by one, each durable and then folded
+    /// into SQLite (by a read) in a transaction of its own.
     async fn append_each(
         store: &SqliteStore,
         key: &PseudonymKey,
@@ -934,6 +1071,7 @@ mod tests {
                 .append(vec![entry(i, key)], Commit::Durable)
                 .await
                 .unwrap();
+            assert_eq!(store.head().await.unwrap().map(|h| h.seq), Some(i));
         }
     }
 
@@ -962,7 +1100,7 @@ mod tests {
         );
         assert_ne!(old_schema, SCHEMA);
         let old = entry(1, &key);
-        let (seq, prev, hash) = chain(None, std::slice::from_ref(&old))[0];
+        let (seq, prev, hash) = crate::audit::record::chain(None, std::slice::from_ref(&old))[0];
         {
             let conn = Connection::open(db_path(dir.path())).unwrap();
             conn.execute_batch(&old_schema).unwrap();
@@ -1022,28 +1160,46 @@ mod tests {
 
     /// Queries by subject and request id give the same answers whether the
     /// records are in the key index, in the tail after it, or both.
-    /// The WAL is folded back in the background, so that the writer starts it
-    /// over instead of letting it grow to its checkpoint size.
+    /// The upkeep thread folds the journal into SQLite, unasked, and the WAL
+    /// back into the database file, so that the next fold starts it over
+    /// instead of letting it grow to its checkpoint size.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_wal_is_folded_back_behind_the_writer() {
+    async fn the_journal_and_the_wal_are_folded_behind_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_in(dir.path()).await.unwrap();
         let key = PseudonymKey::random().unwrap();
-        append_each(&store, &key, 1..=60).await;
-        let frames = |conn: &Connection| -> i64 {
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+        let probe = connect(&store.inner.path).unwrap();
+        let in_sqlite = || -> i64 {
+            probe
+                .query_row("SELECT COUNT(*) FROM audit_records", [], |r| r.get(0))
                 .unwrap()
         };
-        let probe = connect(&store.inner.path).unwrap();
-        std::thread::sleep(WAL_FOLD_EVERY * 3);
+        let wait_for = |n: i64| {
+            let began = std::time::Instant::now();
+            while in_sqlite() < n && began.elapsed() < std::time::Duration::from_secs(10) {
+                std::thread::sleep(FOLD_EVERY / 5);
+            }
+            assert_eq!(in_sqlite(), n, "the journal was not folded");
+        };
+        for i in 1..=60 {
+            store
+                .append(vec![entry(i, &key)], Commit::Durable)
+                .await
+                .unwrap();
+        }
+        wait_for(60);
+        std::thread::sleep(FOLD_EVERY * WAL_FOLD_EVERY * 3);
         store
             .append(vec![entry(61, &key)], Commit::Durable)
             .await
             .unwrap();
-        let after = frames(&probe);
+        wait_for(61);
+        let after: i64 = probe
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+            .unwrap();
         assert!(
             (1..20).contains(&after),
-            "the WAL holds {after} frames after 61 commits: it was not started over"
+            "the WAL holds {after} frames: it was not started over"
         );
         assert_eq!(store.head().await.unwrap().map(|h| h.seq), Some(61));
     }
@@ -1107,23 +1263,20 @@ mod tests {
         let store = SqliteStore::open_in(dir.path()).await.unwrap();
         store.set_key_chunk(8);
         let key = PseudonymKey::random().unwrap();
-        // One chunk is waiting, not two: the writer leaves it to the
+        // One chunk is waiting, not two: the fold leaves it to the
         // background thread.
         append_each(&store, &key, 1..=10).await;
         assert_eq!(store.keys_indexed(), 0);
         let prepared = || store.inner.keys.lock().unwrap().prepared();
         let waited = std::time::Instant::now();
         while !prepared() && waited.elapsed() < std::time::Duration::from_secs(10) {
-            tokio::time::sleep(WAL_FOLD_EVERY / 5).await;
+            tokio::time::sleep(FOLD_EVERY / 5).await;
         }
         assert!(prepared(), "the background thread did not read the chunk");
-        // The next appends write it, a block (here, one kind of key) each.
+        // The next folds write it, a block (here, one kind of key) each.
         for i in 11..=14 {
             assert_eq!(store.keys_indexed(), 0);
-            store
-                .append(vec![entry(i, &key)], Commit::Durable)
-                .await
-                .unwrap();
+            append_each(&store, &key, i..=i).await;
         }
         assert_eq!(store.keys_indexed(), 8);
         let rows = store.by_request("req-1".into()).await.unwrap();
@@ -1178,8 +1331,10 @@ mod tests {
         store.set_key_chunk(8);
         let key = PseudonymKey::random().unwrap();
         let all: Vec<Entry> = (1..=61).map(|i| entry(i, &key)).collect();
+        // Each batch is folded into SQLite (by a read) before the next.
         for batch in all.chunks(5) {
             store.append(batch.to_vec(), Commit::Durable).await.unwrap();
+            store.head().await.unwrap();
         }
         assert!(store.keys_indexed() >= 40, "{}", store.keys_indexed());
         assert!(store.keys_indexed() < 61);

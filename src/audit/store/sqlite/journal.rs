@@ -1,0 +1,611 @@
+//! The embedded store's record journal: where an append becomes durable.
+//!
+//! An append writes its records as frames to a journal file and, for a
+//! durable commit, syncs that file (`fdatasync`). That is one small write and
+//! one sync, where a SQLite commit wrote two or three 4 KiB pages of the
+//! table and its index to the WAL (and a checkpoint copied them again). The
+//! store folds journaled records into SQLite in large transactions off the
+//! exchange path ([`super::fold`]), and before every read, so that queries
+//! see every record appended.
+//!
+//! # Files and frames
+//!
+//! Two files, `audit.journal-0` and `audit.journal-1`, are used in turn.
+//! Appends go to the active one, from its start. Once it holds
+//! [`FILE_MAX`] bytes, or when a fold comes, it is *sealed* (synced if it
+//! holds unsynced frames) and the other file becomes active from its start.
+//! A sealed file is reused only after its records are committed in SQLite.
+//! Files grow in zero-filled steps and are then overwritten in place, so a
+//! sync flushes data only: appending to a file would also write its size at
+//! every sync. Each write covers whole 4 KiB pages (the last page's earlier
+//! bytes are kept in memory), so that the kernel never has to read a page
+//! back before it writes it.
+//!
+//! A frame is the magic `KJ01`, the length of the rest (u32, big-endian), the
+//! record's hash, its canonical bytes (`record.rs`) as a length-prefixed
+//! field, and the body (a stored body is outside the canonical bytes) as an
+//! optional field of the same encoding.
+//!
+//! # Recovery
+//!
+//! At open each file is read from its start while its frames are whole, hash
+//! to what they say, and each continues the chain of the one before. The
+//! frames that continue the chain past the database's last record are
+//! returned to be written into SQLite before any new append. Anything else,
+//! such as a torn last frame or an earlier round's leftovers, is ignored: a
+//! leftover frame cannot continue the chain, because it was written before
+//! the record it would have to follow. One process at a time writes a log: the
+//! first file is locked while the journal is open.
+
+use std::{
+    fs::{File, OpenOptions, TryLockError},
+    io,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use crate::audit::{
+    record::{Entry, GENESIS, Hash, Link, parse_canonical},
+    store::Commit,
+};
+
+/// The start of every frame.
+const MAGIC: [u8; 4] = *b"KJ01";
+/// Writes cover whole pages of this size.
+const PAGE: usize = 4096;
+/// The active file is sealed once an append would take it past this size (a
+/// batch larger than this still goes in, into an empty file).
+pub(super) const FILE_MAX: u64 = 16 << 20;
+/// Files grow by this much at a time, written with zeros.
+const GROW_STEP: u64 = 1 << 20;
+/// How many zeros are written at once when a file grows.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// A record in the journal and not yet in SQLite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Journaled {
+    /// Its position in the log.
+    pub(super) seq: u64,
+    /// The hash of the record before it.
+    pub(super) prev: Hash,
+    /// Its own hash.
+    pub(super) hash: Hash,
+    /// Its content.
+    pub(super) entry: Entry,
+}
+
+impl Journaled {
+    /// Its place in the chain.
+    pub(super) fn link(&self) -> Link {
+        Link {
+            seq: self.seq,
+            hash: self.hash,
+        }
+    }
+}
+
+/// The journal files next to the database file `db` (`audit.db` gives
+/// `audit.journal-0` and `audit.journal-1`).
+pub(super) fn paths(db: &Path) -> [PathBuf; 2] {
+    let stem = db
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "audit".into());
+    [0, 1].map(|i| db.with_file_name(format!("{stem}.journal-{i}")))
+}
+
+/// One of the two files.
+struct Lap {
+    file: File,
+    /// The file's size: zeros or frames up to here.
+    len: u64,
+    /// Where the next frame goes.
+    offset: u64,
+    /// The bytes of the page `offset` is in, before `offset`.
+    tail: Vec<u8>,
+    /// Frames were written since the last sync.
+    unsynced: bool,
+}
+
+impl Lap {
+    fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Self {
+            file,
+            len,
+            offset: 0,
+            tail: Vec::new(),
+            unsynced: false,
+        })
+    }
+
+    /// Writes `frames` at `offset`, in whole pages, growing the file first if
+    /// they go past its end. `buf` is scratch space.
+    fn write(&mut self, frames: &[u8], buf: &mut Vec<u8>) -> io::Result<()> {
+        let end = self.offset + frames.len() as u64;
+        while self.len < end {
+            let grow = GROW_STEP.min(end.next_multiple_of(GROW_STEP) - self.len);
+            let mut at = self.len;
+            while at < self.len + grow {
+                let n = ZEROS
+                    .len()
+                    .min(usize::try_from(self.len + grow - at).unwrap_or(0));
+                self.file.write_all_at(&ZEROS[..n], at)?;
+                at += n as u64;
+            }
+            self.len += grow;
+        }
+        let page_start = self.offset - self.tail.len() as u64;
+        buf.clear();
+        buf.extend_from_slice(&self.tail);
+        buf.extend_from_slice(frames);
+        let data = buf.len();
+        buf.resize(data.next_multiple_of(PAGE), 0);
+        self.file.write_all_at(buf, page_start)?;
+        self.tail.clear();
+        self.tail.extend_from_slice(&buf[data - data % PAGE..data]);
+        self.offset = end;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The chain of frames this file holds from its start.
+    fn read_frames(&self) -> io::Result<Vec<Journaled>> {
+        let mut bytes = vec![0; usize::try_from(self.len).unwrap_or(0)];
+        self.file.read_exact_at(&mut bytes, 0)?;
+        let mut out: Vec<Journaled> = Vec::new();
+        let mut rest = &bytes[..];
+        while let Some((frame, next)) = parse_frame(rest) {
+            if let Some(last) = out.last()
+                && (frame.seq != last.seq + 1 || frame.prev != last.hash)
+            {
+                break;
+            }
+            out.push(frame);
+            rest = next;
+        }
+        Ok(out)
+    }
+}
+
+/// The records of the active file and of the sealed one, and the two files.
+pub(super) struct Journal {
+    laps: [Lap; 2],
+    /// Which file appends go to.
+    active: usize,
+    /// The last record appended (the log's head).
+    head: Option<Link>,
+    /// The records in the active file, in order.
+    pending: Vec<Journaled>,
+    /// The records in the other file, once sealed, until SQLite has them.
+    sealed: Option<Arc<Vec<Journaled>>>,
+    /// Scratch space: frames, and the pages that carry them.
+    frames: Vec<u8>,
+    pages: Vec<u8>,
+    /// Why a write or sync failed. The journal then takes no more appends:
+    /// after a failed sync the kernel may have dropped the unsynced pages,
+    /// so what the file holds is known again only when it is read back at
+    /// the next open.
+    failed: Option<String>,
+}
+
+/// Why the journal could not be opened.
+#[derive(Debug)]
+pub(super) enum OpenError {
+    /// Another process has it open (and writes the log).
+    InUse,
+    /// The files could not be opened or read.
+    Io(io::Error),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
+impl Journal {
+    /// Opens (creating) the journal of the database file `db`, whose last
+    /// record is `head`, and returns it with the records it holds after
+    /// `head`: they must be in SQLite before the first append, which
+    /// overwrites the first file.
+    pub(super) fn open(db: &Path, head: Option<Link>) -> Result<(Self, Vec<Journaled>), OpenError> {
+        let [first, second] = paths(db);
+        let laps = [Lap::open(&first)?, Lap::open(&second)?];
+        match laps[0].file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(OpenError::InUse),
+            Err(TryLockError::Error(e)) => return Err(e.into()),
+        }
+        let segments = [laps[0].read_frames()?, laps[1].read_frames()?];
+        let recovered = continuation(&segments, head);
+        let head = recovered.last().map(Journaled::link).or(head);
+        Ok((
+            Self {
+                laps,
+                active: 0,
+                head,
+                pending: Vec::new(),
+                sealed: None,
+                frames: Vec::new(),
+                pages: Vec::new(),
+                failed: None,
+            },
+            recovered,
+        ))
+    }
+
+    /// The last record appended.
+    #[cfg(test)]
+    pub(super) fn head(&self) -> Option<Link> {
+        self.head
+    }
+
+    /// True if every record appended is in SQLite.
+    pub(super) fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.sealed.is_none()
+    }
+
+    /// Appends `entries` (taken on success) after the head, synced if
+    /// `commit` is durable. `None` if there is no room: the active file is
+    /// full and the other one is still sealed (fold, then try again). On an
+    /// error nothing was appended, and no later append will be.
+    pub(super) fn append(
+        &mut self,
+        entries: &mut Vec<Entry>,
+        commit: Commit,
+    ) -> io::Result<Option<Vec<Link>>> {
+        if let Some(why) = &self.failed {
+            return Err(io::Error::other(format!(
+                "a write failed earlier ({why}); appends resume once the server restarts"
+            )));
+        }
+        let (mut seq, mut prev) = self.head.map(|l| (l.seq, l.hash)).unwrap_or((0, GENESIS));
+        self.frames.clear();
+        let mut links = Vec::with_capacity(entries.len());
+        for entry in entries.iter() {
+            seq += 1;
+            let hash = encode(&mut self.frames, seq, &prev, entry)?;
+            links.push((seq, prev, hash));
+            prev = hash;
+        }
+        let lap = &self.laps[self.active];
+        let full = lap.offset > 0 && lap.offset + self.frames.len() as u64 > FILE_MAX;
+        if full && self.sealed.is_some() {
+            return Ok(None);
+        }
+        let written = self.failing(|j| {
+            if full {
+                j.switch()?;
+            }
+            let lap = &mut j.laps[j.active];
+            lap.write(&j.frames, &mut j.pages)?;
+            if commit == Commit::Durable {
+                lap.sync()?;
+            }
+            Ok(())
+        });
+        written?;
+        let out: Vec<Link> = links
+            .iter()
+            .map(|&(seq, _, hash)| Link { seq, hash })
+            .collect();
+        let added = std::mem::take(entries).into_iter().zip(links);
+        self.pending
+            .extend(added.map(|(entry, (seq, prev, hash))| Journaled {
+                seq,
+                prev,
+                hash,
+                entry,
+            }));
+        self.head = out.last().copied().or(self.head);
+        Ok(Some(out))
+    }
+
+    /// The records to fold into SQLite next: the sealed file's if it is
+    /// still sealed, else the active file's (which is sealed for it). `None`
+    /// if every record is in SQLite.
+    pub(super) fn seal(&mut self) -> io::Result<Option<Arc<Vec<Journaled>>>> {
+        if self.sealed.is_none() && !self.pending.is_empty() {
+            self.failing(Self::switch)?;
+        }
+        Ok(self.sealed.clone())
+    }
+
+    /// The sealed records are in SQLite: their file may be reused.
+    pub(super) fn folded(&mut self) {
+        self.sealed = None;
+    }
+
+    /// Runs `f`; if it fails, the journal takes no more appends.
+    fn failing(&mut self, f: impl FnOnce(&mut Self) -> io::Result<()>) -> io::Result<()> {
+        let done = f(self);
+        if let Err(e) = &done {
+            self.failed = Some(e.to_string());
+        }
+        done
+    }
+
+    /// Seals the active file (syncing it: a durable append to the other file
+    /// must not overtake its records) and makes the other one active.
+    fn switch(&mut self) -> io::Result<()> {
+        self.laps[self.active].sync()?;
+        self.sealed = Some(Arc::new(std::mem::take(&mut self.pending)));
+        self.active = 1 - self.active;
+        let lap = &mut self.laps[self.active];
+        lap.offset = 0;
+        lap.tail.clear();
+        Ok(())
+    }
+}
+
+/// Appends the frame of `entry` at `seq` after `prev` to `out`; returns the
+/// record's hash.
+fn encode(out: &mut Vec<u8>, seq: u64, prev: &Hash, entry: &Entry) -> io::Result<Hash> {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[0; 4 + 32 + 4]);
+    let canonical = out.len();
+    entry.canonical_into(seq, prev, out);
+    let hash = crate::pki::sha256(&out[canonical..]);
+    let canonical_len = length(out.len() - canonical)?;
+    match &entry.body {
+        Some(body) => {
+            out.extend_from_slice(&length(body.len())?.to_be_bytes());
+            out.extend_from_slice(body);
+        }
+        None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+    }
+    let rest = length(out.len() - start - 8)?;
+    out[start + 4..start + 8].copy_from_slice(&rest.to_be_bytes());
+    out[start + 8..start + 40].copy_from_slice(&hash);
+    out[start + 40..start + 44].copy_from_slice(&canonical_len.to_be_bytes());
+    Ok(hash)
+}
+
+/// A length as a frame stores it (below `u32::MAX`, which marks an absent
+/// body).
+fn length(n: usize) -> io::Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&n| n < u32::MAX)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "audit record too large"))
+}
+
+/// Reads one frame at the start of `bytes`: the record and the bytes after
+/// it. `None` at the end of the frames (zeros), or at a frame that is cut
+/// short, malformed or does not hash to what it says.
+fn parse_frame(bytes: &[u8]) -> Option<(Journaled, &[u8])> {
+    let (magic, rest) = bytes.split_first_chunk::<4>()?;
+    if *magic != MAGIC {
+        return None;
+    }
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let (frame, after) = rest.split_at_checked(usize::try_from(u32::from_be_bytes(*len)).ok()?)?;
+    let (hash, frame) = frame.split_first_chunk::<32>()?;
+    let (canonical_len, frame) = frame.split_first_chunk::<4>()?;
+    let (canonical, frame) =
+        frame.split_at_checked(usize::try_from(u32::from_be_bytes(*canonical_len)).ok()?)?;
+    if crate::pki::sha256(canonical) != *hash {
+        return None;
+    }
+    let (body_len, frame) = frame.split_first_chunk::<4>()?;
+    let body = match u32::from_be_bytes(*body_len) {
+        u32::MAX if frame.is_empty() => None,
+        n if usize::try_from(n).ok()? == frame.len() => Some(frame.to_vec()),
+        _ => return None,
+    };
+    let (seq, prev, mut entry) = parse_canonical(canonical)?;
+    entry.body = body;
+    Some((
+        Journaled {
+            seq,
+            prev,
+            hash: *hash,
+            entry,
+        },
+        after,
+    ))
+}
+
+/// The records of `segments` (each a chain read from one file) that continue
+/// the log after `head`, in order.
+fn continuation(segments: &[Vec<Journaled>; 2], head: Option<Link>) -> Vec<Journaled> {
+    let mut out: Vec<Journaled> = Vec::new();
+    let (mut seq, mut hash) = head.map(|l| (l.seq, l.hash)).unwrap_or((0, GENESIS));
+    // Each file's chain is taken at most once, so this ends.
+    let mut used = [false; 2];
+    while let Some((i, at)) = segments.iter().enumerate().find_map(|(i, s)| {
+        let first = s.first()?.seq;
+        let at = usize::try_from((seq + 1).checked_sub(first)?).ok()?;
+        (!used[i] && s.get(at)?.prev == hash).then_some((i, at))
+    }) {
+        used[i] = true;
+        out.extend_from_slice(&segments[i][at..]);
+        if let Some(last) = out.last() {
+            (seq, hash) = (last.seq, last.hash);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Side, Step};
+
+    fn entries(from: u64, n: u64) -> Vec<Entry> {
+        (from..from + n)
+            .map(|i| Entry {
+                request_id: format!("req-{i}"),
+                at_ms: i as i64,
+                body: (i % 3 == 0).then(|| vec![i as u8; 10]),
+                ..Entry::bare("n", Side::Provider, Step::Answered)
+            })
+            .collect()
+    }
+
+    fn append(j: &mut Journal, mut e: Vec<Entry>, commit: Commit) -> Vec<Link> {
+        j.append(&mut e, commit).unwrap().unwrap()
+    }
+
+    /// What a restart would replay after `head` (read without taking the
+    /// lock, while the journal may still be open).
+    fn reopen(db: &Path, head: Option<Link>) -> Vec<Journaled> {
+        let [a, b] = paths(db).map(|p| Lap::open(&p).unwrap().read_frames().unwrap());
+        continuation(&[a, b], head)
+    }
+
+    #[test]
+    fn appended_records_are_recovered_after_the_head_and_chain_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, none) = Journal::open(&db, None).unwrap();
+        assert!(none.is_empty() && j.is_empty());
+        let links = append(&mut j, entries(1, 3), Commit::Written);
+        assert_eq!(links.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        append(&mut j, entries(4, 2), Commit::Durable);
+        assert_eq!(j.head().map(|l| l.seq), Some(5));
+        drop(j);
+        let all = reopen(&db, None);
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[0].prev, GENESIS);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.entry, entries(i as u64 + 1, 1)[0], "body included");
+            assert_eq!(r.entry.hash(r.seq, &r.prev), r.hash);
+        }
+        // Only what follows the database's head is replayed.
+        let after = reopen(&db, Some(all[2].link()));
+        assert_eq!(after.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5]);
+        // A head the journal does not continue (another chain) gets nothing.
+        let other = Link {
+            seq: 2,
+            hash: [9; 32],
+        };
+        assert!(reopen(&db, Some(other)).is_empty());
+    }
+
+    #[test]
+    fn a_torn_frame_ends_the_recovery_and_a_new_round_overwrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        append(&mut j, entries(1, 4), Commit::Durable);
+        drop(j);
+        // Tear the last frame: one byte of its hashed bytes changes.
+        let file = paths(&db)[0].clone();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let end = bytes.iter().rposition(|&b| b != 0).unwrap();
+        bytes[end - 40] ^= 1;
+        std::fs::write(&file, &bytes).unwrap();
+        let (j, kept) = Journal::open(&db, None).unwrap();
+        assert_eq!(kept.len(), 3);
+        drop(j);
+        // The store takes the three in and goes on from there: the new
+        // frames overwrite the file, and the old fourth is not replayed.
+        let (mut j, again) = Journal::open(&db, Some(kept[2].link())).unwrap();
+        assert!(again.is_empty());
+        append(&mut j, entries(40, 1), Commit::Durable);
+        drop(j);
+        let replay = reopen(&db, Some(kept[2].link()));
+        assert_eq!(replay.len(), 1);
+        assert_eq!(replay[0].entry.request_id, "req-40");
+    }
+
+    #[test]
+    fn sealed_records_are_kept_until_folded_and_the_files_alternate() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        append(&mut j, entries(1, 2), Commit::Written);
+        let sealed = j.seal().unwrap().unwrap();
+        assert_eq!(sealed.len(), 2);
+        let four = append(&mut j, entries(3, 2), Commit::Durable)[1];
+        // Not yet folded: a second seal hands out the same records again.
+        assert_eq!(j.seal().unwrap().unwrap(), sealed);
+        // A crash now replays both files, in order (the first was synced
+        // when it was sealed).
+        assert_eq!(
+            reopen(&db, None).iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        j.folded();
+        assert_eq!(j.seal().unwrap().unwrap().len(), 2);
+        j.folded();
+        assert!(j.is_empty() && j.seal().unwrap().is_none());
+        // The first file is reused from its start: record 5 overwrites 1-2.
+        append(&mut j, entries(5, 1), Commit::Durable);
+        let replay = reopen(&db, Some(four));
+        assert_eq!(replay.iter().map(|r| r.seq).collect::<Vec<_>>(), [5]);
+        assert!(reopen(&db, None).is_empty(), "records 1-2 are gone");
+    }
+
+    #[test]
+    fn a_full_file_is_sealed_and_appends_wait_for_the_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        let big = |i: u64| {
+            let mut e = entries(i, 1);
+            e[0].body = Some(vec![7; usize::try_from(FILE_MAX / 2).unwrap()]);
+            e
+        };
+        append(&mut j, big(1), Commit::Written);
+        // The second does not fit: the first file is sealed for it.
+        append(&mut j, big(2), Commit::Written);
+        assert_eq!(j.seal().unwrap().unwrap().len(), 1);
+        // The third does not fit either, and the other file is still sealed.
+        let mut third = big(3);
+        assert!(j.append(&mut third, Commit::Written).unwrap().is_none());
+        assert_eq!(third.len(), 1, "a refused append keeps its entries");
+        j.folded();
+        append(&mut j, third, Commit::Durable);
+        assert_eq!(j.head().map(|l| l.seq), Some(3));
+    }
+
+    #[test]
+    fn a_failed_write_acknowledges_nothing_and_stops_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        let first = append(&mut j, entries(1, 1), Commit::Durable);
+        let writable = std::mem::replace(&mut j.laps[0].file, File::open(&paths(&db)[0]).unwrap());
+        let mut refused = entries(2, 1);
+        assert!(j.append(&mut refused, Commit::Durable).is_err());
+        assert_eq!(refused.len(), 1, "a refused append keeps its entries");
+        assert_eq!(j.head(), first.last().copied());
+        // Even with the file writable again, the journal takes nothing more
+        // until it is opened afresh.
+        j.laps[0].file = writable;
+        let err = j.append(&mut refused, Commit::Durable).unwrap_err();
+        assert!(err.to_string().contains("restarts"), "{err}");
+        drop(j);
+        let (_, recovered) = Journal::open(&db, None).unwrap();
+        assert_eq!(recovered.iter().map(|r| r.seq).collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn a_second_opener_is_told_the_log_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let first = Journal::open(&db, None).unwrap();
+        assert!(matches!(Journal::open(&db, None), Err(OpenError::InUse)));
+        drop(first);
+        assert!(Journal::open(&db, None).is_ok());
+    }
+}
