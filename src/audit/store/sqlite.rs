@@ -958,9 +958,12 @@ fn fold_all(inner: &Inner) -> Result<(), AuditError> {
         let sealed = lock(journal)?
             .seal()
             .map_err(|e| AuditError::Write(format!("audit journal: {e}")))?;
-        let Some(records) = sealed else {
+        let Some(sealed) = sealed else {
             break;
         };
+        let records = sealed
+            .records()
+            .map_err(|e| AuditError::Write(format!("audit journal: {e}")))?;
         {
             let mut writer = inner
                 .writer

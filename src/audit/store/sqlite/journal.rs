@@ -56,7 +56,7 @@ const MAGIC: [u8; 4] = *b"KJ01";
 const PAGE: usize = 4096;
 /// The active file is sealed once an append would take it past this size (a
 /// batch larger than this still goes in, into an empty file).
-pub(super) const FILE_MAX: u64 = 16 << 20;
+pub(super) const FILE_MAX: u64 = 2 << 20;
 /// Files grow by this much at a time, written with zeros.
 const GROW_STEP: u64 = 1 << 20;
 /// How many zeros are written at once when a file grows.
@@ -97,7 +97,7 @@ pub(super) fn paths(db: &Path) -> [PathBuf; 2] {
 
 /// One of the two files.
 struct Lap {
-    file: File,
+    file: Arc<File>,
     /// The file's size: zeros or frames up to here.
     len: u64,
     /// Where the next frame goes.
@@ -118,7 +118,7 @@ impl Lap {
             .open(path)?;
         let len = file.metadata()?.len();
         Ok(Self {
-            file,
+            file: Arc::new(file),
             len,
             offset: 0,
             tail: Vec::new(),
@@ -166,34 +166,71 @@ impl Lap {
 
     /// The chain of frames this file holds from its start.
     fn read_frames(&self) -> io::Result<Vec<Journaled>> {
-        let mut bytes = vec![0; usize::try_from(self.len).unwrap_or(0)];
-        self.file.read_exact_at(&mut bytes, 0)?;
-        let mut out: Vec<Journaled> = Vec::new();
-        let mut rest = &bytes[..];
-        while let Some((frame, next)) = parse_frame(rest) {
-            if let Some(last) = out.last()
-                && (frame.seq != last.seq + 1 || frame.prev != last.hash)
-            {
-                break;
-            }
-            out.push(frame);
-            rest = next;
-        }
-        Ok(out)
+        Ok(read_chain(&self.file, self.len)?.0)
     }
 }
 
-/// The records of the active file and of the sealed one, and the two files.
+/// The chain of frames in the first `len` bytes of `file`, and how many
+/// bytes they take.
+fn read_chain(file: &File, len: u64) -> io::Result<(Vec<Journaled>, usize)> {
+    let mut bytes = vec![0; usize::try_from(len).unwrap_or(0)];
+    file.read_exact_at(&mut bytes, 0)?;
+    let mut out: Vec<Journaled> = Vec::new();
+    let mut rest = &bytes[..];
+    while let Some((frame, next)) = parse_frame(rest) {
+        if let Some(last) = out.last()
+            && (frame.seq != last.seq + 1 || frame.prev != last.hash)
+        {
+            break;
+        }
+        out.push(frame);
+        rest = next;
+    }
+    Ok((out, bytes.len() - rest.len()))
+}
+
+/// A sealed file: what a fold writes into SQLite.
+pub(super) struct Sealed {
+    file: Arc<File>,
+    /// The bytes its frames take.
+    len: u64,
+    /// How many records they hold.
+    records: usize,
+}
+
+impl Sealed {
+    /// Reads its records back (from the page cache, as a rule: they were
+    /// written moments ago). They are not kept in memory meanwhile, so a
+    /// server's memory does not grow with the records waiting for a fold.
+    /// An error if the file no longer holds what was written to it.
+    pub(super) fn records(&self) -> io::Result<Vec<Journaled>> {
+        let (records, len) = read_chain(&self.file, self.len)?;
+        if records.len() != self.records || len as u64 != self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a journal file was changed behind the server's back: {} of {} records read back",
+                    records.len(),
+                    self.records
+                ),
+            ));
+        }
+        Ok(records)
+    }
+}
+
+/// The two files, and how many records each holds that SQLite does not.
 pub(super) struct Journal {
     laps: [Lap; 2],
     /// Which file appends go to.
     active: usize,
     /// The last record appended (the log's head).
     head: Option<Link>,
-    /// The records in the active file, in order.
-    pending: Vec<Journaled>,
-    /// The records in the other file, once sealed, until SQLite has them.
-    sealed: Option<Arc<Vec<Journaled>>>,
+    /// How many records the active file holds.
+    pending: usize,
+    /// How many records the other file holds, once sealed, until SQLite
+    /// has them.
+    sealed: Option<usize>,
     /// Scratch space: frames, and the pages that carry them.
     frames: Vec<u8>,
     pages: Vec<u8>,
@@ -240,7 +277,7 @@ impl Journal {
                 laps,
                 active: 0,
                 head,
-                pending: Vec::new(),
+                pending: 0,
                 sealed: None,
                 frames: Vec::new(),
                 pages: Vec::new(),
@@ -258,7 +295,7 @@ impl Journal {
 
     /// True if every record appended is in SQLite.
     pub(super) fn is_empty(&self) -> bool {
-        self.pending.is_empty() && self.sealed.is_none()
+        self.pending == 0 && self.sealed.is_none()
     }
 
     /// Appends `entries` (taken on success) after the head, synced if
@@ -281,7 +318,7 @@ impl Journal {
         for entry in entries.iter() {
             seq += 1;
             let hash = encode(&mut self.frames, seq, &prev, entry)?;
-            links.push((seq, prev, hash));
+            links.push(Link { seq, hash });
             prev = hash;
         }
         let lap = &self.laps[self.active];
@@ -301,30 +338,25 @@ impl Journal {
             Ok(())
         });
         written?;
-        let out: Vec<Link> = links
-            .iter()
-            .map(|&(seq, _, hash)| Link { seq, hash })
-            .collect();
-        let added = std::mem::take(entries).into_iter().zip(links);
-        self.pending
-            .extend(added.map(|(entry, (seq, prev, hash))| Journaled {
-                seq,
-                prev,
-                hash,
-                entry,
-            }));
-        self.head = out.last().copied().or(self.head);
-        Ok(Some(out))
+        entries.clear();
+        self.pending += links.len();
+        self.head = links.last().copied().or(self.head);
+        Ok(Some(links))
     }
 
-    /// The records to fold into SQLite next: the sealed file's if it is
-    /// still sealed, else the active file's (which is sealed for it). `None`
-    /// if every record is in SQLite.
-    pub(super) fn seal(&mut self) -> io::Result<Option<Arc<Vec<Journaled>>>> {
-        if self.sealed.is_none() && !self.pending.is_empty() {
+    /// The file to fold into SQLite next: the sealed one if it is still
+    /// sealed, else the active one (which is sealed for it). `None` if every
+    /// record is in SQLite.
+    pub(super) fn seal(&mut self) -> io::Result<Option<Sealed>> {
+        if self.sealed.is_none() && self.pending > 0 {
             self.failing(Self::switch)?;
         }
-        Ok(self.sealed.clone())
+        let lap = &self.laps[1 - self.active];
+        Ok(self.sealed.map(|records| Sealed {
+            file: lap.file.clone(),
+            len: lap.offset,
+            records,
+        }))
     }
 
     /// The sealed records are in SQLite: their file may be reused.
@@ -345,7 +377,7 @@ impl Journal {
     /// must not overtake its records) and makes the other one active.
     fn switch(&mut self) -> io::Result<()> {
         self.laps[self.active].sync()?;
-        self.sealed = Some(Arc::new(std::mem::take(&mut self.pending)));
+        self.sealed = Some(std::mem::take(&mut self.pending));
         self.active = 1 - self.active;
         let lap = &mut self.laps[self.active];
         lap.offset = 0;
@@ -464,6 +496,12 @@ mod tests {
         j.append(&mut e, commit).unwrap().unwrap()
     }
 
+    /// The records of the file a fold would take now.
+    fn sealed_seqs(j: &mut Journal) -> Vec<u64> {
+        let sealed = j.seal().unwrap().unwrap();
+        sealed.records().unwrap().iter().map(|r| r.seq).collect()
+    }
+
     /// What a restart would replay after `head` (read without taking the
     /// lock, while the journal may still be open).
     fn reopen(db: &Path, head: Option<Link>) -> Vec<Journaled> {
@@ -533,11 +571,11 @@ mod tests {
         let db = dir.path().join("audit.db");
         let (mut j, _) = Journal::open(&db, None).unwrap();
         append(&mut j, entries(1, 2), Commit::Written);
-        let sealed = j.seal().unwrap().unwrap();
-        assert_eq!(sealed.len(), 2);
+        let sealed = sealed_seqs(&mut j);
+        assert_eq!(sealed, [1, 2]);
         let four = append(&mut j, entries(3, 2), Commit::Durable)[1];
         // Not yet folded: a second seal hands out the same records again.
-        assert_eq!(j.seal().unwrap().unwrap(), sealed);
+        assert_eq!(sealed_seqs(&mut j), sealed);
         // A crash now replays both files, in order (the first was synced
         // when it was sealed).
         assert_eq!(
@@ -545,7 +583,7 @@ mod tests {
             [1, 2, 3, 4]
         );
         j.folded();
-        assert_eq!(j.seal().unwrap().unwrap().len(), 2);
+        assert_eq!(sealed_seqs(&mut j), [3, 4]);
         j.folded();
         assert!(j.is_empty() && j.seal().unwrap().is_none());
         // The first file is reused from its start: record 5 overwrites 1-2.
@@ -568,7 +606,7 @@ mod tests {
         append(&mut j, big(1), Commit::Written);
         // The second does not fit: the first file is sealed for it.
         append(&mut j, big(2), Commit::Written);
-        assert_eq!(j.seal().unwrap().unwrap().len(), 1);
+        assert_eq!(sealed_seqs(&mut j), [1]);
         // The third does not fit either, and the other file is still sealed.
         let mut third = big(3);
         assert!(j.append(&mut third, Commit::Written).unwrap().is_none());
@@ -579,12 +617,34 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_file_changed_behind_the_server_is_not_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        append(&mut j, entries(1, 3), Commit::Durable);
+        let sealed = j.seal().unwrap().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&paths(&db)[0])
+            .unwrap();
+        file.write_all_at(b"XX", 100).unwrap();
+        let err = sealed.records().unwrap_err();
+        assert!(
+            err.to_string().contains("behind the server's back"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_failed_write_acknowledges_nothing_and_stops_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("audit.db");
         let (mut j, _) = Journal::open(&db, None).unwrap();
         let first = append(&mut j, entries(1, 1), Commit::Durable);
-        let writable = std::mem::replace(&mut j.laps[0].file, File::open(&paths(&db)[0]).unwrap());
+        let writable = std::mem::replace(
+            &mut j.laps[0].file,
+            Arc::new(File::open(&paths(&db)[0]).unwrap()),
+        );
         let mut refused = entries(2, 1);
         assert!(j.append(&mut refused, Commit::Durable).is_err());
         assert_eq!(refused.len(), 1, "a refused append keeps its entries");
