@@ -4,7 +4,8 @@
 //!
 //! Reproduce with `cargo build --release && target/release/kopir bench audit`
 //! (`--json` for the machine-readable figures). Every append counted is
-//! durable: SQLite runs in WAL mode with `synchronous=FULL`, PostgreSQL with
+//! durable: the embedded store syncs its journal at each durable append
+//! (SQLite takes the records behind it, itself with `synchronous=FULL`), PostgreSQL with
 //! `fsync=on` and `synchronous_commit=on` (a throwaway cluster started with
 //! [`super::pgtest::TempPostgres`]). The long log is built through the same
 //! store `append` the writer uses, in batches of 10,000, so its chain is

@@ -1,8 +1,10 @@
 //! Where records and checkpoints are kept: one [`AuditStore`] trait and its
 //! two implementations.
 //!
-//! - [`sqlite::SqliteStore`]: the embedded default, `<data_dir>/audit.db`, in
-//!   WAL mode with `synchronous=FULL` (a commit is durable when it returns);
+//! - [`sqlite::SqliteStore`]: the embedded default, `<data_dir>/audit.db`,
+//!   with a record journal beside it: a commit is durable when it returns
+//!   (its records are synced in the journal), and SQLite takes them in
+//!   batches behind it;
 //! - [`postgres::PostgresStore`]: `postgres://...`, which several server nodes
 //!   of one member may share; chain appends are serialised by `SELECT ... FOR
 //!   UPDATE` on a one-row head table, and each node's records carry its name.
@@ -123,7 +125,7 @@ pub struct StoredCheckpoint {
 pub enum Commit {
     /// On stable storage: the commit waits for the disk (fsync). Everything
     /// committed before it is then durable too, as both stores keep one
-    /// ordered log (SQLite's WAL, PostgreSQL's WAL).
+    /// ordered log (the embedded store's journal, PostgreSQL's WAL).
     Durable,
     /// Written, in chain order, and safe from a crash of the process (in the
     /// operating system's cache), but not waited for: the next

@@ -1,14 +1,22 @@
-//! The embedded store: SQLite (compiled into kopir) at `<data_dir>/audit.db`.
+//! The embedded store: SQLite (compiled into kopir) at `<data_dir>/audit.db`,
+//! with a record journal beside it (`audit.journal-0` and `-1`).
 //!
-//! WAL mode with `synchronous=FULL`: a durable commit returns once the WAL is
-//! synced (with `fdatasync`, see `.cargo/config.toml`), so one transaction
-//! costs one sync however many records it holds. A [`Commit::Written`] commit
-//! runs with `synchronous=NORMAL` and leaves its sync to the next durable one.
-//! Writes go through one connection (used only by the writer task), in the
-//! blocking pool, or on the writer's own thread for a lone record while
-//! commits are quick (or need no sync); reads use a small pool
-//! of their own connections and run beside the writer. A background thread
-//! folds the WAL back into the database file, so commits never wait for it.
+//! An append goes to the journal ([`journal`]): one write, and for a durable
+//! commit one `fdatasync`, however many records the writer task's batch
+//! holds. It runs in the blocking pool, or on the writer's own thread for a
+//! lone record while that is quick. The upkeep thread folds the journal into
+//! SQLite every [`FOLD_EVERY`], in one transaction per journal file (WAL
+//! mode, `synchronous=FULL`, synced with `fdatasync`, see
+//! `.cargo/config.toml`), and every read folds first, so queries, `verify`
+//! and checkpoints see every record appended. Should SQLite refuse a fold,
+//! the records stay in the journal and appends are refused until a fold
+//! succeeds ("no audit, no data"). Reads use a small pool of their own
+//! connections; the same thread folds the WAL back into the database file.
+//!
+//! One process writes a log at a time (the journal is locked). A second
+//! process, such as `kopir audit verify` beside a running server, opens it
+//! to read only: it sees what the server has folded, at most about
+//! [`FOLD_EVERY`] behind.
 //!
 //! # Indexes
 //!
@@ -98,34 +106,10 @@ CREATE INDEX IF NOT EXISTS audit_checkpoints_seq ON audit_checkpoints(seq);
 /// How many idle read connections are kept.
 const READERS: usize = 4;
 
-/// The write connection and the `synchronous` level it is set to.
-struct WriteConn {
-    conn: Connection,
-    /// The commit kind `synchronous` is set for (`FULL` or `NORMAL`).
-    commit: Commit,
-}
-
-impl WriteConn {
-    /// Sets `synchronous` for a commit of this kind: `FULL` syncs the WAL
-    /// at commit; `NORMAL` writes it and leaves the sync to the next `FULL`
-    /// commit (the WAL is one ordered file, so that sync covers every frame
-    /// before it) or to a checkpoint, which syncs the WAL before it copies.
-    fn prepare(&mut self, commit: Commit) -> Result<&mut Connection, rusqlite::Error> {
-        if self.commit != commit {
-            let level = match commit {
-                Commit::Durable => "PRAGMA synchronous=FULL",
-                Commit::Written => "PRAGMA synchronous=NORMAL",
-            };
-            run_cached(&self.conn, level)?;
-            self.commit = commit;
-        }
-        Ok(&mut self.conn)
-    }
-}
-
 struct Inner {
     path: PathBuf,
-    writer: Mutex<WriteConn>,
+    /// The connection that writes SQLite: folds, and checkpoints.
+    writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     keys: Mutex<keys::Keys>,
     /// Where appends go first; `None` when another process writes this log
@@ -150,11 +134,12 @@ impl Drop for Inner {
     }
 }
 
-/// An append of one record is committed on the calling thread, without a
-/// hand-off to the blocking pool and back, while commits take less than this.
-/// A lone record means the server is nearly idle, and two thread switches
-/// would cost about as much as the commit itself; a slower disk sends every
-/// commit to the blocking pool, where it cannot hold up other calls.
+/// An append of one record is written to the journal on the calling thread,
+/// without a hand-off to the blocking pool and back, while durable appends
+/// take less than this (a written one, with no sync, always is). A lone
+/// record means the server is nearly idle, and two thread switches would cost
+/// about as much as the write itself; a slower disk sends every durable
+/// append to the blocking pool, where it cannot hold up other calls.
 const QUICK_COMMIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// True if the runtime has other workers to run tasks while this one commits
@@ -362,10 +347,7 @@ impl SqliteStore {
         };
         Ok(Inner {
             path,
-            writer: Mutex::new(WriteConn {
-                conn,
-                commit: Commit::Durable,
-            }),
+            writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             keys,
             journal,
@@ -440,8 +422,7 @@ impl SqliteStore {
                 .writer
                 .lock()
                 .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
-            let conn = writer.prepare(Commit::Durable).map_err(write_err)?;
-            f(conn, &inner.keys)
+            f(&mut writer, &inner.keys)
         })
         .await
         .map_err(|e| AuditError::Write(format!("sqlite write task: {e}")))?
@@ -969,8 +950,7 @@ fn fold_all(inner: &Inner) -> Result<(), AuditError> {
                 .writer
                 .lock()
                 .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
-            let conn = writer.prepare(Commit::Durable).map_err(write_err)?;
-            insert_batch(conn, &inner.keys, &records)?;
+            insert_batch(&mut writer, &inner.keys, &records)?;
         }
         lock(journal)?.folded();
     }
@@ -1220,7 +1200,6 @@ mod tests {
             .writer
             .lock()
             .unwrap()
-            .conn
             .execute_batch("PRAGMA wal_autocheckpoint=0")
             .unwrap();
         let mut wal = db_path(dir.path()).into_os_string();
