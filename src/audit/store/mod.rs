@@ -225,18 +225,23 @@ pub async fn open(location: &Location) -> Result<Arc<dyn AuditStore>, AuditError
     })
 }
 
-/// Opens an existing store for inspection (the embedded file must exist).
+/// Opens an existing store for inspection (the embedded file must exist;
+/// while a server writes it, it is opened to read only, see
+/// [`sqlite::SqliteStore::open_to_inspect`]).
 pub async fn open_existing(location: &Location) -> Result<Arc<dyn AuditStore>, AuditError> {
-    if let Location::Embedded(dir) = location {
-        let file = sqlite::db_path(dir);
-        if !file.exists() {
-            return Err(AuditError::Open(format!(
-                "no audit log at {} (give --data-dir or --database)",
-                file.display()
-            )));
+    match location {
+        Location::Embedded(dir) => {
+            let file = sqlite::db_path(dir);
+            if !file.exists() {
+                return Err(AuditError::Open(format!(
+                    "no audit log at {} (give --data-dir or --database)",
+                    file.display()
+                )));
+            }
+            Ok(Arc::new(sqlite::SqliteStore::open_to_inspect(&file).await?))
         }
+        Location::Postgres(_) => open(location).await,
     }
-    open(location).await
 }
 
 /// A query's conditions as SQL, with `$n`/`?n` placeholders from `next`.

@@ -125,6 +125,60 @@ struct Inner {
     quick: AtomicBool,
 }
 
+impl Inner {
+    fn new(
+        path: &Path,
+        conn: Connection,
+        keys: Mutex<keys::Keys>,
+        journal: Option<journal::Journal>,
+    ) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            writer: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
+            keys,
+            journal: journal.map(Mutex::new),
+            folding: Mutex::new(()),
+            fold_failed: AtomicBool::new(false),
+            quick: AtomicBool::new(false),
+        }
+    }
+}
+
+/// What a store is opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// To write: a server.
+    Write,
+    /// To inspect: a tool, which may only read while a server writes.
+    Inspect,
+}
+
+/// A store opened afresh.
+enum Opened {
+    /// With its journal locked: it may write.
+    Writable(Inner),
+    /// Another process holds the journal: it may only read.
+    InUse(Inner),
+}
+
+/// How long [`SqliteStore::open`] waits for another writer to let go.
+pub const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The key of a database file in [`OPEN`]: its folder resolved (links and
+/// `..`), so that two spellings of one path name one store.
+fn registry_key(path: &Path) -> PathBuf {
+    let resolved = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .canonicalize()
+        .ok()
+        .zip(path.file_name())
+        .map(|(dir, name)| dir.join(name));
+    resolved.unwrap_or_else(|| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
 impl Drop for Inner {
     /// A store closed cleanly leaves every record in SQLite.
     fn drop(&mut self) {
@@ -188,10 +242,9 @@ fn write_err(e: rusqlite::Error) -> AuditError {
 /// the server's memory.
 const PRAGMAS: &str = "PRAGMA synchronous=FULL; PRAGMA cache_size=-16384; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=10000; PRAGMA journal_size_limit=134217728;";
 
-/// How often the upkeep thread folds the journal into SQLite. The records
-/// waiting meanwhile are held in memory too: at 10,000 records a second,
-/// 100 ms of them raised a server's peak memory by about 15 MiB, 20 ms by
-/// 3 MiB, at the same throughput.
+/// How often the upkeep thread folds the journal into SQLite: often enough
+/// that each fold is small (about 250 records at 10,000 a second), and that
+/// a tool reading the log beside a running server is little behind.
 const FOLD_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
 /// Every this many folds, the upkeep thread also folds the WAL back into the
 /// database file (a page written by several folds is copied once).
@@ -283,78 +336,109 @@ impl SqliteStore {
         Self::open(&db_path(data_dir)).await
     }
 
-    /// Opens (creating if needed) the database file at `path`, and its
-    /// journal: records a crash left there are written into SQLite first.
-    /// Within one process a path has one store (a second open shares it).
-    /// While another process has the log open, this one may only read it:
-    /// appends fail, and records it has not yet folded are not seen.
+    /// Opens (creating if needed) the database file at `path` to write it,
+    /// with its journal: records a crash left there are written into SQLite
+    /// first. Within one process a path has one store (a second open shares
+    /// it). Fails if another process writes the log (after waiting up to
+    /// [`IN_USE_WAIT`] for it to let go, as a restarted server may start
+    /// before the old one has quite stopped).
     pub async fn open(path: &Path) -> Result<Self, AuditError> {
+        Self::open_as(path, Access::Write).await
+    }
+
+    /// Opens the database file at `path` to inspect it (`kopir audit ...`):
+    /// like [`SqliteStore::open`], but if another process writes the log,
+    /// this one may only read it. Appends then fail, and records that process
+    /// has not yet folded into SQLite (at most about [`FOLD_EVERY`] of them)
+    /// are not seen.
+    pub async fn open_to_inspect(path: &Path) -> Result<Self, AuditError> {
+        Self::open_as(path, Access::Inspect).await
+    }
+
+    async fn open_as(path: &Path, access: Access) -> Result<Self, AuditError> {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let mut open = OPEN
-                .lock()
-                .map_err(|_| AuditError::Open("audit store registry poisoned".into()))?;
-            let key = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
-            if let Some(inner) = open.get(&key).and_then(std::sync::Weak::upgrade) {
-                return Ok(Self { inner });
+            let key = registry_key(&path);
+            let waited = std::time::Instant::now();
+            loop {
+                let mut open = OPEN
+                    .lock()
+                    .map_err(|_| AuditError::Open("audit store registry poisoned".into()))?;
+                if let Some(inner) = open.get(&key).and_then(std::sync::Weak::upgrade) {
+                    return Ok(Self { inner });
+                }
+                let in_use = match (Self::open_new(&path)?, access) {
+                    (Opened::Writable(inner), _) => {
+                        let inner = Arc::new(inner);
+                        open.retain(|_, store| store.strong_count() > 0);
+                        open.insert(key, Arc::downgrade(&inner));
+                        upkeep_in_background(&inner.path, Arc::downgrade(&inner));
+                        return Ok(Self { inner });
+                    }
+                    (Opened::InUse(inner), Access::Inspect) => {
+                        tracing::info!(path = %path.display(), "audit log written by another process: read only");
+                        return Ok(Self {
+                            inner: Arc::new(inner),
+                        });
+                    }
+                    (Opened::InUse(_), Access::Write) => true,
+                };
+                drop(open);
+                if in_use && waited.elapsed() >= IN_USE_WAIT {
+                    return Err(AuditError::Open(format!(
+                        "{} is written by another process (another `kopir serve` on the same data directory?)",
+                        path.display()
+                    )));
+                }
+                std::thread::sleep(IN_USE_WAIT / 100);
             }
-            let inner = Arc::new(Self::open_new(path)?);
-            open.retain(|_, store| store.strong_count() > 0);
-            open.insert(key, Arc::downgrade(&inner));
-            upkeep_in_background(&inner.path, Arc::downgrade(&inner));
-            Ok(Self { inner })
         })
         .await
         .map_err(|e| AuditError::Open(format!("sqlite open task: {e}")))?
     }
 
-    fn open_new(path: PathBuf) -> Result<Inner, AuditError> {
-        let mut conn = connect_small_cache(&path).map_err(open_err(&path))?;
-        conn.execute_batch(SCHEMA).map_err(open_err(&path))?;
-        conn.execute_batch(keys::SCHEMA).map_err(open_err(&path))?;
-        add_missing_columns(&conn).map_err(open_err(&path))?;
-        keys::drop_older_index(&conn).map_err(open_err(&path))?;
+    fn open_new(path: &Path) -> Result<Opened, AuditError> {
+        let mut conn = connect_small_cache(path).map_err(open_err(path))?;
+        conn.execute_batch(SCHEMA).map_err(open_err(path))?;
+        conn.execute_batch(keys::SCHEMA).map_err(open_err(path))?;
+        add_missing_columns(&conn).map_err(open_err(path))?;
+        keys::drop_older_index(&conn).map_err(open_err(path))?;
         let keys = Mutex::new(keys::Keys::new(
-            keys::keys_upto(&conn).map_err(open_err(&path))?,
+            keys::keys_upto(&conn).map_err(open_err(path))?,
         ));
-        let head = head_of(&conn).map_err(open_err(&path))?;
-        let journal = match journal::Journal::open(&path, head) {
-            Ok((journal, recovered)) => {
-                if !recovered.is_empty() {
-                    insert_batch(&mut conn, &keys, &recovered).map_err(|e| {
-                        AuditError::Open(format!(
-                            "{}: cannot take in the records of the journal: {e}",
-                            path.display()
-                        ))
-                    })?;
-                    tracing::info!(
-                        records = recovered.len(),
-                        "audit journal: took in the records of an unclean stop"
-                    );
-                }
-                Some(Mutex::new(journal))
-            }
-            Err(journal::OpenError::InUse) => {
-                tracing::info!(path = %path.display(), "audit log in use by another process: read only");
-                None
-            }
-            Err(journal::OpenError::Io(e)) => {
-                return Err(AuditError::Open(format!(
-                    "{}: audit journal: {e}",
-                    path.display()
-                )));
-            }
+        let journal_err =
+            |e: std::io::Error| AuditError::Open(format!("{}: audit journal: {e}", path.display()));
+        let journal = match journal::Journal::lock(path) {
+            Ok(journal) => Some(journal),
+            Err(journal::OpenError::InUse) => None,
+            Err(journal::OpenError::Io(e)) => return Err(journal_err(e)),
         };
-        Ok(Inner {
-            path,
-            writer: Mutex::new(conn),
-            readers: Mutex::new(Vec::new()),
-            keys,
-            journal,
-            folding: Mutex::new(()),
-            fold_failed: AtomicBool::new(false),
-            quick: AtomicBool::new(false),
-        })
+        if let Some(mut journal) = journal {
+            // The head is read once the journal is locked: no other writer
+            // moves it any more.
+            let head = head_of(&conn).map_err(open_err(path))?;
+            let recovered = journal.recover(head).map_err(journal_err)?;
+            if !recovered.is_empty() {
+                insert_batch(&mut conn, &keys, &recovered).map_err(|e| {
+                    AuditError::Open(format!(
+                        "{}: cannot take in the records of the journal: {e}",
+                        path.display()
+                    ))
+                })?;
+                tracing::info!(
+                    records = recovered.len(),
+                    "audit journal: took in the records of an unclean stop"
+                );
+            }
+            Ok(Opened::Writable(Inner::new(
+                path,
+                conn,
+                keys,
+                Some(journal),
+            )))
+        } else {
+            Ok(Opened::InUse(Inner::new(path, conn, keys, None)))
+        }
     }
 
     /// Sets how many records go into one sorted chunk of the key index (for
@@ -919,12 +1003,6 @@ fn lock(
 /// elsewhere), then the active one, which holds every record appended before
 /// this call. Notes in [`Inner::fold_failed`] whether it failed.
 fn fold(inner: &Inner) -> Result<(), AuditError> {
-    let folded = fold_all(inner);
-    inner.fold_failed.store(folded.is_err(), Ordering::Relaxed);
-    folded
-}
-
-fn fold_all(inner: &Inner) -> Result<(), AuditError> {
     let Some(journal) = &inner.journal else {
         return Ok(());
     };
@@ -935,6 +1013,13 @@ fn fold_all(inner: &Inner) -> Result<(), AuditError> {
         .folding
         .lock()
         .map_err(|_| AuditError::Write("audit fold poisoned".into()))?;
+    let folded = fold_rounds(inner, journal);
+    inner.fold_failed.store(folded.is_err(), Ordering::Relaxed);
+    folded
+}
+
+/// The rounds of [`fold`], run by the one fold at a time.
+fn fold_rounds(inner: &Inner, journal: &Mutex<journal::Journal>) -> Result<(), AuditError> {
     for _ in 0..2 {
         let sealed = lock(journal)?
             .seal()
@@ -1143,6 +1228,61 @@ mod tests {
 
     /// Queries by subject and request id give the same answers whether the
     /// records are in the key index, in the tail after it, or both.
+    /// While another process writes the log (here: holds its journal), a
+    /// server cannot open it, and a tool opens it to read only.
+    #[tokio::test]
+    async fn a_log_written_elsewhere_is_refused_to_writers_and_read_by_tools() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PseudonymKey::random().unwrap();
+        let path = db_path(dir.path());
+        let store = SqliteStore::open(&path).await.unwrap();
+        append_each(&store, &key, 1..=3).await;
+        drop(store);
+        let other = journal::Journal::lock(&path).unwrap();
+        let began = std::time::Instant::now();
+        let err = SqliteStore::open(&path).await.unwrap_err();
+        assert!(began.elapsed() >= IN_USE_WAIT, "it did not wait");
+        assert!(err.to_string().contains("another process"), "{err}");
+        let tool = SqliteStore::open_to_inspect(&path).await.unwrap();
+        assert_eq!(tool.head().await.unwrap().map(|h| h.seq), Some(3));
+        let refused = tool.append(vec![entry(4, &key)], Commit::Durable).await;
+        assert!(
+            matches!(&refused, Err(AuditError::Write(m)) if m.contains("another process")),
+            "{refused:?}"
+        );
+        drop((tool, other));
+        // Once it lets go, a server opens it and goes on.
+        let store = SqliteStore::open(&path).await.unwrap();
+        append_each(&store, &key, 4..=4).await;
+    }
+
+    /// A store reopened while its last handle is still being dropped (its
+    /// final fold under way) waits for it rather than opening read-only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_reopened_while_it_closes_is_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PseudonymKey::random().unwrap();
+        let path = db_path(dir.path());
+        for round in 0..10u64 {
+            let store = SqliteStore::open(&path).await.unwrap();
+            store
+                .append(vec![entry(2 * round + 1, &key)], Commit::Durable)
+                .await
+                .unwrap();
+            let closing = std::thread::spawn(move || drop(store));
+            let again = SqliteStore::open(&path).await.unwrap();
+            closing.join().unwrap();
+            again
+                .append(vec![entry(2 * round + 2, &key)], Commit::Durable)
+                .await
+                .unwrap();
+            assert_eq!(
+                again.head().await.unwrap().map(|h| h.seq),
+                Some(2 * round + 2)
+            );
+        }
+    }
+
     /// The upkeep thread folds the journal into SQLite, unasked, and the WAL
     /// back into the database file, so that the next fold starts it over
     /// instead of letting it grow to its checkpoint size.

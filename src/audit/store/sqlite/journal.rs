@@ -156,43 +156,84 @@ impl Lap {
         Ok(())
     }
 
+    /// Syncs what was written. The next frames then start on a fresh page,
+    /// so that no later write rewrites a page holding synced frames (a
+    /// write torn by a power cut could otherwise damage them).
     fn sync(&mut self) -> io::Result<()> {
         if self.unsynced {
             self.file.sync_data()?;
             self.unsynced = false;
+            if !self.tail.is_empty() {
+                self.offset += (PAGE - self.tail.len()) as u64;
+                self.tail.clear();
+            }
         }
         Ok(())
     }
 
+    /// Where the next frame goes, to come back to if a write must be undone.
+    fn mark(&self) -> (u64, Vec<u8>) {
+        (self.offset, self.tail.clone())
+    }
+
+    /// Undoes the writes since `mark` (whose sync failed): frames go on
+    /// from there, and the undone ones are overwritten with zeros as far as
+    /// the file can still be written, so that a restart does not find them.
+    fn undo(&mut self, (offset, tail): (u64, Vec<u8>)) {
+        let end = self.offset;
+        let page_start = offset - tail.len() as u64;
+        let mut page = tail.clone();
+        page.resize(
+            usize::try_from(end - page_start)
+                .unwrap_or(0)
+                .next_multiple_of(PAGE),
+            0,
+        );
+        if let Err(e) = self.file.write_all_at(&page, page_start) {
+            tracing::warn!(error = %e, "audit journal: cannot clear the frames of a failed append");
+        }
+        self.offset = offset;
+        self.tail = tail;
+    }
+
     /// The chain of frames this file holds from its start.
     fn read_frames(&self) -> io::Result<Vec<Journaled>> {
-        Ok(read_chain(&self.file, self.len)?.0)
+        read_chain(&self.file, self.len)
     }
 }
 
-/// The chain of frames in the first `len` bytes of `file`, and how many
-/// bytes they take.
-fn read_chain(file: &File, len: u64) -> io::Result<(Vec<Journaled>, usize)> {
+/// The chain of frames in the first `len` bytes of `file`: frames follow one
+/// another, except that after a sync the rest of the page is zeros and the
+/// next frame starts on the next page.
+fn read_chain(file: &File, len: u64) -> io::Result<Vec<Journaled>> {
     let mut bytes = vec![0; usize::try_from(len).unwrap_or(0)];
     file.read_exact_at(&mut bytes, 0)?;
     let mut out: Vec<Journaled> = Vec::new();
-    let mut rest = &bytes[..];
-    while let Some((frame, next)) = parse_frame(rest) {
+    let mut at = 0;
+    loop {
+        let Some((frame, used)) = parse_frame(&bytes[at..]) else {
+            let next = at.next_multiple_of(PAGE).min(bytes.len());
+            if next == at || bytes[at..next].iter().any(|&b| b != 0) {
+                break;
+            }
+            at = next;
+            continue;
+        };
         if let Some(last) = out.last()
-            && (frame.seq != last.seq + 1 || frame.prev != last.hash)
+            && (last.seq.checked_add(1) != Some(frame.seq) || frame.prev != last.hash)
         {
             break;
         }
         out.push(frame);
-        rest = next;
+        at += used;
     }
-    Ok((out, bytes.len() - rest.len()))
+    Ok(out)
 }
 
 /// A sealed file: what a fold writes into SQLite.
 pub(super) struct Sealed {
     file: Arc<File>,
-    /// The bytes its frames take.
+    /// The bytes its frames take (with the padding after syncs).
     len: u64,
     /// How many records they hold.
     records: usize,
@@ -204,8 +245,8 @@ impl Sealed {
     /// server's memory does not grow with the records waiting for a fold.
     /// An error if the file no longer holds what was written to it.
     pub(super) fn records(&self) -> io::Result<Vec<Journaled>> {
-        let (records, len) = read_chain(&self.file, self.len)?;
-        if records.len() != self.records || len as u64 != self.len {
+        let records = read_chain(&self.file, self.len)?;
+        if records.len() != self.records {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -257,11 +298,9 @@ impl From<io::Error> for OpenError {
 }
 
 impl Journal {
-    /// Opens (creating) the journal of the database file `db`, whose last
-    /// record is `head`, and returns it with the records it holds after
-    /// `head`: they must be in SQLite before the first append, which
-    /// overwrites the first file.
-    pub(super) fn open(db: &Path, head: Option<Link>) -> Result<(Self, Vec<Journaled>), OpenError> {
+    /// Opens (creating) the journal of the database file `db` and locks it
+    /// for this process. Before the first append, [`Journal::recover`].
+    pub(super) fn lock(db: &Path) -> Result<Self, OpenError> {
         let [first, second] = paths(db);
         let laps = [Lap::open(&first)?, Lap::open(&second)?];
         match laps[0].file.try_lock() {
@@ -269,22 +308,31 @@ impl Journal {
             Err(TryLockError::WouldBlock) => return Err(OpenError::InUse),
             Err(TryLockError::Error(e)) => return Err(e.into()),
         }
-        let segments = [laps[0].read_frames()?, laps[1].read_frames()?];
+        // The files' names are durable too.
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(Self {
+            laps,
+            active: 0,
+            head: None,
+            pending: 0,
+            sealed: None,
+            frames: Vec::new(),
+            pages: Vec::new(),
+            failed: None,
+        })
+    }
+
+    /// The records the files hold after `head`, the database's last record
+    /// (read once the journal is locked, so no other writer moves it): they
+    /// must be in SQLite before the first append, which overwrites the first
+    /// file. Appends then go on after them.
+    pub(super) fn recover(&mut self, head: Option<Link>) -> io::Result<Vec<Journaled>> {
+        let segments = [self.laps[0].read_frames()?, self.laps[1].read_frames()?];
         let recovered = continuation(&segments, head);
-        let head = recovered.last().map(Journaled::link).or(head);
-        Ok((
-            Self {
-                laps,
-                active: 0,
-                head,
-                pending: 0,
-                sealed: None,
-                frames: Vec::new(),
-                pages: Vec::new(),
-                failed: None,
-            },
-            recovered,
-        ))
+        self.head = recovered.last().map(Journaled::link).or(head);
+        Ok(recovered)
     }
 
     /// The last record appended.
@@ -326,18 +374,21 @@ impl Journal {
         if full && self.sealed.is_some() {
             return Ok(None);
         }
-        let written = self.failing(|j| {
+        self.failing(|j| {
             if full {
                 j.switch()?;
             }
             let lap = &mut j.laps[j.active];
+            let mark = lap.mark();
             lap.write(&j.frames, &mut j.pages)?;
-            if commit == Commit::Durable {
-                lap.sync()?;
+            if commit == Commit::Durable
+                && let Err(e) = lap.sync()
+            {
+                lap.undo(mark);
+                return Err(e);
             }
             Ok(())
-        });
-        written?;
+        })?;
         entries.clear();
         self.pending += links.len();
         self.head = links.last().copied().or(self.head);
@@ -419,10 +470,10 @@ fn length(n: usize) -> io::Result<u32> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "audit record too large"))
 }
 
-/// Reads one frame at the start of `bytes`: the record and the bytes after
-/// it. `None` at the end of the frames (zeros), or at a frame that is cut
-/// short, malformed or does not hash to what it says.
-fn parse_frame(bytes: &[u8]) -> Option<(Journaled, &[u8])> {
+/// Reads one frame at the start of `bytes`: the record and how many bytes
+/// the frame takes. `None` at the end of the frames (zeros), or at a frame
+/// that is cut short, malformed or does not hash to what it says.
+fn parse_frame(bytes: &[u8]) -> Option<(Journaled, usize)> {
     let (magic, rest) = bytes.split_first_chunk::<4>()?;
     if *magic != MAGIC {
         return None;
@@ -451,7 +502,7 @@ fn parse_frame(bytes: &[u8]) -> Option<(Journaled, &[u8])> {
             hash: *hash,
             entry,
         },
-        after,
+        bytes.len() - after.len(),
     ))
 }
 
@@ -490,6 +541,18 @@ mod tests {
                 ..Entry::bare("n", Side::Provider, Step::Answered)
             })
             .collect()
+    }
+
+    impl Journal {
+        /// Locks and recovers, as the store does at open.
+        fn open(db: &Path, head: Option<Link>) -> io::Result<(Self, Vec<Journaled>)> {
+            let mut j = Journal::lock(db).map_err(|e| match e {
+                OpenError::Io(e) => e,
+                OpenError::InUse => io::Error::other("in use"),
+            })?;
+            let recovered = j.recover(head)?;
+            Ok((j, recovered))
+        }
     }
 
     fn append(j: &mut Journal, mut e: Vec<Entry>, commit: Commit) -> Vec<Link> {
@@ -660,12 +723,57 @@ mod tests {
     }
 
     #[test]
+    fn frames_after_a_sync_start_on_a_fresh_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        append(&mut j, entries(1, 2), Commit::Written);
+        let written = j.laps[0].offset;
+        assert!(written > 0 && written < PAGE as u64);
+        append(&mut j, entries(3, 1), Commit::Durable);
+        assert_eq!(
+            j.laps[0].offset, PAGE as u64,
+            "the synced page is not written again"
+        );
+        append(&mut j, entries(4, 1), Commit::Durable);
+        assert_eq!(j.laps[0].offset, 2 * PAGE as u64);
+        let seqs: Vec<_> = reopen(&db, None).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn an_undone_write_leaves_no_frame_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        let one = append(&mut j, entries(1, 1), Commit::Written)[0];
+        // As when the sync of record 2 fails: its frame is written, then undone.
+        let lap = &mut j.laps[0];
+        let mark = lap.mark();
+        let mut frames = Vec::new();
+        encode(&mut frames, 2, &one.hash, &entries(2, 1)[0]).unwrap();
+        lap.write(&frames, &mut Vec::new()).unwrap();
+        assert_eq!(reopen(&db, None).len(), 2);
+        lap.undo(mark);
+        assert_eq!(
+            reopen(&db, None).len(),
+            1,
+            "the undone frame is still there"
+        );
+        // The next append takes its place.
+        append(&mut j, entries(9, 1), Commit::Durable);
+        let replay = reopen(&db, None);
+        assert_eq!(replay.len(), 2);
+        assert_eq!(replay[1].entry.request_id, "req-9");
+    }
+
+    #[test]
     fn a_second_opener_is_told_the_log_is_in_use() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("audit.db");
-        let first = Journal::open(&db, None).unwrap();
-        assert!(matches!(Journal::open(&db, None), Err(OpenError::InUse)));
+        let first = Journal::lock(&db).unwrap();
+        assert!(matches!(Journal::lock(&db), Err(OpenError::InUse)));
         drop(first);
-        assert!(Journal::open(&db, None).is_ok());
+        assert!(Journal::lock(&db).is_ok());
     }
 }
