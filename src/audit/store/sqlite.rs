@@ -256,8 +256,8 @@ const WAL_FOLD_EVERY: u32 = 10;
 /// back into the database file with a passive checkpoint on a connection of
 /// its own (nothing else writes meanwhile, so it catches up and the next
 /// fold starts the WAL over), and prepares the key index's next chunk
-/// ([`keys::prepare`]). The writer's
-/// automatic checkpoint remains as a backstop. It ends with the store.
+/// ([`keys::prepare`]). SQLite's automatic checkpoint remains as a
+/// backstop. It ends with the store.
 fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     let path = path.to_path_buf();
     let spawned = std::thread::Builder::new()
