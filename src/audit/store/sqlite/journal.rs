@@ -19,7 +19,10 @@
 //! sync flushes data only: appending to a file would also write its size at
 //! every sync. Each write covers whole 4 KiB pages (the last page's earlier
 //! bytes are kept in memory), so that the kernel never has to read a page
-//! back before it writes it.
+//! back before it writes it. After a sync the next frames start on a fresh
+//! page (the rest of the last one stays zeros), so that no write touches a
+//! page that holds synced frames: a write torn by a power cut could damage
+//! them.
 //!
 //! A frame is the magic `KJ01`, the length of the rest (u32, big-endian), the
 //! record's hash, its canonical bytes (`record.rs`) as a length-prefixed
@@ -29,7 +32,8 @@
 //! # Recovery
 //!
 //! At open each file is read from its start while its frames are whole, hash
-//! to what they say, and each continues the chain of the one before. The
+//! to what they say, and each continues the chain of the one before (zeros
+//! to the end of a page lead to the next page). The
 //! frames that continue the chain past the database's last record are
 //! returned to be written into SQLite before any new append. Anything else,
 //! such as a torn last frame or an earlier round's leftovers, is ignored: a
@@ -379,15 +383,12 @@ impl Journal {
                 j.switch()?;
             }
             let lap = &mut j.laps[j.active];
+            if commit == Commit::Written {
+                return lap.write(&j.frames, &mut j.pages);
+            }
             let mark = lap.mark();
             lap.write(&j.frames, &mut j.pages)?;
-            if commit == Commit::Durable
-                && let Err(e) = lap.sync()
-            {
-                lap.undo(mark);
-                return Err(e);
-            }
-            Ok(())
+            lap.sync().inspect_err(|_| lap.undo(mark))
         })?;
         entries.clear();
         self.pending += links.len();
