@@ -91,7 +91,7 @@ impl Journaled {
 
 /// The journal files next to the database file `db` (`audit.db` gives
 /// `audit.journal-0` and `audit.journal-1`).
-pub(super) fn paths(db: &Path) -> [PathBuf; 2] {
+fn paths(db: &Path) -> [PathBuf; 2] {
     let stem = db
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -364,6 +364,8 @@ impl Journal {
                 "a write failed earlier ({why}); appends resume once the server restarts"
             )));
         }
+        // Chained here rather than with `record::chain`: each record's
+        // canonical bytes are built once, in its frame, and hashed there.
         let (mut seq, mut prev) = self.head.map(|l| (l.seq, l.hash)).unwrap_or((0, GENESIS));
         self.frames.clear();
         let mut links = Vec::with_capacity(entries.len());
