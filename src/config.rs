@@ -79,6 +79,9 @@ pub struct ServerConfig {
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Limits on connections at each port's edge.
+    #[serde(default)]
+    pub edge: crate::edge::EdgeLimits,
     /// Local information systems.
     #[serde(default)]
     pub clients: Vec<LocalClient>,

@@ -14,14 +14,15 @@ use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc,
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{service::Routes, transport::Server};
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
+use tower::Layer;
 
 use crate::{
     audit::{AuditHandle, AuditLog, AuditServiceImpl},
     config::ServerConfig,
     consent::{ConsentVerifier, DEFAULT_MAX_SILENCE, FeedOptions, RevocationFeed, RevocationSet},
+    edge::{self, EdgeLimits},
     error::{Reason, Refusal},
     exchange::{
         Gateway, RegisteredClient, consumer, peers::Peers, provider::Provider, replay::ReplayGuard,
@@ -34,7 +35,7 @@ use crate::{
         batch::{BatchSigner, VerifiedRoots},
         cert_fingerprint, load_certs, load_key,
         sign::SigningKey,
-        tls::server_config,
+        tls::{ClientAuth, server_config},
     },
     policy::AccessPolicy,
     proto::{FILE_DESCRIPTOR_SET, kopir::v1::exchange_server::ExchangeServer},
@@ -106,7 +107,7 @@ pub struct RunningServer {
     /// Where the admin port listens.
     pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    tasks: Vec<JoinHandle<()>>,
     revocations: RevocationFeed,
 }
 
@@ -117,78 +118,30 @@ impl RunningServer {
         self.revocations.set()
     }
 
-    /// Stops accepting, lets calls in flight finish, and waits for the ports to close.
+    /// Stops accepting, closes idle connections, gives calls in flight the
+    /// drain timeout (`edge.drain_timeout_ms`) to finish, and waits for the
+    /// ports to close.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.revocations.stop().await;
         for task in self.tasks {
-            match task.await {
-                Ok(Err(e)) => tracing::warn!(error = %e, "port closed with an error"),
-                Err(e) => tracing::warn!(error = %e, "port task failed"),
-                Ok(Ok(())) => {}
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "port task failed");
             }
         }
     }
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_HANDSHAKES: usize = 256;
 /// How many batch signature roots a server remembers as checked.
 const VERIFIED_ROOTS: usize = 4096;
 
-/// Accepts TCP connections and completes TLS handshakes concurrently (a slow
-/// client cannot hold up the others, and at most `MAX_HANDSHAKES` run at
-/// once), yielding finished TLS streams. Stops when the stream is dropped.
-pub fn tls_incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+/// A port's service: its routes behind the port's own call budget (calls beyond
+/// it are shed).
+fn port_service(gw: &Gateway, routes: Routes) -> ShedLayerService {
+    ShedLayer::new(gw.limits.max_concurrent_calls).layer(routes.prepare())
 }
 
-/// A port's server: each port sheds calls beyond its own budget.
-fn builder(
-    gw: &Gateway,
-) -> Server<tower::layer::util::Stack<ShedLayer, tower::layer::util::Identity>> {
-    Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(ShedLayer::new(gw.limits.max_concurrent_calls))
-}
+type ShedLayerService = crate::overload::Shed<Routes>;
 
 /// Lets a call through only if its TLS client certificate is an operator's.
 fn operator_check(
@@ -315,13 +268,44 @@ pub async fn start(
         consent: ConsentVerifier::new(revocations.set().clone(), uses),
         store_bodies: config.audit.store_bodies,
     });
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key)?));
+    // Every caller of the peer and admin ports holds a certificate; an
+    // information system's is checked in the request path, which names what is
+    // wrong with it.
+    let acceptor = |auth| -> Result<TlsAcceptor, ServerError> {
+        Ok(TlsAcceptor::from(Arc::new(server_config(
+            chain.clone(),
+            key.clone_key(),
+            auth,
+        )?)))
+    };
+    let (client_tls, peer_tls) = (
+        acceptor(ClientAuth::Requested)?,
+        acceptor(ClientAuth::Required)?,
+    );
     let (shutdown, shutdown_rx) = watch::channel(false);
     let stop = move || {
         let mut rx = shutdown_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
+    };
+    let ports = 2 + usize::from(listeners.admin.is_some());
+    let edge = EdgeLimits {
+        max_connections: edge::fds::connections_per_port(
+            edge::fds::raise_nofile_limit(),
+            ports,
+            config.edge.max_connections,
+        ),
+        ..config.edge.clone()
+    };
+    let serve = |listener, tls, service| {
+        tokio::spawn(edge::serve(
+            listener,
+            tls,
+            service,
+            edge.clone(),
+            shutdown.subscribe(),
+        ))
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -362,33 +346,26 @@ pub async fn start(
         .add_service(reflection()?)
         .into_axum_router()
         .fallback_service(passthrough);
-    let client = builder(&gw).add_routes(Routes::from(router));
-    tasks.push(if plaintext {
-        tokio::spawn(
-            client.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.client), stop()),
-        )
-    } else {
-        tokio::spawn(
-            client.serve_with_incoming_shutdown(
-                tls_incoming(listeners.client, acceptor.clone()),
-                stop(),
-            ),
-        )
-    });
+    let client = port_service(&gw, Routes::from(router));
+    tasks.push(serve(
+        listeners.client,
+        (!plaintext).then_some(client_tls),
+        client,
+    ));
 
     // Peer port: the exchange protocol, mutual TLS only.
     let exchange = ExchangeServer::new(Provider::new(gw.clone()))
         .max_decoding_message_size(gw.limits.max_body_bytes + 64 * 1024)
         .max_encoding_message_size(gw.limits.max_body_bytes + 64 * 1024);
-    let peer = builder(&gw)
-        .add_service(health_service.clone())
+    let peer = Routes::new(health_service.clone())
         .add_service(reflection()?)
         .add_service(exchange)
         .add_service(report_service.into_server());
-    tasks.push(tokio::spawn(peer.serve_with_incoming_shutdown(
-        tls_incoming(listeners.peer, acceptor.clone()),
-        stop(),
-    )));
+    tasks.push(serve(
+        listeners.peer,
+        Some(peer_tls.clone()),
+        port_service(&gw, peer),
+    ));
 
     // Admin port: the audit log for operators (health stays open to probes).
     if let Some(admin) = listeners.admin {
@@ -396,14 +373,10 @@ pub async fn start(
             audit_service.into_server(),
             operator_check(Arc::new(operators)),
         );
-        let router = builder(&gw)
-            .add_service(health_service)
+        let routes = Routes::new(health_service)
             .add_service(reflection()?)
             .add_service(audit);
-        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
-            tls_incoming(admin, acceptor),
-            stop(),
-        )));
+        tasks.push(serve(admin, Some(peer_tls), port_service(&gw, routes)));
     }
     tracing::info!(server = %config.server_id, %client_addr, %peer_addr, ?admin_addr, "security server started");
     Ok(RunningServer {

@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
-use tonic::transport::Server;
+use tonic::service::Routes;
 
 use super::{
     config::ConsentConfig,
@@ -14,10 +14,14 @@ use super::{
     store::{self, ConsentStore, StoreError},
 };
 use crate::{
+    edge::EdgeLimits,
     globalconf::watch::watch as watch_conf,
-    pki::{PkiError, cert_fingerprint, load_certs, load_key, sign::SigningKey, tls::server_config},
+    pki::{
+        PkiError, cert_fingerprint, load_certs, load_key,
+        sign::SigningKey,
+        tls::{ClientAuth, server_config},
+    },
     proto::{FILE_DESCRIPTOR_SET, kopir::v1::consent_service_server::ConsentServiceServer},
-    server::tls_incoming,
 };
 
 /// Why a consent authority could not start.
@@ -44,7 +48,7 @@ pub struct RunningAuthority {
     /// Where it listens.
     pub addr: SocketAddr,
     shutdown: watch::Sender<bool>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    task: JoinHandle<()>,
 }
 
 impl RunningAuthority {
@@ -52,10 +56,8 @@ impl RunningAuthority {
     /// to close.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        match self.task.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "consent port closed with an error"),
-            Err(e) => tracing::warn!(error = %e, "consent port task failed"),
-            Ok(Ok(())) => {}
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "consent port task failed");
         }
     }
 }
@@ -121,7 +123,7 @@ pub async fn start(
         stopping: stopping.clone(),
     });
     let addr = listener.local_addr()?;
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key)?));
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(chain, key, ClientAuth::Requested)?));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ConsentServiceServer<ConsentServiceImpl>>()
@@ -130,20 +132,26 @@ pub async fn start(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
-    let router = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection)
         .add_service(ConsentServiceServer::new(ConsentServiceImpl::new(
             authority,
-        )));
-    let mut stop = stopping;
-    let incoming = tls_incoming(listener, acceptor);
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }));
+        )))
+        .prepare();
+    // Revocation feeds are long-lived streams: pings find the ones whose
+    // provider is gone within seconds.
+    let limits = EdgeLimits {
+        keepalive_interval_ms: 5_000,
+        keepalive_timeout_ms: 5_000,
+        ..EdgeLimits::default()
+    };
+    let task = tokio::spawn(crate::edge::serve(
+        listener,
+        Some(acceptor),
+        routes,
+        limits,
+        stopping,
+    ));
     tracing::info!(%addr, "consent authority started");
     Ok(RunningAuthority {
         addr,

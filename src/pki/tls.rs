@@ -4,11 +4,16 @@
 //! X-Road does: a peer security server is accepted only if its certificate is
 //! the one the global configuration lists for it, and an information system
 //! only if its certificate is the one registered for its subsystem. At the TLS
-//! layer a server therefore *asks* for a client certificate and checks the
+//! layer a server therefore asks for a client certificate and checks the
 //! handshake signature (proof of the private key) but accepts any certificate;
 //! the pinning check runs right after, in the request path, where a refusal can
 //! be a precise gRPC status with a `kopir-error` reason and an audit record
 //! instead of an anonymous handshake failure.
+//!
+//! On the peer and admin ports the certificate is *required*
+//! ([`ClientAuth::Required`]): every caller there is a security server, a
+//! portal, an auditor or an operator, all of whom hold one, so a caller without
+//! one is turned away in the handshake and never reaches HTTP/2.
 
 use std::sync::Arc;
 
@@ -40,11 +45,22 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 #[derive(Debug)]
 struct AnyClientCert {
     algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
+}
+
+/// Whether a port's TLS handshake requires a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A handshake without a client certificate fails.
+    Required,
+    /// A client certificate is asked for; its absence is refused in the request
+    /// path with a precise reason (the client port, the consent authority).
+    Requested,
 }
 
 impl ClientCertVerifier for AnyClientCert {
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.mandatory
     }
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
@@ -79,15 +95,20 @@ impl ClientCertVerifier for AnyClientCert {
 }
 
 /// Server side of the client, peer and admin ports: presents `chain`, asks the
-/// other side for a certificate (checked by pinning in the request path), speaks
-/// HTTP/2 only.
+/// other side for a certificate (checked by pinning in the request path; see
+/// [`ClientAuth`] for whether it must present one), speaks HTTP/2 only.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_auth: ClientAuth,
 ) -> Result<ServerConfig, PkiError> {
+    let verifier = AnyClientCert {
+        algs: algorithms(),
+        mandatory: client_auth == ClientAuth::Required,
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(AnyClientCert { algs: algorithms() }))
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)

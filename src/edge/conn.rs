@@ -1,0 +1,184 @@
+//! One HTTP/2 connection: hyper's server with the port's limits, the
+//! connection's identity added to every request, an idle timeout, and a
+//! bounded drain when the server stops.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, server::conn::http2};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+};
+use tower::Service;
+
+use super::EdgeLimits;
+
+/// What a port serves: a gRPC service (tonic's routes, behind kopir's layers).
+pub trait PortService:
+    Service<
+        http::Request<Incoming>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> PortService for S where
+    S: Service<
+            http::Request<Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Calls in progress on a connection, and a count of calls begun and ended
+/// that tells whether any came and went in a span of time.
+#[derive(Debug, Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    events: AtomicU64,
+}
+
+/// A call in progress; ends when dropped.
+struct Call(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Call {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(1, Ordering::Relaxed);
+        Call(self.clone())
+    }
+
+    /// Resolves once the connection has had no call in progress, and none
+    /// begun or ended, for a whole span of `after`.
+    async fn idle(&self, after: Duration) {
+        loop {
+            let seen = self.events.load(Ordering::Relaxed);
+            tokio::time::sleep(after).await;
+            if self.in_flight.load(Ordering::Relaxed) == 0
+                && self.events.load(Ordering::Relaxed) == seen
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The port's service on one connection: adds the connection's identity
+/// (`info`: the TLS peer certificates, the addresses) to each request, as
+/// tonic's own server does, and counts the calls in progress.
+#[derive(Clone)]
+struct OnConnection<S, C> {
+    inner: S,
+    info: C,
+    activity: Arc<Activity>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, C> Service<http::Request<Incoming>> for OnConnection<S, C>
+where
+    S: PortService,
+    C: Clone + Send + Sync + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.info.clone());
+        let call = self.activity.begin();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            // The call lasts until its response body is done (a stream may
+            // outlive the handler by hours).
+            let answer = answer.await?;
+            Ok(answer.map(|body| {
+                tonic::body::Body::new(body.map_frame(move |frame| {
+                    let _ = &call;
+                    frame
+                }))
+            }))
+        })
+    }
+}
+
+/// Serves one connection until the client closes it, it has been idle for the
+/// idle timeout, or `stop` turns true; the last two close it gracefully (an
+/// HTTP/2 GOAWAY) and give calls in progress the drain timeout to finish.
+pub(crate) async fn serve<I, C, S>(
+    io: I,
+    info: C,
+    service: S,
+    limits: &EdgeLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: Clone + Send + Sync + 'static,
+    S: PortService,
+{
+    let activity = Arc::new(Activity::default());
+    let service = OnConnection {
+        inner: service,
+        info,
+        activity: activity.clone(),
+    };
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_bytes)
+        .max_pending_accept_reset_streams(limits.max_pending_reset_streams)
+        .keep_alive_interval(Duration::from_millis(limits.keepalive_interval_ms.max(1)))
+        .keep_alive_timeout(Duration::from_millis(limits.keepalive_timeout_ms.max(1)));
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let why = tokio::select! {
+        ended = connection.as_mut() => {
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = activity.idle(limits.idle_timeout()) => "idle",
+        _ = stop.wait_for(|s| *s) => "server stopping",
+    };
+    connection.as_mut().graceful_shutdown();
+    match tokio::time::timeout(limits.drain_timeout(), connection).await {
+        Ok(Ok(())) => tracing::debug!(why, "connection closed"),
+        Ok(Err(e)) => tracing::debug!(why, error = %e, "connection closed with an error"),
+        Err(_) => tracing::debug!(why, "connection closed at the end of the drain timeout"),
+    }
+}
