@@ -83,12 +83,15 @@ async fn the_peer_port_requires_a_client_certificate_in_the_handshake() {
         .await
         .expect("federation");
     let peer = fed.node("moj").server.peer_addr;
-    let out = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &peer.to_string(), "-alpn", "h2"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("openssl");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &peer.to_string(), "-alpn", "h2"])
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("openssl");
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
