@@ -18,6 +18,7 @@ pub fn with_meta<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
 
 /// Asserts a refusal's code, its `kopir-error` reason, and that it says why.
 #[track_caller]
+#[allow(dead_code)] // not every test binary checks a refusal
 pub fn assert_refused(status: &Status, code: Code, reason: &str) {
     assert_eq!(status.code(), code, "status: {status:?}");
     assert_eq!(
