@@ -21,7 +21,8 @@
 //!
 //! Last comes an overload level: ten times the largest number of calls in
 //! flight, each call with a deadline of one second, against servers that take
-//! twice the largest level at once (`limits.max_concurrent_calls`). A
+//! twice the largest level at once (`limits.max_concurrent_calls`, all of it
+//! open to the one caller, `limits.max_calls_per_caller`). A
 //! shed call's client waits 5 ms before its next call, as a client backing
 //! off would. The level reports how many calls were shed, the slowest answer
 //! of any kind (which must be within the deadline) and the servers' peak
@@ -307,6 +308,9 @@ impl Bench {
         let registry_uri = format!("http://{registry_addr}");
         let mut fed = LocalFederation::launch(dir, &|_, config| {
             config.limits.max_concurrent_calls = capacity;
+            // The benchmark's one information system (and one peer server)
+            // may take the whole budget.
+            config.limits.max_calls_per_caller = Some(capacity);
             for s in &mut config.services {
                 if s.id.to_string() == POPULATION {
                     s.endpoint = registry_uri.clone();

@@ -7,6 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 use tonic::service::Routes;
+use tower::Layer;
 
 use super::{
     config::ConsentConfig,
@@ -15,9 +16,11 @@ use super::{
 };
 use crate::{
     edge::EdgeLimits,
+    exchange::Limits,
     globalconf::watch::watch as watch_conf,
+    overload::{Admission, Admit, Caller, PortGateLayer},
     pki::{
-        PkiError, cert_fingerprint, load_certs, load_key,
+        Fingerprint, PkiError, cert_fingerprint, load_certs, load_key,
         sign::SigningKey,
         tls::{ClientAuth, server_config},
     },
@@ -65,6 +68,27 @@ impl RunningAuthority {
 /// Opens the store the configuration names.
 pub async fn open_store(config: &ConsentConfig) -> Result<Arc<dyn ConsentStore>, StoreError> {
     store::open(&config.data_dir, config.database.as_deref()).await
+}
+
+/// The authority's call budget is shared by its callers as a security
+/// server's is (see [`crate::overload`]): each portal, information system
+/// and security server it knows by certificate has its own share, everyone
+/// else one share together.
+fn admission(authority: Arc<Authority>) -> Admit {
+    Arc::new(move |_, cert| {
+        let known = cert.map(Fingerprint::of).and_then(|fp| {
+            if authority.portals.contains(&fp) {
+                return Some(format!("portal {fp}"));
+            }
+            if let Some(id) = authority.consumers.get(&fp) {
+                return Some(format!("information system {id}"));
+            }
+            let view = authority.conf.current().ok()?;
+            view.server_by_tls(&fp)
+                .map(|server| format!("security server {server}"))
+        });
+        Admission::Gated(known.map_or(Caller::Anonymous, Caller::Known))
+    })
 }
 
 /// Starts a consent authority on a pre-bound listener, with `store`.
@@ -135,9 +159,14 @@ pub async fn start(
     let routes = Routes::new(health_service)
         .add_service(reflection)
         .add_service(ConsentServiceServer::new(ConsentServiceImpl::new(
-            authority,
-        )))
-        .prepare();
+            authority.clone(),
+        )));
+    let routes = PortGateLayer::new(
+        Limits::default().call_budget(),
+        admission(authority),
+        Limits::default().timeout(),
+    )
+    .layer(routes.prepare());
     // Revocation feeds are long-lived streams: pings find the ones whose
     // provider is gone within seconds.
     let limits = EdgeLimits {
