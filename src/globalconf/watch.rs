@@ -99,7 +99,7 @@ impl GlobalConfHandle {
 /// Reads, verifies and indexes the file once, as a server would, but without
 /// rollback protection (for tools that look at the configuration without
 /// running a server).
-pub fn read(path: &PathBuf, anchors: &[VerifyingKey]) -> Result<Arc<ConfView>, ConfError> {
+pub fn read(path: &Path, anchors: &[VerifyingKey]) -> Result<Arc<ConfView>, ConfError> {
     load(path, anchors)
         .verified
         .map(|(view, _)| view)
