@@ -263,3 +263,17 @@ async fn a_corrupt_record_of_the_highest_version_stops_the_start() {
     h.exchange().await.unwrap();
     h.fed.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_corrupt_record_stops_the_consent_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("data/consent").join(highest::FILE_NAME);
+    std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+    std::fs::write(&record, "kopir-globalconf-highest/1\nserial=7\n").unwrap();
+    let e = LocalFederation::launch(dir.path(), &|_, _| {})
+        .await
+        .unwrap_err();
+    let message = format!("{e:#}");
+    assert!(message.contains(&record.display().to_string()), "{message}");
+    assert!(message.contains("corrupt"), "{message}");
+}

@@ -7,12 +7,11 @@
 //! - `globalconf.invalid` while the newest file is forged, malformed or
 //!   inconsistent (the server does not fall back to an older copy: what it was
 //!   given is wrong, and an operator must know);
-//! - `globalconf.stale` once the verified copy has expired.
-//!
 //! - `globalconf.invalid` too, naming the rollback, while the file is validly
 //!   signed but older than the highest version this server ever accepted (its
 //!   serial is lower, or equal with other content): see [`super::highest`],
-//!   which keeps that version in the data directory across restarts.
+//!   which keeps that version in the data directory across restarts;
+//! - `globalconf.stale` once the verified copy has expired.
 //!
 //! Files are read, verified and the highest version recorded on a blocking
 //! thread, off the async runtime. A panic there is caught: that file counts as
