@@ -19,6 +19,7 @@ use anyhow::Context;
 use time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
+pub use crate::durable::write_atomically;
 use crate::{
     audit::AuditHandle,
     config::ServerConfig,
@@ -453,12 +454,4 @@ pub async fn tls_channel(addr: SocketAddr, tls: rustls::ClientConfig) -> anyhow:
 
 fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-/// Writes a file by renaming a temporary one over it, so a reader never sees
-/// half of it.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, path)
 }

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod durable;
 pub mod edge;
 pub mod error;
 pub mod exchange;

@@ -57,6 +57,9 @@ pub enum ServerError {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// The record of the highest accepted global configuration cannot be read.
+    #[error(transparent)]
+    GlobalconfHighest(#[from] crate::globalconf::highest::HighestError),
     /// The store that counts consent uses could not be opened.
     #[error("consent use counts: {0}")]
     ConsentStore(#[from] crate::consent::store::StoreError),
@@ -245,7 +248,9 @@ pub async fn start(
         config.globalconf.path.clone(),
         anchors,
         Duration::from_secs(config.globalconf.refresh_secs.max(1)),
-    );
+        &config.data_dir,
+    )
+    .await?;
     let mut clients = HashMap::new();
     for c in &config.clients {
         clients.insert(

@@ -40,6 +40,9 @@ pub enum StartError {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// The record of the highest accepted global configuration cannot be read.
+    #[error(transparent)]
+    GlobalconfHighest(#[from] crate::globalconf::highest::HighestError),
     /// The address could not be read.
     #[error("listener: {0}")]
     Listen(#[from] std::io::Error),
@@ -122,7 +125,9 @@ pub async fn start(
         config.globalconf.path.clone(),
         anchors,
         Duration::from_secs(config.globalconf.refresh_secs.max(1)),
-    );
+        &config.data_dir,
+    )
+    .await?;
     match conf.current() {
         Ok(view) if view.consent_key(&signer.key_id()).is_none() => tracing::warn!(
             key_id = %signer.key_id(),

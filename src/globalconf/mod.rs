@@ -7,9 +7,12 @@
 //! - [`signed`]: signing by the authority and verification against its anchor.
 //! - [`view`]: a verified document indexed for the lookups of the security path.
 //! - [`watch`]: a server's copy, reloaded when the file changes and refused when
-//!   forged or expired.
+//!   forged, expired or rolled back.
+//! - [`highest`]: the highest version a server accepted, kept in its data
+//!   directory, against rollbacks.
 
 pub mod describe;
+pub mod highest;
 pub mod model;
 pub mod signed;
 pub mod view;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::GlobalConf;
 use crate::pki::{
-    Fingerprint,
+    Fingerprint, sha256,
     sign::{SigningKey, VerifyingKey},
 };
 
@@ -61,6 +61,16 @@ pub fn sign(conf: &GlobalConf, key: &SigningKey) -> String {
 
 /// Verifies an envelope against the trust anchors and returns the document.
 pub fn verify(text: &[u8], anchors: &[VerifyingKey]) -> Result<GlobalConf, VerifyError> {
+    verify_with_digest(text, anchors).map(|(conf, _)| conf)
+}
+
+/// Verifies an envelope like [`verify`] and also returns the SHA-256 of the
+/// signed payload: what identifies a version of the document, whatever the
+/// envelope's layout.
+pub fn verify_with_digest(
+    text: &[u8],
+    anchors: &[VerifyingKey],
+) -> Result<(GlobalConf, Fingerprint), VerifyError> {
     let envelope: Envelope =
         serde_json::from_slice(text).map_err(|e| VerifyError::Format(e.to_string()))?;
     if envelope.format != FORMAT {
@@ -84,5 +94,7 @@ pub fn verify(text: &[u8], anchors: &[VerifyingKey]) -> Result<GlobalConf, Verif
     if !anchor.verify(&payload, &signature) {
         return Err(VerifyError::BadSignature);
     }
-    serde_json::from_slice(&payload).map_err(|e| VerifyError::Document(e.to_string()))
+    let conf =
+        serde_json::from_slice(&payload).map_err(|e| VerifyError::Document(e.to_string()))?;
+    Ok((conf, Fingerprint(sha256(&payload))))
 }
