@@ -10,7 +10,8 @@
 //! `.cargo/config.toml`), and every read folds first, so queries, `verify`
 //! and checkpoints see every record appended. Should SQLite refuse a fold,
 //! the records stay in the journal and appends are refused until a fold
-//! succeeds ("no audit, no data"). Reads use a small pool of their own
+//! succeeds ("no audit, no data"); a failed write or sync of the journal
+//! refuses appends until the journal has repaired its file (see [`journal`]). Reads use a small pool of their own
 //! connections; the same thread folds the WAL back into the database file.
 //!
 //! One process writes a log at a time (the journal is locked). A second
