@@ -657,10 +657,9 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let message = e.to_string();
-                tracing::error!(error = %message, "audit append failed");
+                tracing::error!(error = %e, "audit append failed");
                 for w in waiters {
-                    let _ = w.send(Err(AuditError::Write(message.clone())));
+                    let _ = w.send(Err(e.clone()));
                 }
             }
         }

@@ -650,8 +650,11 @@ impl<'c> WriteTx<'c> {
 }
 
 impl Drop for WriteTx<'_> {
+    /// Rolls back, unless SQLite already has (as it does after a full disk
+    /// or an I/O error).
     fn drop(&mut self) {
         if self.open
+            && !self.conn.is_autocommit()
             && let Err(e) = run_cached(self.conn, "ROLLBACK")
         {
             tracing::warn!(error = %e, "audit append: rollback failed");
