@@ -121,7 +121,10 @@ async fn exchange(channel: &Channel, parent: &str, n: usize) -> Result<String, t
 /// `audit.unavailable`, nothing else.
 #[track_caller]
 fn assert_audit_unavailable(status: &tonic::Status) {
-    let reason = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok());
+    let reason = status
+        .metadata()
+        .get(ERROR_KEY)
+        .and_then(|v| v.to_str().ok());
     assert_eq!(
         (status.code(), reason),
         (Code::Unavailable, Some("audit.unavailable")),

@@ -254,7 +254,9 @@ impl Lap {
 fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     let mut at = from;
     while at < to {
-        let n = ZEROS.len().min(usize::try_from(to - at).unwrap_or(ZEROS.len()));
+        let n = ZEROS
+            .len()
+            .min(usize::try_from(to - at).unwrap_or(ZEROS.len()));
         file.write_all_at(&ZEROS[..n], at)?;
         at += n as u64;
     }
