@@ -511,6 +511,15 @@ impl Journal {
         });
     }
 
+    /// Takes nothing on trust after a thread panicked while holding the
+    /// journal: the active file is repaired before the next append or seal.
+    pub(super) fn distrust(&mut self) {
+        self.failed = Some(Failure {
+            why: "a thread failed while writing the journal".into(),
+            retry_at: Instant::now(),
+        });
+    }
+
     /// Ok if the active file holds what was acknowledged: it has not failed,
     /// or it failed and a repair (tried once its wait is over) succeeded.
     /// Otherwise an error that says why, and when the next repair is tried.
