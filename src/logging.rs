@@ -106,6 +106,16 @@ pub fn print_stderr(line: &str) {
     let _ = writeln!(w, "{line}");
 }
 
+/// The message a panic was raised with, to log it when a task that failed
+/// is started again.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -498,20 +498,11 @@ async fn supervise(
         };
         seed.stats.restarts.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
-            panic = panic_message(&*panic),
+            panic = crate::logging::panic_message(&*panic),
             "the audit writer failed; starting it again"
         );
         writer = seed.writer().await;
     }
-}
-
-/// The message a panic was raised with.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
 }
 
 struct Writer {

@@ -283,7 +283,7 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
                     inner.upkeep_failures.fetch_add(1, Ordering::Relaxed);
                     conn = None;
                     tracing::error!(
-                        panic = crate::audit::handle::panic_message(&*panic),
+                        panic = crate::logging::panic_message(&*panic),
                         "audit upkeep failed; it goes on at the next round"
                     );
                 }
