@@ -34,6 +34,10 @@ use kopir::{
     config::ServerConfig,
     error::ERROR_KEY,
     federation::{BENEFITS, LocalFederation},
+    pki::{load_certs, load_key},
+    proto::kopir::v1::{
+        AuditStatsRequest, AuditStatsResponse, audit_service_client::AuditServiceClient,
+    },
     proto::kz::population::v1::{
         GetPersonRequest, population_registry_client::PopulationRegistryClient,
     },
@@ -132,6 +136,19 @@ fn assert_audit_unavailable(status: &tonic::Status) {
     );
 }
 
+/// `AuditService.Stats` from the server's admin port, as its operator.
+async fn admin_stats(fed: &LocalFederation, config: &ServerConfig) -> AuditStatsResponse {
+    let (cert, key) = fed.layout.operator();
+    let identity = Some((load_certs(&cert).unwrap(), load_key(&key).unwrap()));
+    let admin = config.listen.admin.expect("an admin port");
+    let channel = fed.channel_to(admin, identity).await.unwrap();
+    AuditServiceClient::new(channel)
+        .stats(AuditStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_precisely_and_exchanges_resume_once_freed() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,6 +233,14 @@ async fn a_full_disk_refuses_precisely_and_exchanges_resume_once_freed() {
         "{} exchanges acknowledged in {n} calls; resumes after freeing: {resumes:?}",
         acknowledged.len()
     );
+    // The log on the full disk lost lines, and nothing panicked.
+    let stats = admin_stats(&fed, &config).await;
+    println!(
+        "log lines dropped: {}; audit writer restarts: {}",
+        stats.log_lines_dropped, stats.writer_restarts
+    );
+    assert!(stats.log_lines_dropped > 0, "{stats:?}");
+    assert_eq!(stats.writer_restarts, 0, "{stats:?}");
     server.stop();
 
     let (verified, report) = audit_verify(&config_path);
