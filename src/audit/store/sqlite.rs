@@ -300,7 +300,7 @@ fn upkeep_round(path: &Path, inner: &Inner, conn: &mut Option<Connection>, round
     if let Err(e) = fold(inner) {
         tracing::warn!(error = %e, "audit journal: fold failed, will retry");
     }
-    if round % WAL_FOLD_EVERY != 0 {
+    if !round.is_multiple_of(WAL_FOLD_EVERY) {
         return;
     }
     let conn = match conn {
