@@ -77,6 +77,9 @@ const PAGE: usize = 4096;
 pub(super) const FILE_MAX: u64 = 2 << 20;
 /// Files grow by this much at a time, written with zeros.
 const GROW_STEP: u64 = 1 << 20;
+/// The room kept for the copy of unsynced frames after a sync (a durable
+/// append at every exchange keeps it far smaller).
+const UNSYNCED_KEPT: usize = 64 * 1024;
 /// How many zeros are written at once when a file grows.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -158,6 +161,7 @@ impl Lap {
         self.offset = 0;
         self.synced = 0;
         self.unsynced.clear();
+        self.unsynced.shrink_to(UNSYNCED_KEPT);
         self.dirty_end = 0;
     }
 
@@ -207,6 +211,9 @@ impl Lap {
         self.offset = self.offset.next_multiple_of(PAGE as u64);
         self.synced = self.offset;
         self.unsynced.clear();
+        // A burst of written-only appends may have made the copy large; a
+        // server keeps no more than this between syncs as a rule.
+        self.unsynced.shrink_to(UNSYNCED_KEPT);
         self.dirty_end = self.offset;
     }
 
