@@ -23,6 +23,7 @@ pub mod exchange;
 pub mod federation;
 pub mod globalconf;
 pub mod id;
+pub mod logging;
 pub mod overload;
 pub mod pki;
 pub mod policy;

@@ -21,17 +21,12 @@ async fn main() -> std::process::ExitCode {
         kopir::cli::Command::Demo(_) | kopir::cli::Command::Bench(_) => "warn",
         _ => "warn,kopir=info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // A log line that cannot be written is dropped, never a panic.
+    kopir::logging::init(default_filter);
     match cli.run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            kopir::logging::print_stderr(&format!("error: {e:#}"));
             std::process::ExitCode::FAILURE
         }
     }

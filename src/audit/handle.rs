@@ -240,27 +240,16 @@ impl AuditHandle {
         options: WriterOptions,
     ) -> Result<Arc<Self>, AuditError> {
         let stats = Arc::new(WriterStats::default());
-        let mut writer = Writer {
+        let seed = WriterSeed {
             stats: stats.clone(),
             store: store.clone(),
             signer: signer.clone(),
             node: node.to_owned(),
             max_batch: options.max_batch.max(1),
-            tree: Tree::default(),
-            tree_ok: true,
-            last_checkpoint: 0,
-            last_batch: 0,
         };
-        if let Err(e) = writer.load().await {
-            // A log with a hole (tampering, or a store restored from a partial
-            // backup) still takes appends; `verify` names the problem, and
-            // checkpoints resume once the tree can be rebuilt.
-            tracing::error!(error = %e, "cannot rebuild the audit Merkle tree");
-            writer.tree = Tree::default();
-            writer.tree_ok = false;
-        }
+        let writer = seed.writer().await;
         let (tx, rx) = mpsc::channel(options.queue.max(1));
-        let task = tokio::spawn(writer.run(rx, options.checkpoint_interval));
+        let task = tokio::spawn(supervise(seed, writer, rx, options.checkpoint_interval));
         Ok(Arc::new(Self {
             stats,
             store,
@@ -377,7 +366,11 @@ impl AuditHandle {
             .send(Command::Append(Box::new(entry), commit, tx))
             .await
             .map_err(|_| AuditError::Closed)?;
-        rx.await.map_err(|_| AuditError::Closed)?
+        rx.await.map_err(|_| {
+            AuditError::Write(
+                "the audit writer failed before it confirmed the record (it is restarted)".into(),
+            )
+        })?
     }
 }
 
@@ -419,6 +412,8 @@ pub struct WriterStats {
     pub pending: AtomicU64,
     /// Nanoseconds spent in the commits.
     pub commit_ns: AtomicU64,
+    /// Times the writer task failed (panicked) and was started again.
+    pub restarts: AtomicU64,
 }
 
 /// The appends the writer takes into one transaction.
@@ -445,6 +440,68 @@ impl Batch {
 
     fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+/// What a writer task is started from: at start, and again after it failed.
+struct WriterSeed {
+    stats: Arc<WriterStats>,
+    store: Arc<dyn AuditStore>,
+    signer: Arc<SigningKey>,
+    node: String,
+    max_batch: usize,
+}
+
+impl WriterSeed {
+    /// A writer with its Merkle tree rebuilt from the store.
+    async fn writer(&self) -> Writer {
+        let mut writer = Writer {
+            stats: self.stats.clone(),
+            store: self.store.clone(),
+            signer: self.signer.clone(),
+            node: self.node.clone(),
+            max_batch: self.max_batch,
+            tree: Tree::default(),
+            tree_ok: true,
+            last_checkpoint: 0,
+            last_batch: 0,
+        };
+        if let Err(e) = writer.load().await {
+            // A log with a hole (tampering, or a store restored from a partial
+            // backup) still takes appends; `verify` names the problem, and
+            // checkpoints resume once the tree can be rebuilt.
+            tracing::error!(error = %e, "cannot rebuild the audit Merkle tree");
+            writer.tree = Tree::default();
+            writer.tree_ok = false;
+        }
+        writer
+    }
+}
+
+/// Runs the writer until the log shuts down. Should it panic, the appends
+/// of the batch it was writing are answered with an error (their replies
+/// are dropped: nothing of them was confirmed), the failure is counted in
+/// [`WriterStats::restarts`] and logged, and a fresh writer, its tree
+/// rebuilt from the store, takes over the same queue: the log never stops
+/// taking appends because of one failure.
+async fn supervise(
+    seed: WriterSeed,
+    mut writer: Writer,
+    mut rx: mpsc::Receiver<Command>,
+    interval: Option<Duration>,
+) {
+    use futures_util::FutureExt;
+    loop {
+        let run = std::panic::AssertUnwindSafe(writer.run(&mut rx, interval));
+        let Err(panic) = run.catch_unwind().await else {
+            return;
+        };
+        seed.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            panic = crate::logging::panic_message(&*panic),
+            "the audit writer failed; starting it again"
+        );
+        writer = seed.writer().await;
     }
 }
 
@@ -520,7 +577,7 @@ impl Writer {
         Ok(())
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, interval: Option<Duration>) {
+    async fn run(&mut self, rx: &mut mpsc::Receiver<Command>, interval: Option<Duration>) {
         let mut ticker = interval.map(|d| {
             let mut t = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -657,10 +714,9 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let message = e.to_string();
-                tracing::error!(error = %message, "audit append failed");
+                tracing::error!(error = %e, "audit append failed");
                 for w in waiters {
-                    let _ = w.send(Err(AuditError::Write(message.clone())));
+                    let _ = w.send(Err(e.clone()));
                 }
             }
         }

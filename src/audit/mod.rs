@@ -223,7 +223,7 @@ impl AuditRecord {
 }
 
 /// Why a record could not be made durable.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditError {
     /// The store refused or failed the write.

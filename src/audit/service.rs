@@ -369,6 +369,8 @@ impl AuditService for AuditServiceImpl {
             commit_ns: s.commit_ns.load(Ordering::Relaxed),
             syncs: s.syncs.load(Ordering::Relaxed),
             pending: s.pending.load(Ordering::Relaxed),
+            writer_restarts: s.restarts.load(Ordering::Relaxed),
+            log_lines_dropped: crate::logging::dropped_lines(),
         }))
     }
 }

@@ -949,3 +949,137 @@ for_each_store!(
     export_verifies_offline,
     periodic_checkpoints,
 );
+
+/// A store that panics in the append it is armed for, as a writer would if a
+/// bug or a library it calls failed; everything else goes to `inner`.
+struct PanicsOnce {
+    inner: Arc<dyn AuditStore>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl AuditStore for PanicsOnce {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn append(
+        &self,
+        entries: Vec<super::record::Entry>,
+        commit: super::store::Commit,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<Link>, super::AuditError>> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            panic!("injected writer failure");
+        }
+        self.inner.append(entries, commit)
+    }
+    fn head(&self) -> futures_util::future::BoxFuture<'_, Result<Option<Link>, super::AuditError>> {
+        self.inner.head()
+    }
+    fn scan(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<super::store::Scanned>, super::AuditError>>
+    {
+        self.inner.scan(from, limit)
+    }
+    fn hashes(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<(u64, Hash)>, super::AuditError>> {
+        self.inner.hashes(from, to)
+    }
+    fn query(
+        &self,
+        query: Query,
+    ) -> futures_util::future::BoxFuture<'_, Result<super::store::Page, super::AuditError>> {
+        self.inner.query(query)
+    }
+    fn by_request(
+        &self,
+        request_id: String,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<StoredRecord>, super::AuditError>> {
+        self.inner.by_request(request_id)
+    }
+    fn seq_range(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> futures_util::future::BoxFuture<'_, Result<Option<(u64, u64)>, super::AuditError>> {
+        self.inner.seq_range(from_ms, to_ms)
+    }
+    fn put_checkpoint(
+        &self,
+        checkpoint: super::store::StoredCheckpoint,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), super::AuditError>> {
+        self.inner.put_checkpoint(checkpoint)
+    }
+    fn checkpoints(
+        &self,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<Vec<super::checkpoint::Checkpoint>, super::AuditError>,
+    > {
+        self.inner.checkpoints()
+    }
+    fn latest_checkpoint(
+        &self,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<Option<super::store::StoredCheckpoint>, super::AuditError>,
+    > {
+        self.inner.latest_checkpoint()
+    }
+}
+
+/// A writer that panics is started again: the appends it was writing are
+/// refused with an error (never left waiting), later appends go in after the
+/// records already there, and the log still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_panics_is_restarted_and_the_chain_goes_on() {
+    let backend = Backend::new(Kind::Sqlite).await;
+    let store = Arc::new(PanicsOnce {
+        inner: backend.store().await,
+        armed: false.into(),
+    });
+    let handle = AuditHandle::start(
+        store.clone(),
+        PseudonymKey::random().unwrap(),
+        signer(),
+        "n1",
+        options(),
+    )
+    .await
+    .unwrap();
+    for i in 1..=3 {
+        handle.append(record(i)).await.unwrap();
+    }
+    store.armed.store(true, Ordering::SeqCst);
+    let err = handle.append(record(4)).await.unwrap_err();
+    assert!(err.to_string().contains("restarted"), "{err}");
+    for i in 5..=7 {
+        handle.append(record(i)).await.unwrap();
+    }
+    // Counted before the new writer took the queue.
+    assert_eq!(handle.stats().restarts.load(Ordering::Relaxed), 1);
+    let seqs: Vec<u64> = handle
+        .records()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+    // The restarted writer rebuilt its tree: it signs a checkpoint of all six.
+    let cp = handle.checkpoint().await.unwrap().unwrap();
+    assert_eq!(cp.seq, 6);
+    let report = verify_store(
+        handle.store().clone(),
+        &VerifyOptions::default(),
+        &mut |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(report.ok(), "{report:?}");
+    handle.shutdown().await;
+}

@@ -22,7 +22,10 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -130,14 +133,26 @@ type Job = ([u8; 32], oneshot::Sender<Vec<u8>>);
 pub struct BatchSigner {
     key: Arc<SigningKey>,
     jobs: mpsc::UnboundedSender<Job>,
+    /// Times the signing task failed (panicked) and was started again.
+    restarts: Arc<AtomicU64>,
 }
 
 impl BatchSigner {
     /// Starts the signing task on the current runtime.
     pub fn start(key: Arc<SigningKey>) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(key.clone(), rx));
-        Self { key, jobs }
+        let restarts = Arc::new(AtomicU64::new(0));
+        tokio::spawn(supervise(key.clone(), rx, restarts.clone()));
+        Self {
+            key,
+            jobs,
+            restarts,
+        }
+    }
+
+    /// How many times the signing task failed and was started again.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
     }
 
     /// The key signatures are made with.
@@ -153,7 +168,8 @@ impl BatchSigner {
         {
             return value;
         }
-        // The task is gone (the runtime is shutting down): sign alone.
+        // The task is gone (the runtime is shutting down), or failed while
+        // holding this digest (it is started again): sign alone.
         self.key.sign(&digest)
     }
 }
@@ -162,9 +178,32 @@ impl BatchSigner {
 /// long as each turn brings some.
 const GATHER_ROUNDS: usize = 4;
 
+/// Runs the signing task until every signer is dropped. Should it panic,
+/// the callers of the batch it held sign alone (their replies are dropped),
+/// the failure is counted and logged, and the task starts again on the same
+/// queue, so batching never stops for good.
+async fn supervise(
+    key: Arc<SigningKey>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    restarts: Arc<AtomicU64>,
+) {
+    use futures_util::FutureExt;
+    loop {
+        let run = std::panic::AssertUnwindSafe(run(&key, &mut rx));
+        let Err(panic) = run.catch_unwind().await else {
+            return;
+        };
+        restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            panic = crate::logging::panic_message(&*panic),
+            "the batch signer failed; starting it again"
+        );
+    }
+}
+
 /// The signing task: one signature per batch of waiting digests. The number
 /// waiting is bounded by the calls a server admits at once.
-async fn run(key: Arc<SigningKey>, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn run(key: &SigningKey, rx: &mut mpsc::UnboundedReceiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -182,7 +221,12 @@ async fn run(key: Arc<SigningKey>, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         let digests: Vec<[u8; 32]> = batch.iter().map(|(d, _)| *d).collect();
-        let values = sign_all(&key, &digests);
+        #[cfg(test)]
+        assert!(
+            !digests.contains(&tests::FAILS),
+            "injected batch signer failure"
+        );
+        let values = sign_all(key, &digests);
         for ((_, reply), value) in batch.drain(..).zip(values) {
             let _ = reply.send(value);
         }
@@ -245,6 +289,38 @@ impl VerifiedRoots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A digest the signing task fails on (in tests only).
+    pub(super) const FAILS: [u8; 32] = [0xEE; 32];
+
+    /// A signing task that fails is started again: the caller it held signs
+    /// alone, and later callers are batched again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_signing_task_that_fails_is_started_again() {
+        let (signer, verifier) = keys();
+        let batch = BatchSigner::start(Arc::new(signer));
+        let alone = batch.sign(FAILS).await;
+        assert_eq!(alone.len(), SIGNATURE_LEN, "signed alone");
+        assert!(verify(&verifier, &FAILS, &alone));
+        let counted = async {
+            while batch.restarts() == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), counted)
+            .await
+            .expect("the failure is counted");
+        let ds = digests(32);
+        let values = futures_util::future::join_all(ds.iter().map(|d| batch.sign(*d))).await;
+        for (d, v) in ds.iter().zip(&values) {
+            assert!(verify(&verifier, d, v));
+        }
+        assert!(
+            values.iter().any(|v| v.len() > SIGNATURE_LEN),
+            "callers are batched again"
+        );
+        assert_eq!(batch.restarts(), 1);
+    }
 
     fn keys() -> (SigningKey, VerifyingKey) {
         let (cert, key) = crate::pki::dev::signing_pair("batch").unwrap();

@@ -10,7 +10,8 @@
 //! `.cargo/config.toml`), and every read folds first, so queries, `verify`
 //! and checkpoints see every record appended. Should SQLite refuse a fold,
 //! the records stay in the journal and appends are refused until a fold
-//! succeeds ("no audit, no data"). Reads use a small pool of their own
+//! succeeds ("no audit, no data"); a failed write or sync of the journal
+//! refuses appends until the journal has repaired its file (see [`journal`]). Reads use a small pool of their own
 //! connections; the same thread folds the WAL back into the database file.
 //!
 //! One process writes a log at a time (the journal is locked). A second
@@ -31,7 +32,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -123,6 +124,8 @@ struct Inner {
     fold_failed: AtomicBool,
     /// True while the last durable append committed within [`QUICK_COMMIT`].
     quick: AtomicBool,
+    /// Rounds of the upkeep thread that panicked.
+    upkeep_failures: AtomicU64,
 }
 
 impl Inner {
@@ -141,6 +144,7 @@ impl Inner {
             folding: Mutex::new(()),
             fold_failed: AtomicBool::new(false),
             quick: AtomicBool::new(false),
+            upkeep_failures: AtomicU64::new(0),
         }
     }
 }
@@ -257,40 +261,63 @@ const WAL_FOLD_EVERY: u32 = 10;
 /// its own (nothing else writes meanwhile, so it catches up and the next
 /// fold starts the WAL over), and prepares the key index's next chunk
 /// ([`keys::prepare`]). SQLite's automatic checkpoint remains as a
-/// backstop. It ends with the store.
+/// backstop. It ends with the store. A round that panics is counted
+/// ([`SqliteStore::upkeep_failures`]) and logged, and the next round goes
+/// on with a fresh connection: the thread never stops while the store is
+/// open.
 fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
     let path = path.to_path_buf();
     let spawned = std::thread::Builder::new()
         .name("audit-upkeep".into())
         .spawn(move || {
-            let conn = match connect_small_cache(&path) {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "no audit upkeep thread: the journal is folded at reads and when full");
-                    return;
-                }
-            };
+            let mut conn = None;
             for round in 1u32.. {
                 std::thread::sleep(FOLD_EVERY);
                 let Some(inner) = store.upgrade() else {
                     return;
                 };
-                if let Err(e) = fold(&inner) {
-                    tracing::warn!(error = %e, "audit journal: fold failed, will retry");
-                }
-                if round % WAL_FOLD_EVERY != 0 {
-                    continue;
-                }
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!(error = %e, "audit WAL checkpoint");
-                }
-                if let Err(e) = keys::prepare(&conn, &inner.keys) {
-                    tracing::debug!(error = %e, "audit key index: will retry");
+                let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    upkeep_round(&path, &inner, &mut conn, round)
+                }));
+                if let Err(panic) = turn {
+                    inner.upkeep_failures.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                    tracing::error!(
+                        panic = crate::logging::panic_message(&*panic),
+                        "audit upkeep failed; it goes on at the next round"
+                    );
                 }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no audit upkeep thread: the journal is folded at reads and when full");
+    }
+}
+
+/// One round of the upkeep thread; `conn` is its connection, made when
+/// first needed.
+fn upkeep_round(path: &Path, inner: &Inner, conn: &mut Option<Connection>, round: u32) {
+    if let Err(e) = fold(inner) {
+        tracing::warn!(error = %e, "audit journal: fold failed, will retry");
+    }
+    if !round.is_multiple_of(WAL_FOLD_EVERY) {
+        return;
+    }
+    let conn = match conn {
+        Some(conn) => conn,
+        None => match connect_small_cache(path) {
+            Ok(fresh) => conn.insert(fresh),
+            Err(e) => {
+                tracing::warn!(error = %e, "audit upkeep: no connection for WAL checkpoints; will retry");
+                return;
+            }
+        },
+    };
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::debug!(error = %e, "audit WAL checkpoint");
+    }
+    if let Err(e) = keys::prepare(conn, &inner.keys) {
+        tracing::debug!(error = %e, "audit key index: will retry");
     }
 }
 
@@ -445,14 +472,21 @@ impl SqliteStore {
     /// tests that want the indexed path on short logs).
     #[doc(hidden)]
     pub fn set_key_chunk(&self, records: u64) {
-        if let Ok(mut k) = self.inner.keys.lock() {
+        if let Ok(mut k) = keys::lock(&self.inner.keys) {
             k.set_chunk(records);
         }
     }
 
     /// How far the key index reaches (records `1..=n` are in it).
     pub fn keys_indexed(&self) -> u64 {
-        self.inner.keys.lock().map(|k| k.upto).unwrap_or(0)
+        keys::lock(&self.inner.keys).map(|k| k.upto).unwrap_or(0)
+    }
+
+    /// How many rounds of the upkeep thread (folds, WAL checkpoints) failed
+    /// with a panic since the store was opened; the thread went on after
+    /// each.
+    pub fn upkeep_failures(&self) -> u64 {
+        self.inner.upkeep_failures.load(Ordering::Relaxed)
     }
 
     /// The database file.
@@ -472,19 +506,14 @@ impl SqliteStore {
             if let Err(e) = fold(&inner) {
                 tracing::warn!(error = %e, "audit journal: a read sees only what SQLite has");
             }
-            let idle = inner
-                .readers
-                .lock()
-                .map_err(|_| AuditError::Read("reader pool poisoned".into()))?
-                .pop();
+            let idle = relock(&inner.readers, "audit reader pool", Vec::clear).pop();
             let conn = match idle {
                 Some(c) => c,
                 None => connect(&inner.path).map_err(read_err)?,
             };
             let out = f(&conn);
-            if let Ok(mut pool) = inner.readers.lock()
-                && pool.len() < READERS
-            {
+            let mut pool = relock(&inner.readers, "audit reader pool", Vec::clear);
+            if pool.len() < READERS {
                 pool.push(conn);
             }
             out
@@ -502,10 +531,7 @@ impl SqliteStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             fold(&inner)?;
-            let mut writer = inner
-                .writer
-                .lock()
-                .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
+            let mut writer = relock(&inner.writer, "audit writer connection", |_| {});
             f(&mut writer, &inner.keys)
         })
         .await
@@ -649,8 +675,11 @@ impl<'c> WriteTx<'c> {
 }
 
 impl Drop for WriteTx<'_> {
+    /// Rolls back, unless SQLite already has (as it does after a full disk
+    /// or an I/O error).
     fn drop(&mut self) {
         if self.open
+            && !self.conn.is_autocommit()
             && let Err(e) = run_cached(self.conn, "ROLLBACK")
         {
             tracing::warn!(error = %e, "audit append: rollback failed");
@@ -987,13 +1016,29 @@ fn append_timed(
     Ok(links)
 }
 
-/// Locks the journal.
+/// Locks the journal. Should a thread have panicked while holding it, the
+/// active file is repaired before the next append (see [`journal`]).
 fn lock(
     journal: &Mutex<journal::Journal>,
 ) -> Result<std::sync::MutexGuard<'_, journal::Journal>, AuditError> {
-    journal
-        .lock()
-        .map_err(|_| AuditError::Write("audit journal poisoned".into()))
+    Ok(relock(journal, "audit journal", journal::Journal::distrust))
+}
+
+/// Locks `mutex`, taking it over if a thread panicked while holding it: a
+/// panic in one fold or append must not refuse every later one. `put_right`
+/// is given the state that thread may have left half changed.
+pub(super) fn relock<'m, T>(
+    mutex: &'m Mutex<T>,
+    what: &str,
+    put_right: impl FnOnce(&mut T),
+) -> std::sync::MutexGuard<'m, T> {
+    mutex.lock().unwrap_or_else(|poisoned| {
+        tracing::error!("{what}: taken over from a thread that failed while holding it");
+        let mut guard = poisoned.into_inner();
+        put_right(&mut guard);
+        mutex.clear_poison();
+        guard
+    })
 }
 
 /// Writes every journaled record into SQLite, one sealed file at a time,
@@ -1009,10 +1054,7 @@ fn fold(inner: &Inner) -> Result<(), AuditError> {
     if lock(journal)?.is_empty() {
         return Ok(());
     }
-    let _one = inner
-        .folding
-        .lock()
-        .map_err(|_| AuditError::Write("audit fold poisoned".into()))?;
+    let _one = relock(&inner.folding, "audit fold", |_| {});
     let folded = fold_rounds(inner, journal);
     inner.fold_failed.store(folded.is_err(), Ordering::Relaxed);
     folded
@@ -1031,10 +1073,7 @@ fn fold_rounds(inner: &Inner, journal: &Mutex<journal::Journal>) -> Result<(), A
             .records()
             .map_err(|e| AuditError::Write(format!("audit journal: {e}")))?;
         {
-            let mut writer = inner
-                .writer
-                .lock()
-                .map_err(|_| AuditError::Write("writer connection poisoned".into()))?;
+            let mut writer = relock(&inner.writer, "audit writer connection", |_| {});
             insert_batch(&mut writer, &inner.keys, &records)?;
         }
         lock(journal)?.folded();
@@ -1109,7 +1148,7 @@ fn insert_batch(
             }
         };
     tx.commit().map_err(write_err)?;
-    if let Ok(mut k) = keys.lock() {
+    if let Ok(mut k) = keys::lock(keys) {
         if blocks_ok {
             k.settle();
         } else {
@@ -1154,6 +1193,36 @@ mod tests {
             subject: (!i.is_multiple_of(10)).then(|| key.pseudonym(&format!("iin:{}", i % 4))),
             ..Entry::bare("n", Side::Consumer, Step::Answered)
         }
+    }
+
+    /// A thread that panics while holding the journal, the writer's
+    /// connection and the key index refuses no later append: the locks are
+    /// taken over, the journal's file repaired, and every record lands.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thread_that_fails_holding_the_locks_stops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        let key = PseudonymKey::random().unwrap();
+        append_each(&store, &key, 1..=2).await;
+        let inner = store.inner.clone();
+        let failed = std::thread::spawn(move || {
+            let _journal = inner.journal.as_ref().map(|j| j.lock().unwrap());
+            let _writer = inner.writer.lock().unwrap();
+            let _keys = inner.keys.lock().unwrap();
+            panic!("injected failure while holding the store's locks");
+        })
+        .join();
+        assert!(failed.is_err());
+        assert!(store.inner.writer.is_poisoned() && store.inner.keys.is_poisoned());
+        append_each(&store, &key, 3..=5).await;
+        let seqs: Vec<u64> = store
+            .read_all_blocking()
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert!(!store.inner.writer.is_poisoned());
     }
 
     /// A store made before the report columns existed gains them on open;

@@ -40,6 +40,19 @@
 //! leftover frame cannot continue the chain, because it was written before
 //! the record it would have to follow. One process at a time writes a log: the
 //! first file is locked while the journal is open.
+//!
+//! # Failures
+//!
+//! A write or sync that fails (a full disk, an I/O error) acknowledges
+//! nothing of its append, and the journal takes no further append until it
+//! has repaired the active file: the frames written since its last sync, of
+//! which it keeps a copy of its own (after a failed `fdatasync` the kernel's
+//! may be gone), are written again, the pages a failed write touched after
+//! them are cleared, and the file is synced. Repairs are tried at appends and
+//! at the folds' seals, [`RETRY_FIRST`] after the failure and then at doubling
+//! waits up to [`RETRY_MAX`], so once the disk has room again appends resume
+//! within about that long, without a restart. Meanwhile appends are refused
+//! at once, with the failure's cause.
 
 use std::{
     fs::{File, OpenOptions, TryLockError},
@@ -47,6 +60,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use crate::audit::{
@@ -63,6 +77,9 @@ const PAGE: usize = 4096;
 pub(super) const FILE_MAX: u64 = 2 << 20;
 /// Files grow by this much at a time, written with zeros.
 const GROW_STEP: u64 = 1 << 20;
+/// The room kept for the copy of unsynced frames after a sync (a durable
+/// append at every exchange keeps it far smaller).
+const UNSYNCED_KEPT: usize = 64 * 1024;
 /// How many zeros are written at once when a file grows.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -106,10 +123,18 @@ struct Lap {
     len: u64,
     /// Where the next frame goes.
     offset: u64,
-    /// The bytes of the page `offset` is in, before `offset`.
-    tail: Vec<u8>,
-    /// Frames were written since the last sync.
-    unsynced: bool,
+    /// Where the frames not yet synced begin (the start of a page): every
+    /// frame before it is on stable storage.
+    synced: u64,
+    /// The frames from `synced` to `offset`, as written. The writer's own
+    /// copy of what the file must hold there: after a failed write or sync
+    /// the kernel's copy may be gone (a failed `fdatasync` may drop the dirty
+    /// pages and report it once), so a repair writes them again from here.
+    /// At most one file's worth: a sync empties it.
+    unsynced: Vec<u8>,
+    /// The end of the pages written since `synced`, including any write that
+    /// failed or was rewound: what a repair clears after the frames.
+    dirty_end: u64,
 }
 
 impl Lap {
@@ -125,38 +150,48 @@ impl Lap {
             file: Arc::new(file),
             len,
             offset: 0,
-            tail: Vec::new(),
-            unsynced: false,
+            synced: 0,
+            unsynced: Vec::new(),
+            dirty_end: 0,
         })
+    }
+
+    /// Starts the file over from its start (it becomes the active one).
+    fn restart(&mut self) {
+        self.offset = 0;
+        self.synced = 0;
+        self.unsynced.clear();
+        self.unsynced.shrink_to(UNSYNCED_KEPT);
+        self.dirty_end = 0;
+    }
+
+    /// Grows the file with zeros, a step at a time, until it holds `end`
+    /// bytes.
+    fn grow_to(&mut self, end: u64) -> io::Result<()> {
+        while self.len < end {
+            let grow = GROW_STEP.min(end.next_multiple_of(GROW_STEP) - self.len);
+            write_zeros(&self.file, self.len, self.len + grow)?;
+            self.len += grow;
+        }
+        Ok(())
     }
 
     /// Writes `frames` at `offset`, in whole pages, growing the file first if
     /// they go past its end. `buf` is scratch space.
     fn write(&mut self, frames: &[u8], buf: &mut Vec<u8>) -> io::Result<()> {
         let end = self.offset + frames.len() as u64;
-        while self.len < end {
-            let grow = GROW_STEP.min(end.next_multiple_of(GROW_STEP) - self.len);
-            let mut at = self.len;
-            while at < self.len + grow {
-                let n = ZEROS
-                    .len()
-                    .min(usize::try_from(self.len + grow - at).unwrap_or(0));
-                self.file.write_all_at(&ZEROS[..n], at)?;
-                at += n as u64;
-            }
-            self.len += grow;
-        }
-        let page_start = self.offset - self.tail.len() as u64;
+        self.grow_to(end)?;
+        // The page `offset` is in starts at or after `synced` (a page start).
+        let page_start = self.offset - self.offset % PAGE as u64;
+        let kept = usize::try_from(page_start - self.synced).unwrap_or(0);
         buf.clear();
-        buf.extend_from_slice(&self.tail);
+        buf.extend_from_slice(self.unsynced.get(kept..).unwrap_or_default());
         buf.extend_from_slice(frames);
-        let data = buf.len();
-        buf.resize(data.next_multiple_of(PAGE), 0);
+        buf.resize(buf.len().next_multiple_of(PAGE), 0);
+        self.dirty_end = self.dirty_end.max(page_start + buf.len() as u64);
         self.file.write_all_at(buf, page_start)?;
-        self.tail.clear();
-        self.tail.extend_from_slice(&buf[data - data % PAGE..data]);
+        self.unsynced.extend_from_slice(frames);
         self.offset = end;
-        self.unsynced = true;
         Ok(())
     }
 
@@ -164,46 +199,75 @@ impl Lap {
     /// so that no later write rewrites a page holding synced frames (a
     /// write torn by a power cut could otherwise damage them).
     fn sync(&mut self) -> io::Result<()> {
-        if self.unsynced {
+        if !self.unsynced.is_empty() {
             self.file.sync_data()?;
-            self.unsynced = false;
-            if !self.tail.is_empty() {
-                self.offset += (PAGE - self.tail.len()) as u64;
-                self.tail.clear();
-            }
+            self.settle();
         }
         Ok(())
     }
 
-    /// Where the next frame goes, to come back to if a write must be undone.
-    fn mark(&self) -> (u64, Vec<u8>) {
-        (self.offset, self.tail.clone())
+    /// Every frame written is synced: the next go on from a fresh page.
+    fn settle(&mut self) {
+        self.offset = self.offset.next_multiple_of(PAGE as u64);
+        self.synced = self.offset;
+        self.unsynced.clear();
+        // A burst of written-only appends may have made the copy large; a
+        // server keeps no more than this between syncs as a rule.
+        self.unsynced.shrink_to(UNSYNCED_KEPT);
+        self.dirty_end = self.offset;
     }
 
-    /// Undoes the writes since `mark` (whose sync failed): frames go on
-    /// from there, and the undone ones are overwritten with zeros as far as
-    /// the file can still be written, so that a restart does not find them.
-    fn undo(&mut self, (offset, tail): (u64, Vec<u8>)) {
-        let end = self.offset;
-        let page_start = offset - tail.len() as u64;
-        let mut page = tail.clone();
-        page.resize(
-            usize::try_from(end - page_start)
-                .unwrap_or(0)
-                .next_multiple_of(PAGE),
-            0,
-        );
-        if let Err(e) = self.file.write_all_at(&page, page_start) {
-            tracing::warn!(error = %e, "audit journal: cannot clear the frames of a failed append");
-        }
+    /// Where the next frame goes, to come back to if a write must be undone.
+    fn mark(&self) -> (u64, usize) {
+        (self.offset, self.unsynced.len())
+    }
+
+    /// Forgets the frames written since `mark` (whose sync failed): frames
+    /// go on from there. Their pages stay dirty until [`Lap::repair`] clears
+    /// them.
+    fn rewind(&mut self, (offset, unsynced): (u64, usize)) {
         self.offset = offset;
-        self.tail = tail;
+        self.unsynced.truncate(unsynced);
+    }
+
+    /// Makes the file hold again exactly what was acknowledged, after a write
+    /// or sync failed: the unsynced frames are written again from memory,
+    /// the pages after them that a failed or rewound write touched are
+    /// cleared (so that a restart does not take in frames nobody was told
+    /// were written), and the file is synced. Every frame is then on stable
+    /// storage, and the next go on from a fresh page.
+    fn repair(&mut self) -> io::Result<()> {
+        let mut pages = std::mem::take(&mut self.unsynced);
+        let frames = pages.len();
+        pages.resize(frames.next_multiple_of(PAGE), 0);
+        let rewritten = self.file.write_all_at(&pages, self.synced);
+        let clean_from = self.synced + pages.len() as u64;
+        pages.truncate(frames);
+        self.unsynced = pages;
+        rewritten?;
+        write_zeros(&self.file, clean_from, self.dirty_end.min(self.len))?;
+        self.file.sync_data()?;
+        self.settle();
+        Ok(())
     }
 
     /// The chain of frames this file holds from its start.
     fn read_frames(&self) -> io::Result<Vec<Journaled>> {
         read_chain(&self.file, self.len)
     }
+}
+
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = ZEROS
+            .len()
+            .min(usize::try_from(to - at).unwrap_or(ZEROS.len()));
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The chain of frames in the first `len` bytes of `file`: frames follow one
@@ -279,11 +343,28 @@ pub(super) struct Journal {
     /// Scratch space: frames, and the pages that carry them.
     frames: Vec<u8>,
     pages: Vec<u8>,
-    /// Why a write or sync failed. The journal then takes no more appends:
-    /// after a failed sync the kernel may have dropped the unsynced pages,
-    /// so what the file holds is known again only when it is read back at
-    /// the next open.
-    failed: Option<String>,
+    /// Set when a write or sync failed (a full disk, an I/O error): the
+    /// active file may not hold what was acknowledged, so no append goes in
+    /// until [`Lap::repair`] has made it do so again. Repairs are tried at
+    /// appends and seals, no sooner than its `retry_at`.
+    failed: Option<Failure>,
+    /// The wait before the next repair: doubled at each failure from
+    /// [`RETRY_FIRST`] up to [`RETRY_MAX`], started over by an append that
+    /// goes in.
+    backoff: Duration,
+}
+
+/// The wait before the first repair after a failed write.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+/// The longest wait between repairs: once the disk has room again, appends
+/// resume within about this long.
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// A write or sync that failed, and when to try a repair.
+#[derive(Debug)]
+struct Failure {
+    why: String,
+    retry_at: Instant,
 }
 
 /// Why the journal could not be opened.
@@ -325,6 +406,7 @@ impl Journal {
             frames: Vec::new(),
             pages: Vec::new(),
             failed: None,
+            backoff: Duration::ZERO,
         })
     }
 
@@ -353,17 +435,14 @@ impl Journal {
     /// Appends `entries` (taken on success) after the head, synced if
     /// `commit` is durable. `None` if there is no room: the active file is
     /// full and the other one is still sealed (fold, then try again). On an
-    /// error nothing was appended, and no later append will be.
+    /// error nothing was appended, and later appends wait for a repair of
+    /// the file (retried with a growing wait, at most [`RETRY_MAX`]).
     pub(super) fn append(
         &mut self,
         entries: &mut Vec<Entry>,
         commit: Commit,
     ) -> io::Result<Option<Vec<Link>>> {
-        if let Some(why) = &self.failed {
-            return Err(io::Error::other(format!(
-                "a write failed earlier ({why}); appends resume once the server restarts"
-            )));
-        }
+        self.ready()?;
         // Chained here rather than with `record::chain`: each record's
         // canonical bytes are built once, in its frame, and hashed there.
         let (mut seq, mut prev) = self.head.map(|l| (l.seq, l.hash)).unwrap_or((0, GENESIS));
@@ -390,8 +469,9 @@ impl Journal {
             }
             let mark = lap.mark();
             lap.write(&j.frames, &mut j.pages)?;
-            lap.sync().inspect_err(|_| lap.undo(mark))
+            lap.sync().inspect_err(|_| lap.rewind(mark))
         })?;
+        self.backoff = Duration::ZERO;
         entries.clear();
         self.pending += links.len();
         self.head = links.last().copied().or(self.head);
@@ -403,6 +483,7 @@ impl Journal {
     /// record is in SQLite.
     pub(super) fn seal(&mut self) -> io::Result<Option<Sealed>> {
         if self.sealed.is_none() && self.pending > 0 {
+            self.ready()?;
             self.failing(Self::switch)?;
         }
         let lap = &self.laps[1 - self.active];
@@ -418,13 +499,63 @@ impl Journal {
         self.sealed = None;
     }
 
-    /// Runs `f`; if it fails, the journal takes no more appends.
+    /// Runs `f`; if it fails, the journal takes no appends until a repair.
     fn failing(&mut self, f: impl FnOnce(&mut Self) -> io::Result<()>) -> io::Result<()> {
         let done = f(self);
         if let Err(e) = &done {
-            self.failed = Some(e.to_string());
+            self.fail(e);
         }
         done
+    }
+
+    /// Notes a failed write, sync or repair: the next repair waits twice as
+    /// long as the last.
+    fn fail(&mut self, e: &io::Error) {
+        self.backoff = (self.backoff * 2).clamp(RETRY_FIRST, RETRY_MAX);
+        self.failed = Some(Failure {
+            why: e.to_string(),
+            retry_at: Instant::now() + self.backoff,
+        });
+    }
+
+    /// Takes nothing on trust after a thread panicked while holding the
+    /// journal: the active file is repaired before the next append or seal.
+    pub(super) fn distrust(&mut self) {
+        self.failed = Some(Failure {
+            why: "a thread failed while writing the journal".into(),
+            retry_at: Instant::now(),
+        });
+    }
+
+    /// Ok if the active file holds what was acknowledged: it has not failed,
+    /// or it failed and a repair (tried once its wait is over) succeeded.
+    /// Otherwise an error that says why, and when the next repair is tried.
+    fn ready(&mut self) -> io::Result<()> {
+        let Some(failure) = &self.failed else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if now < failure.retry_at {
+            return Err(io::Error::other(format!(
+                "a write failed ({}); the journal tries again in {} ms",
+                failure.why,
+                (failure.retry_at - now).as_millis().max(1)
+            )));
+        }
+        match self.laps[self.active].repair() {
+            Ok(()) => {
+                self.failed = None;
+                tracing::info!("audit journal: repaired after a failed write; appends resume");
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(io::Error::other(format!(
+                    "a write failed and the repair too ({e}); the journal tries again in {} ms",
+                    self.backoff.as_millis()
+                )))
+            }
+        }
     }
 
     /// Seals the active file (syncing it: a durable append to the other file
@@ -433,9 +564,7 @@ impl Journal {
         self.laps[self.active].sync()?;
         self.sealed = Some(std::mem::take(&mut self.pending));
         self.active = 1 - self.active;
-        let lap = &mut self.laps[self.active];
-        lap.offset = 0;
-        lap.tail.clear();
+        self.laps[self.active].restart();
         Ok(())
     }
 }
@@ -701,28 +830,76 @@ mod tests {
         );
     }
 
+    /// Swaps the active file's handle for a read-only one: its writes fail
+    /// (as on a full disk) until the returned handle is put back.
+    fn unwritable(j: &mut Journal, db: &Path) -> Arc<File> {
+        let i = j.active;
+        std::mem::replace(
+            &mut j.laps[i].file,
+            Arc::new(File::open(&paths(db)[i]).unwrap()),
+        )
+    }
+
     #[test]
-    fn a_failed_write_acknowledges_nothing_and_stops_the_journal() {
+    fn a_failed_write_is_repaired_from_memory_and_appends_resume() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("audit.db");
         let (mut j, _) = Journal::open(&db, None).unwrap();
-        let first = append(&mut j, entries(1, 1), Commit::Durable);
-        let writable = std::mem::replace(
-            &mut j.laps[0].file,
-            Arc::new(File::open(&paths(&db)[0]).unwrap()),
-        );
-        let mut refused = entries(2, 1);
+        append(&mut j, entries(1, 1), Commit::Durable);
+        // Record 2 is acknowledged as written, not yet synced.
+        let two = append(&mut j, entries(2, 1), Commit::Written);
+        let writable = unwritable(&mut j, &db);
+        let mut refused = entries(3, 1);
         assert!(j.append(&mut refused, Commit::Durable).is_err());
         assert_eq!(refused.len(), 1, "a refused append keeps its entries");
-        assert_eq!(j.head(), first.last().copied());
-        // Even with the file writable again, the journal takes nothing more
-        // until it is opened afresh.
-        j.laps[0].file = writable;
+        assert_eq!(j.head(), two.last().copied());
+        // Until the wait is over, appends are refused at once, saying why.
+        j.laps[j.active].file = writable;
+        j.failed.as_mut().unwrap().retry_at = Instant::now() + Duration::from_secs(60);
         let err = j.append(&mut refused, Commit::Durable).unwrap_err();
-        assert!(err.to_string().contains("restarts"), "{err}");
+        assert!(err.to_string().contains("tries again in"), "{err}");
+        // Meanwhile the kernel lost the unsynced page (as a failed sync may
+        // make it): record 2 is no longer in the file.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&paths(&db)[0])
+            .unwrap()
+            .write_all_at(&[0; PAGE], PAGE as u64)
+            .unwrap();
+        assert_eq!(reopen(&db, None).len(), 1);
+        j.failed.as_mut().unwrap().retry_at = Instant::now();
+        let three = append(&mut j, refused, Commit::Durable);
+        assert_eq!(three[0].seq, 3);
+        assert!(j.failed.is_none() && j.backoff.is_zero());
+        let seqs: Vec<_> = reopen(&db, None).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3], "the repair wrote record 2 again");
         drop(j);
         let (_, recovered) = Journal::open(&db, None).unwrap();
-        assert_eq!(recovered.iter().map(|r| r.seq).collect::<Vec<_>>(), [1]);
+        assert_eq!(recovered.len(), 3);
+    }
+
+    #[test]
+    fn repairs_that_keep_failing_wait_longer_up_to_the_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let (mut j, _) = Journal::open(&db, None).unwrap();
+        append(&mut j, entries(1, 1), Commit::Written);
+        let writable = unwritable(&mut j, &db);
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            if let Some(f) = &mut j.failed {
+                f.retry_at = Instant::now();
+            }
+            assert!(j.append(&mut entries(2, 1), Commit::Written).is_err());
+            waits.push(j.backoff.as_millis());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 500, 500]);
+        // A seal waits for the repair too: the file to seal is not known good.
+        let err = j.seal().err().expect("no seal of a failed file");
+        assert!(err.to_string().contains("tries again in"), "{err}");
+        j.laps[j.active].file = writable;
+        j.failed.as_mut().unwrap().retry_at = Instant::now();
+        assert_eq!(sealed_seqs(&mut j), [1]);
     }
 
     #[test]
@@ -745,25 +922,27 @@ mod tests {
     }
 
     #[test]
-    fn an_undone_write_leaves_no_frame_behind() {
+    fn a_rewound_write_is_cleared_by_the_repair() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("audit.db");
         let (mut j, _) = Journal::open(&db, None).unwrap();
         let one = append(&mut j, entries(1, 1), Commit::Written)[0];
-        // As when the sync of record 2 fails: its frame is written, then undone.
+        // As when the sync of record 2 fails: its frame is written, then
+        // rewound; the repair clears it.
         let lap = &mut j.laps[0];
         let mark = lap.mark();
         let mut frames = Vec::new();
         encode(&mut frames, 2, &one.hash, &entries(2, 1)[0]).unwrap();
         lap.write(&frames, &mut Vec::new()).unwrap();
         assert_eq!(reopen(&db, None).len(), 2);
-        lap.undo(mark);
+        lap.rewind(mark);
+        lap.repair().unwrap();
         assert_eq!(
             reopen(&db, None).len(),
             1,
-            "the undone frame is still there"
+            "the rewound frame is still there"
         );
-        // The next append takes its place.
+        // The next append goes on after record 1, on a fresh page.
         append(&mut j, entries(9, 1), Commit::Durable);
         let replay = reopen(&db, None);
         assert_eq!(replay.len(), 2);

@@ -181,6 +181,15 @@ impl Keys {
         }
     }
 
+    /// Forgets the gathered keys and any run in preparation, keeping how far
+    /// the runs reach and the chunk size.
+    fn reset(&mut self) {
+        *self = Self {
+            chunk: self.chunk,
+            ..Self::new(self.upto)
+        };
+    }
+
     /// Sets how many records go into one chunk (at least one).
     pub(super) fn set_chunk(&mut self, records: u64) {
         self.chunk = records.max(1);
@@ -263,10 +272,12 @@ impl Keys {
     }
 }
 
-/// Locks the index's state.
+/// Locks the index's state. Should a thread have panicked while holding it,
+/// the state it may have left half changed is started over from the runs in
+/// the database: the keys of the chunks still to come are then read back
+/// from their records.
 pub(super) fn lock(keys: &Mutex<Keys>) -> Result<MutexGuard<'_, Keys>, rusqlite::Error> {
-    keys.lock()
-        .map_err(|_| rusqlite::Error::InvalidParameterName("key index poisoned".into()))
+    Ok(super::relock(keys, "audit key index", Keys::reset))
 }
 
 /// `audit_meta.keys_upto`.
