@@ -196,6 +196,14 @@ fn kopir_headers(client: &str, subject: &str) -> Vec<(String, Vec<u8>)> {
     .collect()
 }
 
+/// Whether a response header block holds `:status: 431`, as a plain or a
+/// Huffman-coded string (`69 90 ff` is "431" in the HPACK Huffman code).
+fn says_431(block: &[u8]) -> bool {
+    block
+        .windows(3)
+        .any(|w| w == b"431" || w == [0x69, 0x90, 0xff])
+}
+
 /// What the server advertised in its first SETTINGS frame.
 #[derive(Debug, Default)]
 struct ServerSettings {
@@ -569,9 +577,9 @@ async fn stream_hold_without_a_certificate() {
         sockets_during <= sockets_before + 1,
         "one connection: {sockets_during}"
     );
-    assert_eq!(
-        after, sockets_before,
-        "the attacker's connection was closed"
+    assert!(
+        after <= sockets_before,
+        "the attacker's connection was closed: {after}"
     );
     fed.shutdown().await;
 }
@@ -674,7 +682,7 @@ async fn stream_hold_by_a_registered_client() {
          server sockets before {sockets_before}, during {sockets_during}, after {after}"
     );
     assert!(sockets_during <= sockets_before + connections + 1);
-    assert_eq!(after, sockets_before);
+    assert!(after <= sockets_before, "server sockets after: {after}");
     fed.shutdown().await;
 }
 
@@ -799,51 +807,70 @@ async fn stream_hold_on_the_peer_port_with_an_unpinned_certificate() {
         "[peer port stream hold] {connections} connections x {limit} streams; \
          server sockets before {sockets_before}, during {sockets_during}, after {after}"
     );
-    assert_eq!(after, sockets_before);
+    assert!(after <= sockets_before, "server sockets after: {after}");
     fed.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------
 // 4. Rapid reset
 
-/// One rapid-reset connection: opens streams and resets each at once, as
-/// fast as the client can, until the server closes the connection or
-/// `cap` streams were reset. Returns the streams reset and the error the
-/// connection ended with.
+/// One rapid-reset connection, frame by frame: HEADERS of a new stream and
+/// its RST_STREAM (CANCEL) at once, in batches of 64, as fast as the
+/// connection takes them, until the server closes it or `cap` streams were
+/// reset. Returns the streams reset and the GOAWAY's error code.
 async fn rapid_reset(
     fed: &LocalFederation,
     addr: SocketAddr,
-    headers: &[(String, Vec<u8>)],
-    cap: u64,
-) -> (u64, Option<h2::Error>) {
-    let Ok((mut send, conn)) = h2_connect(fed, addr, None).await else {
+    block: &[u8],
+    cap: u32,
+) -> (u32, Option<u32>) {
+    let Ok((raw, _)) = RawConn::open(fed, addr, None).await else {
         return (0, None);
     };
-    let mut resets = 0;
-    while resets < cap {
-        match tokio::time::timeout(Duration::from_secs(2), send.clone().ready()).await {
-            Ok(Ok(ready)) => send = ready,
-            _ => break,
-        }
-        match send.send_request(h2_request(addr, GET_PERSON, headers), false) {
-            Ok((_, mut stream)) => {
-                stream.send_reset(h2::Reason::CANCEL);
-                resets += 1;
+    let (mut rd, mut wr) = tokio::io::split(raw.tls);
+    let reader = tokio::spawn(async move {
+        let mut goaway = None;
+        while let Ok(f) = read_frame(&mut rd).await {
+            if f.kind == frame::GOAWAY {
+                goaway = f.error_code();
             }
-            Err(_) => break,
         }
-        if resets % 64 == 0 {
-            tokio::task::yield_now().await;
+        goaway
+    });
+    let mut resets = 0;
+    while resets < cap && !reader.is_finished() {
+        let mut batch = Vec::new();
+        for _ in 0..64 {
+            let stream = 2 * resets + 1;
+            batch.extend(encode_frame(
+                frame::HEADERS,
+                frame::END_HEADERS,
+                stream,
+                block,
+            ));
+            batch.extend(encode_frame(
+                frame::RST_STREAM,
+                0,
+                stream,
+                &CANCEL.to_be_bytes(),
+            ));
+            resets += 1;
+        }
+        if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+            break;
         }
     }
-    drop(send);
-    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
-    let error = match ended {
-        Ok(Ok(Err(e))) => Some(e),
-        _ => None,
-    };
-    (resets, error)
+    let _ = wr.shutdown().await;
+    let goaway = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .flatten();
+    (resets, goaway)
 }
+
+/// RST_STREAM's error code CANCEL.
+const CANCEL: u32 = 0x8;
 
 /// CVE-2023-44487: a client without a certificate opens streams and resets
 /// them at once, thousands per second. The server closes each such
@@ -852,42 +879,43 @@ async fn rapid_reset(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_closes_the_connection() {
     /// More resets than this on one connection and the server did not react.
-    const CAP: u64 = 20_000;
+    const CAP: u32 = 20_000;
     let dir = tempfile::tempdir().expect("dir");
     let fed = Arc::new(launch(dir.path(), &|_, _| {}).await);
     let addr = fed.node("mlspp").server.client_addr;
     let headers = kopir_headers(BENEFITS, &subject(&fed));
+    let pairs: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let block = Arc::new(request_block(GET_PERSON, &pairs));
     let legit = benefits(&fed).await;
     let before = latencies(&fed, Some(&legit), LEGIT, "before the resets").await;
     let sockets_before = server_sockets(addr.port());
 
     // One connection on its own, measured.
     let started = Instant::now();
-    let (resets, error) = rapid_reset(&fed, addr, &headers, CAP).await;
+    let (resets, goaway) = rapid_reset(&fed, addr, &block, CAP).await;
     let took = started.elapsed();
-    let error = error.expect("the server closed the connection");
     println!(
-        "[rapid reset] connection closed after {resets} resets in {:.1} ms: {error}",
+        "[rapid reset] one connection closed after {resets} resets sent in {:.1} ms, GOAWAY {goaway:?}",
         took.as_secs_f64() * 1000.0
     );
     assert!(
         resets < CAP,
         "{resets} resets and the connection still open"
     );
-    assert!(
-        error.is_go_away() && error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM),
-        "closed with {error:?}"
-    );
+    assert_eq!(goaway, Some(frame::ENHANCE_YOUR_CALM), "closed with GOAWAY");
 
     // Then in a loop, while the benefits system exchanges.
     let total = Arc::new(AtomicU64::new(0));
     let (stop, task) = {
-        let (fed, headers, total) = (fed.clone(), headers.clone(), total.clone());
+        let (fed, block, total) = (fed.clone(), block.clone(), total.clone());
         keep_attacking(move || {
-            let (fed, headers, total) = (fed.clone(), headers.clone(), total.clone());
+            let (fed, block, total) = (fed.clone(), block.clone(), total.clone());
             async move {
-                let (n, _) = rapid_reset(&fed, addr, &headers, CAP).await;
-                total.fetch_add(n, Ordering::Relaxed);
+                let (n, _) = rapid_reset(&fed, addr, &block, CAP).await;
+                total.fetch_add(u64::from(n), Ordering::Relaxed);
             }
         })
     };
@@ -905,7 +933,7 @@ async fn rapid_reset_closes_the_connection() {
         rate
     );
     assert!(sockets_during <= sockets_before + 2);
-    assert_eq!(after, sockets_before);
+    assert!(after <= sockets_before, "server sockets after: {after}");
     drop(legit);
     Arc::into_inner(fed).expect("one owner").shutdown().await;
 }
@@ -1031,7 +1059,7 @@ async fn continuation_flood_closes_the_connection() {
         rss_during < rss_before + 256 * 1024,
         "VmRSS grew from {rss_before} to {rss_during} KiB"
     );
-    assert_eq!(after, sockets_before);
+    assert!(after <= sockets_before, "server sockets after: {after}");
     drop(legit);
     Arc::into_inner(fed).expect("one owner").shutdown().await;
 }
@@ -1071,7 +1099,7 @@ async fn oversized_headers_and_bodies_are_refused() {
     let on_stream: Vec<&Frame> = seen.frames.iter().filter(|f| f.stream == 1).collect();
     let answered_431 = on_stream
         .iter()
-        .any(|f| f.kind == frame::HEADERS && f.payload.windows(3).any(|w| w == b"431"));
+        .any(|f| f.kind == frame::HEADERS && says_431(&f.payload));
     let reset = on_stream.iter().any(|f| f.kind == frame::RST_STREAM);
     println!(
         "[oversized headers] 20 KiB header against a {limit} B limit: 431 {answered_431}, \
@@ -1197,7 +1225,7 @@ async fn idle_and_half_open_connections_are_closed() {
         slowest_half_open.as_secs_f64() * 1000.0
     );
     assert!(sockets_during >= sockets_before + IDLE_CONNECTIONS);
-    assert_eq!(after, sockets_before);
+    assert!(after <= sockets_before, "server sockets after: {after}");
     fed.shutdown().await;
 }
 
@@ -1368,7 +1396,7 @@ async fn sigterm_with_idle_connections_exits_within_the_drain_time() {
 async fn handshake_flood_from_many_sources_is_capped_per_source() {
     const SOURCES: u8 = 8;
     const PER_SOURCE: usize = 40;
-    const HANDSHAKE: u64 = 1_500;
+    const HANDSHAKE: u64 = 4_000;
     let dir = tempfile::tempdir().expect("dir");
     let fed = launch(dir.path(), &|name, config| {
         if name == "mlspp" {
@@ -1395,12 +1423,16 @@ async fn handshake_flood_from_many_sources_is_capped_per_source() {
         Duration::from_millis(500),
     )
     .await;
-    let during = latencies(&fed, None, LEGIT / 2, "during the flood").await;
     // A new TLS connection from a flooding source is refused while its
     // handshakes are held; from another source it gets through.
     let blocked = tls_connect_from(&fed, Some([127, 0, 0, 2].into()), addr, None).await;
     let other = tls_connect_from(&fed, Some([127, 0, 0, 20].into()), addr, None).await;
+    let during = latencies(&fed, None, LEGIT / 2, "during the flood").await;
     let held_for = started.elapsed();
+    assert!(
+        held_for < Duration::from_millis(HANDSHAKE),
+        "the flood ended ({held_for:?}) before the measurement did"
+    );
     report("handshake flood, 8 sources", before, during);
     println!(
         "[handshake flood] {} silent sockets from {SOURCES} sources; server sockets before \
@@ -1434,7 +1466,7 @@ async fn handshake_flood_from_many_sources_is_capped_per_source() {
     )
     .await;
     println!("[handshake flood] server sockets after the handshake timeout: {after}");
-    assert_eq!(after, sockets_before);
+    assert!(after <= sockets_before, "server sockets after: {after}");
     drop(held);
     fed.shutdown().await;
 }
