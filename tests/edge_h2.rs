@@ -1470,3 +1470,57 @@ async fn handshake_flood_from_many_sources_is_capped_per_source() {
     drop(held);
     fed.shutdown().await;
 }
+
+/// Enough source addresses, each within its own handshake cap, to fill the
+/// port's cap (20 x 16 > 256): the benefits system's new connections must
+/// still get through while the silent sockets are held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_flood_filling_the_port_cap_from_many_sources() {
+    const SOURCES: u8 = 20;
+    const HANDSHAKE: u64 = 4_000;
+    let dir = tempfile::tempdir().expect("dir");
+    let fed = launch(dir.path(), &|name, config| {
+        if name == "mlspp" {
+            config.edge.handshake_timeout_ms = HANDSHAKE;
+        }
+    })
+    .await;
+    let edge = fed.node("mlspp").config.edge.clone();
+    let addr = fed.node("mlspp").server.client_addr;
+    let before = latencies(&fed, None, LEGIT / 2, "before").await;
+    let sockets_before = server_sockets(addr.port());
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for source in 10..10 + SOURCES {
+        held.extend(
+            silent_sockets_from(
+                [127, 0, 0, source].into(),
+                addr,
+                edge.max_handshakes_per_source,
+            )
+            .await,
+        );
+    }
+    let sockets_during = settle_sockets(
+        addr.port(),
+        sockets_before + edge.max_handshakes,
+        Duration::from_millis(500),
+    )
+    .await;
+    let during = latencies(&fed, None, LEGIT / 2, "during the flood").await;
+    let held_for = started.elapsed();
+    report("handshake flood, port cap", before, during);
+    println!(
+        "[handshake flood, port cap] {} silent sockets from {SOURCES} sources; server sockets \
+         before {sockets_before}, during {sockets_during} (port cap {})",
+        held.len(),
+        edge.max_handshakes
+    );
+    assert!(
+        held_for < Duration::from_millis(HANDSHAKE),
+        "the flood ended ({held_for:?}) before the measurement did"
+    );
+    assert!(sockets_during <= sockets_before + edge.max_handshakes + 1);
+    drop(held);
+    fed.shutdown().await;
+}

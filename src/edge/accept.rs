@@ -4,15 +4,25 @@
 //! A connection over a cap is closed at once rather than left waiting in the
 //! kernel's backlog: the caller learns immediately, and no silent socket holds
 //! a place in the queue that legitimate callers stand in.
+//!
+//! When the port's handshakes are all taken, a newcomer (within its source's
+//! cap) takes the place of the oldest handshake in progress, which is closed:
+//! a real client finishes its handshake in a round trip or two, so the oldest
+//! is almost always a socket that sends nothing, and sockets held open from
+//! many source addresses cannot shut the door for the handshake timeout.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+    task::JoinSet,
+};
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
@@ -24,6 +34,37 @@ struct Counts {
     connections: usize,
     handshakes: usize,
     by_source: HashMap<IpAddr, (usize, usize)>,
+    /// Handshakes in progress, oldest first.
+    pending: VecDeque<Pending>,
+    next_handshake: u64,
+}
+
+/// A handshake in progress, and the signal that ends it early when a newer
+/// one takes its place.
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    source: IpAddr,
+    evict: Arc<Notify>,
+}
+
+impl Counts {
+    /// Gives back one place of `place` held by `source`.
+    fn release(&mut self, source: IpAddr, place: Place) {
+        match place {
+            Place::Connection => self.connections -= 1,
+            Place::Handshake => self.handshakes -= 1,
+        }
+        if let Some(entry) = self.by_source.get_mut(&source) {
+            match place {
+                Place::Connection => entry.0 -= 1,
+                Place::Handshake => entry.1 -= 1,
+            }
+            if *entry == (0, 0) {
+                self.by_source.remove(&source);
+            }
+        }
+    }
 }
 
 /// What a port lets in; places are given back when their guards drop.
@@ -45,10 +86,31 @@ struct Held {
     admission: Arc<Admission>,
     source: IpAddr,
     place: Place,
+    /// For a handshake: its entry in [`Counts::pending`] and the signal that
+    /// it was evicted (its place is then already given back).
+    handshake: Option<(u64, Arc<Notify>)>,
+}
+
+impl Held {
+    /// Resolves when a newer handshake has taken this one's place (never for
+    /// a connection).
+    async fn evicted(&self) {
+        match &self.handshake {
+            Some((_, evict)) => evict.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A place given, and whether the oldest handshake was evicted for it.
+#[derive(Debug)]
+struct Taken {
+    held: Held,
+    evicted: bool,
 }
 
 impl Admission {
-    fn take(self: &Arc<Self>, source: IpAddr, place: Place) -> Option<Held> {
+    fn take(self: &Arc<Self>, source: IpAddr, place: Place) -> Option<Taken> {
         let (cap, per_source) = match place {
             Place::Connection => (
                 self.limits.max_connections,
@@ -64,26 +126,55 @@ impl Admission {
             Place::Connection => counts.connections,
             Place::Handshake => counts.handshakes,
         };
-        let entry = counts.by_source.entry(source).or_default();
+        let (connections, handshakes) = counts.by_source.get(&source).copied().unwrap_or_default();
         let mine = match place {
-            Place::Connection => &mut entry.0,
-            Place::Handshake => &mut entry.1,
+            Place::Connection => connections,
+            Place::Handshake => handshakes,
         };
-        if total >= cap || *mine >= per_source {
-            if *entry == (0, 0) {
-                counts.by_source.remove(&source);
-            }
+        let full = total >= cap;
+        if mine >= per_source || (full && matches!(place, Place::Connection)) {
             return None;
         }
-        *mine += 1;
+        let evicted = if full {
+            // The port's handshakes are all taken: the oldest gives way.
+            let oldest = counts.pending.pop_front()?;
+            counts.release(oldest.source, Place::Handshake);
+            oldest.evict.notify_one();
+            true
+        } else {
+            false
+        };
+        let entry = counts.by_source.entry(source).or_default();
         match place {
-            Place::Connection => counts.connections += 1,
-            Place::Handshake => counts.handshakes += 1,
+            Place::Connection => entry.0 += 1,
+            Place::Handshake => entry.1 += 1,
         }
-        Some(Held {
-            admission: self.clone(),
-            source,
-            place,
+        let handshake = match place {
+            Place::Connection => {
+                counts.connections += 1;
+                None
+            }
+            Place::Handshake => {
+                counts.handshakes += 1;
+                let id = counts.next_handshake;
+                counts.next_handshake += 1;
+                let evict = Arc::new(Notify::new());
+                counts.pending.push_back(Pending {
+                    id,
+                    source,
+                    evict: evict.clone(),
+                });
+                Some((id, evict))
+            }
+        };
+        Some(Taken {
+            held: Held {
+                admission: self.clone(),
+                source,
+                place,
+                handshake,
+            },
+            evicted,
         })
     }
 }
@@ -95,19 +186,16 @@ impl Drop for Held {
             .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        match self.place {
-            Place::Connection => counts.connections -= 1,
-            Place::Handshake => counts.handshakes -= 1,
-        }
-        if let Some(entry) = counts.by_source.get_mut(&self.source) {
-            match self.place {
-                Place::Connection => entry.0 -= 1,
-                Place::Handshake => entry.1 -= 1,
-            }
-            if *entry == (0, 0) {
-                counts.by_source.remove(&self.source);
+        if let Some((id, _)) = &self.handshake {
+            match counts.pending.iter().position(|p| p.id == *id) {
+                Some(at) => {
+                    counts.pending.remove(at);
+                }
+                // Evicted: its place was given back then.
+                None => return,
             }
         }
+        counts.release(self.source, self.place);
     }
 }
 
@@ -169,7 +257,10 @@ pub async fn serve<S>(
     let mut over_connections =
         Sampled::new("connections refused: the port's or the source's cap is reached");
     let mut over_handshakes =
-        Sampled::new("connections refused: too many TLS handshakes in progress");
+        Sampled::new("connections refused: the source's TLS handshakes in progress are capped");
+    let mut evictions = Sampled::new(
+        "TLS handshakes closed early: the port's cap is reached and newer connections took their places",
+    );
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -188,7 +279,7 @@ pub async fn serve<S>(
             }
         };
         let source = remote.ip();
-        let Some(place) = admission.take(source, Place::Connection) else {
+        let Some(Taken { held: place, .. }) = admission.take(source, Place::Connection) else {
             over_connections.note(port, source);
             continue;
         };
@@ -203,15 +294,23 @@ pub async fn serve<S>(
                 });
             }
             Some(acceptor) => {
-                let Some(handshake) = admission.take(source, Place::Handshake) else {
+                let Some(taken) = admission.take(source, Place::Handshake) else {
                     over_handshakes.note(port, source);
                     continue;
                 };
+                if taken.evicted {
+                    evictions.note(port, source);
+                }
+                let handshake = taken.held;
                 let acceptor = acceptor.clone();
                 connections.spawn(async move {
                     let timeout = limits.handshake_timeout();
                     let tls = tokio::select! {
                         r = tokio::time::timeout(timeout, acceptor.accept(tcp)) => r,
+                        _ = handshake.evicted() => {
+                            tracing::debug!(%remote, "TLS handshake evicted by a newer one");
+                            return;
+                        }
                         _ = stop.wait_for(|s| *s) => return,
                     };
                     drop(handshake);
@@ -263,6 +362,44 @@ mod tests {
         assert!(a.take(y, Place::Connection).is_none(), "per port");
         drop(x1);
         assert!(a.take(y, Place::Connection).is_some(), "given back");
+    }
+
+    #[test]
+    fn a_full_port_evicts_its_oldest_handshake_for_a_newcomer() {
+        let a = Arc::new(Admission {
+            limits: EdgeLimits {
+                max_handshakes: 2,
+                max_handshakes_per_source: 2,
+                ..EdgeLimits::default()
+            },
+            counts: Mutex::default(),
+        });
+        let (x, y, z): (IpAddr, IpAddr, IpAddr) = (
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            [10, 0, 0, 3].into(),
+        );
+        let oldest = a.take(x, Place::Handshake).expect("first");
+        let second = a.take(x, Place::Handshake).expect("second");
+        assert!(!oldest.evicted && !second.evicted);
+        assert!(a.take(x, Place::Handshake).is_none(), "per source");
+        let newcomer = a.take(y, Place::Handshake).expect("a newcomer");
+        assert!(newcomer.evicted, "the oldest gave way");
+        let evict = oldest.held.handshake.clone().expect("a handshake").1;
+        assert!(
+            futures_util::FutureExt::now_or_never(evict.notified()).is_some(),
+            "the oldest handshake was told"
+        );
+        assert_eq!(a.counts.lock().expect("lock").handshakes, 2);
+        // The evicted handshake's place was given back when it was evicted.
+        drop(oldest);
+        assert_eq!(a.counts.lock().expect("lock").handshakes, 2);
+        let again = a.take(z, Place::Handshake).expect("another newcomer");
+        assert!(again.evicted, "the second is now the oldest");
+        drop((second, newcomer, again));
+        let counts = a.counts.lock().expect("lock");
+        assert_eq!((counts.handshakes, counts.pending.len()), (0, 0));
+        assert!(counts.by_source.is_empty());
     }
 
     #[test]

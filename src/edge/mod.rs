@@ -6,7 +6,8 @@
 //!
 //! - [`accept`]: connections per port and per source address are capped, TLS
 //!   handshakes run concurrently but are bounded per port and per source and
-//!   must finish within a short timeout;
+//!   must finish within a short timeout; on a full port the oldest handshake
+//!   gives way to a newcomer;
 //! - [`conn`]: each connection is one HTTP/2 server with an advertised
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS`, a bound on header lists and on streams
 //!   reset by the client (rapid reset), keepalive pings, an idle timeout, and a
@@ -42,7 +43,8 @@ pub struct EdgeLimits {
     pub max_connections: usize,
     /// Open connections a port accepts at once from one source address.
     pub max_connections_per_source: usize,
-    /// TLS handshakes a port runs at once.
+    /// TLS handshakes a port runs at once; when all are taken, a new
+    /// connection takes the place of the oldest handshake in progress.
     pub max_handshakes: usize,
     /// TLS handshakes a port runs at once for one source address.
     pub max_handshakes_per_source: usize,
