@@ -1524,3 +1524,63 @@ async fn handshake_flood_filling_the_port_cap_from_many_sources() {
     drop(held);
     fed.shutdown().await;
 }
+
+/// Idle TLS connections from many source addresses, each within its
+/// source's cap, fill the port's connection cap (shrunk here to 64: 8
+/// sources x 8). The benefits system's new connections must still get
+/// through: an idle connection gives way to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_filling_the_port_cap_give_way() {
+    const SOURCES: u8 = 8;
+    let dir = tempfile::tempdir().expect("dir");
+    let fed = launch(dir.path(), &|name, config| {
+        if name == "mlspp" {
+            config.edge.max_connections = 64;
+            config.edge.max_connections_per_source = 8;
+        }
+    })
+    .await;
+    let edge = fed.node("mlspp").config.edge.clone();
+    let addr = fed.node("mlspp").server.client_addr;
+    let before = latencies(&fed, None, LEGIT / 2, "before").await;
+    let sockets_before = server_sockets(addr.port());
+    let mut idle = JoinSet::new();
+    for source in 30..30 + SOURCES {
+        for _ in 0..edge.max_connections_per_source {
+            let tls = tls_connect_from(&fed, Some([127, 0, 0, source].into()), addr, None)
+                .await
+                .expect("an idle connection");
+            let mut conn = RawConn { tls };
+            idle.spawn(async move {
+                conn.tls.write_all(frame::PREFACE).await.ok();
+                conn.send(frame::SETTINGS, 0, 0, &[]).await.ok();
+                conn.until_closed(true, Duration::from_secs(30)).await
+            });
+        }
+    }
+    let sockets_full = server_sockets(addr.port());
+    let during = latencies(&fed, None, LEGIT / 2, "with the port full").await;
+    let sockets_during = server_sockets(addr.port());
+    report("idle connections filling the port", before, during);
+    idle.abort_all();
+    let mut gave_way = 0;
+    while let Some(r) = idle.join_next().await {
+        if let Ok(closed) = r
+            && closed.after.is_some()
+        {
+            gave_way += 1;
+        }
+    }
+    let after = settle_sockets(addr.port(), sockets_before, Duration::from_secs(5)).await;
+    println!(
+        "[idle connections filling the port] {} idle connections from {SOURCES} sources, \
+         {gave_way} gave way to new ones; server sockets before {sockets_before}, full \
+         {sockets_full}, during {sockets_during}, after {after} (port cap {})",
+        SOURCES as usize * edge.max_connections_per_source,
+        edge.max_connections
+    );
+    assert!(gave_way >= 1, "idle connections gave way");
+    assert!(sockets_during <= edge.max_connections + 1);
+    assert!(after <= sockets_before, "server sockets after: {after}");
+    fed.shutdown().await;
+}

@@ -10,6 +10,10 @@
 //! a real client finishes its handshake in a round trip or two, so the oldest
 //! is almost always a socket that sends nothing, and sockets held open from
 //! many source addresses cannot shut the door for the handshake timeout.
+//! Likewise, when the port's connections are all taken, the oldest one
+//! without a call in progress (in its handshake, or idle) is closed for the
+//! newcomer, gracefully (a client reconnects on GOAWAY); only when every
+//! connection has a call in progress is the newcomer refused.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -34,21 +38,30 @@ struct Counts {
     connections: usize,
     handshakes: usize,
     by_source: HashMap<IpAddr, (usize, usize)>,
-    /// Handshakes in progress, oldest first.
-    pending: VecDeque<Pending>,
-    next_handshake: u64,
+    /// Places held, oldest first: connections, and handshakes in progress.
+    open: VecDeque<Slot>,
+    shaking: VecDeque<Slot>,
+    next_id: u64,
 }
 
-/// A handshake in progress, and the signal that ends it early when a newer
-/// one takes its place.
+/// A place held, and the signal that ends its holder early when a newer
+/// connection takes it.
 #[derive(Debug)]
-struct Pending {
+struct Slot {
     id: u64,
     source: IpAddr,
     evict: Arc<Notify>,
+    activity: Arc<conn::Activity>,
 }
 
 impl Counts {
+    fn slots(&mut self, place: Place) -> &mut VecDeque<Slot> {
+        match place {
+            Place::Connection => &mut self.open,
+            Place::Handshake => &mut self.shaking,
+        }
+    }
+
     /// Gives back one place of `place` held by `source`.
     fn release(&mut self, source: IpAddr, place: Place) {
         match place {
@@ -65,6 +78,24 @@ impl Counts {
             }
         }
     }
+
+    /// Frees a place on a full port for a newcomer: the oldest handshake in
+    /// progress, or the oldest connection without a call in progress (in its
+    /// handshake or idle). Its holder is told to close; its place is given
+    /// back now. `false` if every connection has a call in progress.
+    fn evict_oldest(&mut self, place: Place) -> bool {
+        let slots = self.slots(place);
+        let at = match place {
+            Place::Handshake => (!slots.is_empty()).then_some(0),
+            Place::Connection => slots.iter().position(|s| !s.activity.busy()),
+        };
+        let Some(oldest) = at.and_then(|at| slots.remove(at)) else {
+            return false;
+        };
+        oldest.evict.notify_one();
+        self.release(oldest.source, place);
+        true
+    }
 }
 
 /// What a port lets in; places are given back when their guards drop.
@@ -80,29 +111,26 @@ enum Place {
     Handshake,
 }
 
-/// A place taken in [`Admission`], given back on drop.
+/// A place taken in [`Admission`], given back on drop (or when a newer
+/// connection takes it, which [`Held::evicted`] tells).
 #[derive(Debug)]
 struct Held {
     admission: Arc<Admission>,
     source: IpAddr,
     place: Place,
-    /// For a handshake: its entry in [`Counts::pending`] and the signal that
-    /// it was evicted (its place is then already given back).
-    handshake: Option<(u64, Arc<Notify>)>,
+    id: u64,
+    evict: Arc<Notify>,
+    activity: Arc<conn::Activity>,
 }
 
 impl Held {
-    /// Resolves when a newer handshake has taken this one's place (never for
-    /// a connection).
+    /// Resolves when a newer connection has taken this place.
     async fn evicted(&self) {
-        match &self.handshake {
-            Some((_, evict)) => evict.notified().await,
-            None => std::future::pending().await,
-        }
+        self.evict.notified().await
     }
 }
 
-/// A place given, and whether the oldest handshake was evicted for it.
+/// A place given, and whether an older holder was evicted for it.
 #[derive(Debug)]
 struct Taken {
     held: Held,
@@ -110,7 +138,20 @@ struct Taken {
 }
 
 impl Admission {
+    /// A place of `place` for a connection from `source`: refused if the
+    /// source holds its cap; on a full port, an older holder gives way (see
+    /// [`Counts::evict_oldest`]), else the newcomer is refused.
     fn take(self: &Arc<Self>, source: IpAddr, place: Place) -> Option<Taken> {
+        self.take_for(source, place, Arc::default())
+    }
+
+    /// As [`Self::take`], for a connection whose calls `activity` counts.
+    fn take_for(
+        self: &Arc<Self>,
+        source: IpAddr,
+        place: Place,
+        activity: Arc<conn::Activity>,
+    ) -> Option<Taken> {
         let (cap, per_source) = match place {
             Place::Connection => (
                 self.limits.max_connections,
@@ -131,48 +172,39 @@ impl Admission {
             Place::Connection => connections,
             Place::Handshake => handshakes,
         };
-        let full = total >= cap;
-        if mine >= per_source || (full && matches!(place, Place::Connection)) {
+        if mine >= per_source {
             return None;
         }
-        let evicted = if full {
-            // The port's handshakes are all taken: the oldest gives way.
-            let oldest = counts.pending.pop_front()?;
-            counts.release(oldest.source, Place::Handshake);
-            oldest.evict.notify_one();
-            true
-        } else {
-            false
-        };
+        let evicted = total >= cap;
+        if evicted && !counts.evict_oldest(place) {
+            return None;
+        }
         let entry = counts.by_source.entry(source).or_default();
         match place {
             Place::Connection => entry.0 += 1,
             Place::Handshake => entry.1 += 1,
         }
-        let handshake = match place {
-            Place::Connection => {
-                counts.connections += 1;
-                None
-            }
-            Place::Handshake => {
-                counts.handshakes += 1;
-                let id = counts.next_handshake;
-                counts.next_handshake += 1;
-                let evict = Arc::new(Notify::new());
-                counts.pending.push_back(Pending {
-                    id,
-                    source,
-                    evict: evict.clone(),
-                });
-                Some((id, evict))
-            }
-        };
+        match place {
+            Place::Connection => counts.connections += 1,
+            Place::Handshake => counts.handshakes += 1,
+        }
+        let id = counts.next_id;
+        counts.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        counts.slots(place).push_back(Slot {
+            id,
+            source,
+            evict: evict.clone(),
+            activity: activity.clone(),
+        });
         Some(Taken {
             held: Held {
                 admission: self.clone(),
                 source,
                 place,
-                handshake,
+                id,
+                evict,
+                activity,
             },
             evicted,
         })
@@ -186,16 +218,12 @@ impl Drop for Held {
             .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some((id, _)) = &self.handshake {
-            match counts.pending.iter().position(|p| p.id == *id) {
-                Some(at) => {
-                    counts.pending.remove(at);
-                }
-                // Evicted: its place was given back then.
-                None => return,
-            }
+        let slots = counts.slots(self.place);
+        // Not found: evicted, and its place was given back then.
+        if let Some(at) = slots.iter().position(|s| s.id == self.id) {
+            slots.remove(at);
+            counts.release(self.source, self.place);
         }
-        counts.release(self.source, self.place);
     }
 }
 
@@ -258,8 +286,11 @@ pub async fn serve<S>(
         Sampled::new("connections refused: the port's or the source's cap is reached");
     let mut over_handshakes =
         Sampled::new("connections refused: the source's TLS handshakes in progress are capped");
-    let mut evictions = Sampled::new(
+    let mut evicted_handshakes = Sampled::new(
         "TLS handshakes closed early: the port's cap is reached and newer connections took their places",
+    );
+    let mut evicted_connections = Sampled::new(
+        "idle connections closed early: the port's cap is reached and newer connections took their places",
     );
     let mut connections = JoinSet::new();
     loop {
@@ -279,17 +310,22 @@ pub async fn serve<S>(
             }
         };
         let source = remote.ip();
-        let Some(Taken { held: place, .. }) = admission.take(source, Place::Connection) else {
+        let Some(taken) = admission.take(source, Place::Connection) else {
             over_connections.note(port, source);
             continue;
         };
+        if taken.evicted {
+            evicted_connections.note(port, source);
+        }
+        let place = taken.held;
         let _ = tcp.set_nodelay(true);
         let info = tcp.connect_info();
         let (service, limits, mut stop) = (service.clone(), limits.clone(), stop.clone());
         match &tls {
             None => {
                 connections.spawn(async move {
-                    conn::serve(tcp, info, service, &limits, stop).await;
+                    let activity = place.activity.clone();
+                    conn::serve(tcp, info, service, &limits, stop, activity, place.evicted()).await;
                     drop(place);
                 });
             }
@@ -299,7 +335,7 @@ pub async fn serve<S>(
                     continue;
                 };
                 if taken.evicted {
-                    evictions.note(port, source);
+                    evicted_handshakes.note(port, source);
                 }
                 let handshake = taken.held;
                 let acceptor = acceptor.clone();
@@ -309,6 +345,10 @@ pub async fn serve<S>(
                         r = tokio::time::timeout(timeout, acceptor.accept(tcp)) => r,
                         _ = handshake.evicted() => {
                             tracing::debug!(%remote, "TLS handshake evicted by a newer one");
+                            return;
+                        }
+                        _ = place.evicted() => {
+                            tracing::debug!(%remote, "connection in its handshake evicted by a newer one");
                             return;
                         }
                         _ = stop.wait_for(|s| *s) => return,
@@ -326,7 +366,8 @@ pub async fn serve<S>(
                         }
                     };
                     let info = tls.connect_info();
-                    conn::serve(tls, info, service, &limits, stop).await;
+                    let activity = place.activity.clone();
+                    conn::serve(tls, info, service, &limits, stop, activity, place.evicted()).await;
                     drop(place);
                 });
             }
@@ -355,13 +396,18 @@ mod tests {
     fn places_are_capped_per_source_and_per_port_and_given_back() {
         let a = admission(3, 2);
         let (x, y): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        // Every connection has a call in progress, so none gives way.
         let x1 = a.take(x, Place::Connection).expect("first");
-        let _x2 = a.take(x, Place::Connection).expect("second");
+        let _c1 = x1.held.activity.begin();
+        let x2 = a.take(x, Place::Connection).expect("second");
+        let _c2 = x2.held.activity.begin();
         assert!(a.take(x, Place::Connection).is_none(), "per source");
-        let _y1 = a.take(y, Place::Connection).expect("another source");
+        let y1 = a.take(y, Place::Connection).expect("another source");
+        let _c3 = y1.held.activity.begin();
         assert!(a.take(y, Place::Connection).is_none(), "per port");
         drop(x1);
-        assert!(a.take(y, Place::Connection).is_some(), "given back");
+        let again = a.take(y, Place::Connection).expect("given back");
+        assert!(!again.evicted);
     }
 
     #[test]
@@ -385,7 +431,7 @@ mod tests {
         assert!(a.take(x, Place::Handshake).is_none(), "per source");
         let newcomer = a.take(y, Place::Handshake).expect("a newcomer");
         assert!(newcomer.evicted, "the oldest gave way");
-        let evict = oldest.held.handshake.clone().expect("a handshake").1;
+        let evict = oldest.held.evict.clone();
         assert!(
             futures_util::FutureExt::now_or_never(evict.notified()).is_some(),
             "the oldest handshake was told"
@@ -398,7 +444,31 @@ mod tests {
         assert!(again.evicted, "the second is now the oldest");
         drop((second, newcomer, again));
         let counts = a.counts.lock().expect("lock");
-        assert_eq!((counts.handshakes, counts.pending.len()), (0, 0));
+        assert_eq!((counts.handshakes, counts.shaking.len()), (0, 0));
+        assert!(counts.by_source.is_empty());
+    }
+
+    #[test]
+    fn a_full_port_evicts_its_oldest_connection_without_a_call() {
+        let a = admission(2, 2);
+        let (x, y): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let busy = a.take(x, Place::Connection).expect("first");
+        let _call = busy.held.activity.begin();
+        let idle = a.take(x, Place::Connection).expect("second");
+        let newcomer = a.take(y, Place::Connection).expect("a newcomer");
+        assert!(newcomer.evicted, "a connection gave way");
+        assert!(
+            futures_util::FutureExt::now_or_never(idle.held.evicted()).is_some(),
+            "the idle one, not the older busy one"
+        );
+        let _newcomer_call = newcomer.held.activity.begin();
+        assert!(
+            a.take(y, Place::Connection).is_none(),
+            "refused when every connection has a call in progress"
+        );
+        drop((busy, idle, newcomer));
+        let counts = a.counts.lock().expect("lock");
+        assert_eq!((counts.connections, counts.open.len()), (0, 0));
         assert!(counts.by_source.is_empty());
     }
 
