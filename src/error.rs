@@ -50,6 +50,7 @@ reasons! {
     ServiceUnknown = "service.unknown" => NotFound, "The provider subsystem is not in the global configuration, or has no server.";
     MethodUnsupported = "method.unsupported" => Unimplemented, "Not a unary, uncompressed gRPC call, or not offered by this server.";
     BodyTooLarge = "body.too_large" => ResourceExhausted, "The request or response body exceeds the configured limit.";
+    BodyTimeout = "body.timeout" => DeadlineExceeded, "The request body did not arrive within `limits.body_read_timeout_ms` of its headers.";
     ClientCertificateMissing = "client.certificate_missing" => Unauthenticated, "The information system presented no TLS client certificate.";
     ClientUnknown = "client.unknown" => Unauthenticated, "The client subsystem is not registered on this security server.";
     ClientCertificateMismatch = "client.certificate_mismatch" => Unauthenticated, "The client certificate is not the one registered for that subsystem, or is expired.";

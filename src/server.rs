@@ -25,11 +25,16 @@ use crate::{
     edge::{self, EdgeLimits},
     error::{Reason, Refusal},
     exchange::{
-        Gateway, RegisteredClient, consumer, peers::Peers, provider::Provider, replay::ReplayGuard,
+        Gateway, RegisteredClient, consumer,
+        gate::{ENVELOPE_ALLOWANCE, PeerGate},
+        peers::Peers,
+        provider::Provider,
+        replay::ReplayGuard,
+        unknown::write_summaries,
         upstream::Registry,
     },
-    globalconf::watch::watch as watch_conf,
-    overload::ShedLayer,
+    globalconf::{GlobalConfHandle, watch::watch as watch_conf},
+    overload::{Admission, Admit, CallBudget, Caller, PortGate, PortGateLayer},
     pki::{
         Fingerprint, PkiError,
         batch::{BatchSigner, VerifiedRoots},
@@ -135,13 +140,67 @@ impl RunningServer {
 /// How many batch signature roots a server remembers as checked.
 const VERIFIED_ROOTS: usize = 4096;
 
-/// A port's service: its routes behind the port's own call budget (calls beyond
-/// it are shed).
-fn port_service(gw: &Gateway, routes: Routes) -> ShedLayerService {
-    ShedLayer::new(gw.limits.max_concurrent_calls).layer(routes.prepare())
+/// A port's service: its routes behind the port's own call budget, sorted by
+/// `admit` (see [`crate::overload`]).
+fn port_service(
+    gw: &Gateway,
+    budget: CallBudget,
+    routes: Routes,
+    admit: Admit,
+) -> PortGate<Routes> {
+    PortGateLayer::new(budget, admit, gw.limits.timeout()).layer(routes.prepare())
 }
 
-type ShedLayerService = crate::overload::Shed<Routes>;
+/// True for the routes every port opens to any caller.
+fn open_route(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
+}
+
+/// Client port: the exchange path takes its permit once it has
+/// authenticated the information system; health and reflection share the
+/// anonymous share.
+fn client_admission() -> Admit {
+    Arc::new(|path, _| {
+        if open_route(path) {
+            Admission::Gated(Caller::Anonymous)
+        } else {
+            Admission::SelfManaged
+        }
+    })
+}
+
+/// Peer port: the exchange's door takes its permit once the peer is pinned;
+/// other calls are charged to the security server, portal or auditor the
+/// global configuration names for the certificate, or to the anonymous share.
+fn peer_admission(conf: GlobalConfHandle) -> Admit {
+    Arc::new(move |path, cert| {
+        if path.starts_with("/kopir.v1.Exchange/") {
+            return Admission::SelfManaged;
+        }
+        let known = cert.map(Fingerprint::of).and_then(|fp| {
+            let view = conf.current().ok()?;
+            if let Some(server) = view.server_by_tls(&fp) {
+                return Some(format!("security server {server}"));
+            }
+            view.report_reader(&fp)
+                .map(|r| format!("report reader {}", r.name))
+        });
+        Admission::Gated(known.map_or(Caller::Anonymous, Caller::Known))
+    })
+}
+
+/// Admin port: every call is charged to its operator, or to the anonymous
+/// share (health, and callers the operator check refuses).
+fn admin_admission(operators: Arc<Vec<Fingerprint>>) -> Admit {
+    Arc::new(move |_, cert| {
+        let fp = cert.map(Fingerprint::of);
+        Admission::Gated(match fp {
+            Some(fp) if operators.contains(&fp) => Caller::Known(format!("operator {fp}")),
+            _ => Caller::Anonymous,
+        })
+    })
+}
 
 /// Lets a call through only if its TLS client certificate is an operator's.
 fn operator_check(
@@ -258,7 +317,7 @@ pub async fn start(
             chain.clone(),
             key.clone_key(),
             config.limits.connect_timeout(),
-            config.limits.max_body_bytes + 64 * 1024,
+            config.limits.max_body_bytes + ENVELOPE_ALLOWANCE,
         ),
         limits: config.limits.clone(),
         clients,
@@ -267,6 +326,8 @@ pub async fn start(
         policy: AccessPolicy::new(config.access.clone()),
         consent: ConsentVerifier::new(revocations.set().clone(), uses),
         store_bodies: config.audit.store_bodies,
+        client_calls: config.limits.call_budget(),
+        unknown: Arc::default(),
     });
     // Every caller of the peer and admin ports holds a certificate; an
     // information system's is checked in the request path, which names what is
@@ -338,25 +399,42 @@ pub async fn start(
     let passthrough = {
         let gw = gw.clone();
         tower::service_fn(move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(consumer::handle(gw, req).await) }
+            // Each exchange runs as a task of its own, so that a caller that
+            // gives up does not cut its audit trail short (see `consumer`).
+            let work = tokio::spawn(consumer::handle(gw.clone(), req));
+            async move {
+                Ok::<_, Infallible>(match work.await {
+                    Ok(response) => response,
+                    Err(e) => crate::exchange::panicked(&e).map(axum::body::Body::new),
+                })
+            }
         })
     };
     let router = Routes::new(health_service.clone())
         .add_service(reflection()?)
         .into_axum_router()
         .fallback_service(passthrough);
-    let client = port_service(&gw, Routes::from(router));
+    let client = port_service(
+        &gw,
+        gw.client_calls.clone(),
+        Routes::from(router),
+        client_admission(),
+    );
     tasks.push(serve(
         listeners.client,
         (!plaintext).then_some(client_tls),
         client,
     ));
 
-    // Peer port: the exchange protocol, mutual TLS only.
-    let exchange = ExchangeServer::new(Provider::new(gw.clone()))
-        .max_decoding_message_size(gw.limits.max_body_bytes + 64 * 1024)
-        .max_encoding_message_size(gw.limits.max_body_bytes + 64 * 1024);
+    // Peer port: the exchange protocol behind its door, mutual TLS only.
+    let peer_calls = gw.limits.call_budget();
+    let exchange = PeerGate::new(
+        ExchangeServer::new(Provider::new(gw.clone()))
+            .max_decoding_message_size(gw.limits.max_body_bytes + ENVELOPE_ALLOWANCE)
+            .max_encoding_message_size(gw.limits.max_body_bytes + ENVELOPE_ALLOWANCE),
+        gw.clone(),
+        peer_calls.clone(),
+    );
     let peer = Routes::new(health_service.clone())
         .add_service(reflection()?)
         .add_service(exchange)
@@ -364,20 +442,34 @@ pub async fn start(
     tasks.push(serve(
         listeners.peer,
         Some(peer_tls.clone()),
-        port_service(&gw, peer),
+        port_service(&gw, peer_calls, peer, peer_admission(conf.clone())),
     ));
 
     // Admin port: the audit log for operators (health stays open to probes).
     if let Some(admin) = listeners.admin {
+        let operators = Arc::new(operators);
         let audit = tonic::service::interceptor::InterceptedService::new(
             audit_service.into_server(),
-            operator_check(Arc::new(operators)),
+            operator_check(operators.clone()),
         );
         let routes = Routes::new(health_service)
             .add_service(reflection()?)
             .add_service(audit);
-        tasks.push(serve(admin, Some(peer_tls), port_service(&gw, routes)));
+        let admin_service = port_service(
+            &gw,
+            gw.limits.call_budget(),
+            routes,
+            admin_admission(operators),
+        );
+        tasks.push(serve(admin, Some(peer_tls), admin_service));
     }
+    // Refused unknown callers, summed up (and written once more at shutdown).
+    tasks.push(tokio::spawn(write_summaries(
+        gw.unknown.clone(),
+        gw.audit.clone(),
+        gw.limits.unknown_caller_summary(),
+        shutdown.subscribe(),
+    )));
     tracing::info!(server = %config.server_id, %client_addr, %peer_addr, ?admin_addr, "security server started");
     Ok(RunningServer {
         client_addr,

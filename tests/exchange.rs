@@ -581,10 +581,12 @@ async fn health_and_reflection_answer_on_the_client_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_capacity_calls_are_shed_at_once_and_the_rest_served() {
-    // The consumer's server processes at most two calls at once.
+    // The consumer's server processes at most two calls at once, both of
+    // which one information system may hold.
     let h = launch(&|name, config| {
         if name == "mlspp" {
             config.limits.max_concurrent_calls = 2;
+            config.limits.max_calls_per_caller = Some(2);
         }
     })
     .await;

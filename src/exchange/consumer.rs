@@ -2,22 +2,26 @@
 //! authenticated, signed, audited, forwarded to the provider's server, and its
 //! verified answer released.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::body::Body;
 use http::{Request, Response};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use super::{
-    Gateway, Known, deadline, durable, envelope, frame,
+    Gateway, Known,
+    deadline::{self, Deadline},
+    durable, envelope, frame,
     meta::{CallMeta, keys},
-    now_ms, peers, record_refusal, registry_status, written,
+    now_ms, peers, record_refusal, registry_status,
+    unknown::Source,
+    written,
 };
 use crate::{
     audit::{Side, Step},
     error::{Reason, Refusal},
     globalconf::{ConfError, ConfView},
-    pki::{Fingerprint, sha256},
+    overload::{Caller, peer_fingerprint},
+    pki::sha256,
     policy,
     proto::kopir::v1::{ForwardRequest, ForwardResponse},
 };
@@ -36,26 +40,54 @@ pub(crate) fn conf_refusal(e: ConfError) -> Refusal {
 /// Handles one call on the client port. Never fails: every refusal becomes a
 /// gRPC status with its `kopir-error` trailer.
 pub async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Body> {
+    let deadline = Deadline::from_headers(req.headers(), gw.limits.timeout());
     let method = req.uri().path().to_owned();
+    // A caller whose certificate no information system here is registered
+    // with is nobody: its refusals are counted, not audited one by one.
+    let nobody = (!is_registered(&gw, &req)).then(|| Source::of(&req));
+    let refused_here = |known: &Known, refusal: &Refusal| {
+        let gw = gw.clone();
+        let (known, refusal) = (known.clone(), refusal.clone());
+        async move {
+            match nobody {
+                Some(source) => gw.unknown.refused(Side::Consumer, source, &refusal),
+                // Shedding must cost nothing, so a shed call is not audited.
+                None if refusal.reason == Reason::Overloaded => {}
+                None => {
+                    record_refusal(&*gw.audit, &known, Side::Consumer, Step::Refused, &refusal)
+                        .await
+                }
+            }
+        }
+    };
     let meta = match CallMeta::from_headers(&method, req.headers()) {
         Ok(meta) => meta,
         Err(refusal) => {
             let known = raw_known(&method, req.headers());
-            record_refusal(&*gw.audit, &known, Side::Consumer, Step::Refused, &refusal).await;
+            refused_here(&known, &refusal).await;
             return frame::status_response(refusal.to_status(Some(&known.request_id)));
         }
     };
     let known = Known::from(&meta);
     let request_id = meta.request_id.clone();
-    match exchange(&gw, meta, &known, req).await {
+    match exchange(&gw, meta, &known, req, deadline).await {
         Ok(response) => response,
         Err((step, refusal)) => {
             if step == Step::Refused {
-                record_refusal(&*gw.audit, &known, Side::Consumer, step, &refusal).await;
+                refused_here(&known, &refusal).await;
             }
             frame::status_response(refusal.to_status(Some(&request_id)))
         }
     }
+}
+
+/// True if the caller is some information system registered on this server
+/// (or the port is plaintext, where callers are not authenticated).
+fn is_registered(gw: &Gateway, req: &Request<Body>) -> bool {
+    if gw.plaintext_clients {
+        return true;
+    }
+    peer_fingerprint(req).is_some_and(|fp| gw.clients.values().any(|c| c.fingerprint == fp))
 }
 
 /// The raw header values of a request whose metadata did not parse.
@@ -93,9 +125,15 @@ async fn exchange(
     meta: CallMeta,
     known: &Known,
     req: Request<Body>,
+    deadline: Deadline,
 ) -> Result<Response<Body>, Failed> {
-    // 1. Authenticate the information system by its client certificate.
+    // 1. Authenticate the information system by its client certificate; only
+    //    then may it hold a share of the port's call budget.
     authenticate(gw, &meta, &req).map_err(refused)?;
+    let _permit = gw
+        .client_calls
+        .try_acquire(Caller::Known(format!("information system {}", meta.client)))
+        .map_err(refused)?;
     // 2. The global configuration must be valid and fresh.
     let view = gw.conf.current().map_err(conf_refusal).map_err(refused)?;
     // 3. The service must exist; the purpose must exist; personal data needs a subject.
@@ -114,17 +152,26 @@ async fn exchange(
         })?;
     policy::check_purpose_and_subject(&view, &meta, entry.personal_data).map_err(refused)?;
     policy::hiding::check(&view, &meta, now_ms()).map_err(refused)?;
-    let timeout = deadline(req.headers(), gw.limits.timeout());
-    let started = tokio::time::Instant::now();
-    // 4. Read the body within the limit.
-    let body = frame::read_unary(req.into_body(), gw.limits.max_body_bytes)
-        .await
+    deadline
+        .check("the call was being checked")
         .map_err(refused)?;
+    // 4. Read the body within the limit, the body-read timeout and the deadline.
+    let body = deadline::read_body(
+        &deadline,
+        gw.limits.body_read_timeout(),
+        frame::read_unary(req.into_body(), gw.limits.max_body_bytes),
+    )
+    .await
+    .map_err(refused)?;
     // 5. Sign the canonical request.
     let body_hash = sha256(&body);
     let header = meta.to_header(now_ms(), body_hash);
-    let (signature, request_hash) =
-        envelope::sign_request_batched(&header, gw.server_id.member(), &gw.signer).await;
+    let (signature, request_hash) = deadline
+        .within("the request was being signed", async {
+            Ok(envelope::sign_request_batched(&header, gw.server_id.member(), &gw.signer).await)
+        })
+        .await
+        .map_err(refused)?;
     // 6. No audit, no data: the record is written before anything leaves;
     //    the answer's record (8) makes both durable before the caller sees it.
     let mut rec = known.signed_record(
@@ -143,17 +190,8 @@ async fn exchange(
         body,
     };
     // 7. Forward to a server of the provider and verify its signed answer.
-    let outcome = forward_and_verify(
-        gw,
-        &view,
-        &meta,
-        entry,
-        forward,
-        &request_hash,
-        timeout,
-        started,
-    )
-    .await;
+    let outcome =
+        forward_and_verify(gw, &view, &meta, entry, forward, &request_hash, &deadline).await;
     let Verified {
         response,
         response_hash,
@@ -209,21 +247,16 @@ fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<()
     if gw.plaintext_clients {
         return Ok(());
     }
-    let cert = req
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|info| info.peer_certs())
-        .and_then(|certs| certs.first().cloned())
-        .ok_or_else(|| {
-            Refusal::new(
-                Reason::ClientCertificateMissing,
-                format!(
-                    "present the TLS client certificate registered for {}",
-                    meta.client
-                ),
-            )
-        })?;
-    if Fingerprint::of(cert.as_ref()) != expected.fingerprint {
+    let fp = peer_fingerprint(req).ok_or_else(|| {
+        Refusal::new(
+            Reason::ClientCertificateMissing,
+            format!(
+                "present the TLS client certificate registered for {}",
+                meta.client
+            ),
+        )
+    })?;
+    if fp != expected.fingerprint {
         return Err(Refusal::new(
             Reason::ClientCertificateMismatch,
             format!(
@@ -258,8 +291,8 @@ struct Verified {
 
 /// Sends the request to the provider's servers in turn (moving on only when a
 /// connection could not be made, so a request is never delivered twice) and
-/// verifies the answer.
-#[allow(clippy::too_many_arguments)]
+/// verifies the answer. A deadline that passes says whether the request had
+/// been sent.
 async fn forward_and_verify(
     gw: &Gateway,
     view: &ConfView,
@@ -267,25 +300,19 @@ async fn forward_and_verify(
     entry: &crate::globalconf::view::ServiceEntry,
     forward: ForwardRequest,
     request_hash: &[u8; 32],
-    timeout: Duration,
-    started: tokio::time::Instant,
+    deadline: &Deadline,
 ) -> Result<Verified, Refusal> {
     let mut last = None;
     for endpoint in &entry.endpoints {
-        let remaining = timeout.saturating_sub(started.elapsed());
+        let remaining = deadline.remaining();
         if remaining.is_zero() {
-            break;
+            return Err(deadline.exceeded(&format!(
+                "the request waited to be sent to {}; it was not sent",
+                endpoint.server
+            )));
         }
-        let timed_out = || {
-            Refusal::new(
-                Reason::DeadlineExceeded,
-                format!(
-                    "{} did not answer within {} ms",
-                    endpoint.server,
-                    timeout.as_millis()
-                ),
-            )
-        };
+        let timed_out =
+            || deadline.exceeded(&format!("waiting for the answer of {}", endpoint.server));
         let mut client = gw
             .peers
             .client(endpoint)

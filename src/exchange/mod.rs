@@ -16,14 +16,21 @@
 //! - [`frame`] and [`upstream`] pass message bytes through untouched.
 //! - [`peers`] keeps pinned mutual-TLS connections to other servers;
 //!   [`replay`] refuses a request id seen before.
+//! - [`gate`] is the peer port's door: the peer must be pinned before it may
+//!   hold a share of the call budget or send a body; [`unknown`] counts the
+//!   refusals of callers that are nobody instead of auditing each;
+//!   [`deadline`] carries the call's deadline through every stage.
 
 pub mod consumer;
+pub mod deadline;
 pub mod envelope;
 pub mod frame;
+pub mod gate;
 pub mod meta;
 pub mod peers;
 pub mod provider;
 pub mod replay;
+pub mod unknown;
 pub mod upstream;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -36,6 +43,7 @@ use crate::{
     error::{Reason, Refusal},
     globalconf::GlobalConfHandle,
     id::{ServerId, SubsystemId},
+    overload::CallBudget,
     pki::{
         Fingerprint,
         batch::{BatchSigner, VerifiedRoots},
@@ -60,6 +68,16 @@ pub struct Limits {
     /// Calls processed at once per port (across its connections); more are
     /// shed at once with `RESOURCE_EXHAUSTED` / `server.overloaded`.
     pub max_concurrent_calls: usize,
+    /// Calls one caller (an information system, a peer server, an operator)
+    /// may have in progress at once on a port; by default a quarter of
+    /// `max_concurrent_calls`, so that no one caller can take a port's
+    /// whole budget.
+    pub max_calls_per_caller: Option<usize>,
+    /// Time a request body may take to arrive after its headers, in ms
+    /// (within the call's deadline).
+    pub body_read_timeout_ms: u64,
+    /// Interval of the summary records of refused unknown callers, in seconds.
+    pub unknown_caller_summary_secs: u64,
     /// Request ids remembered for replay protection.
     pub replay_capacity: usize,
 }
@@ -72,6 +90,9 @@ impl Default for Limits {
             timeout_ms: 30_000,
             connect_timeout_ms: 2_000,
             max_concurrent_calls: 1024,
+            max_calls_per_caller: None,
+            body_read_timeout_ms: 10_000,
+            unknown_caller_summary_secs: 60,
             replay_capacity: 1_000_000,
         }
     }
@@ -85,6 +106,21 @@ impl Limits {
     /// The connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+    /// The body-read timeout.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms.max(1))
+    }
+    /// One port's call budget, with each caller's share.
+    pub fn call_budget(&self) -> CallBudget {
+        let per_caller = self
+            .max_calls_per_caller
+            .unwrap_or(self.max_concurrent_calls / 4);
+        CallBudget::new(self.max_concurrent_calls, per_caller)
+    }
+    /// The interval of unknown-caller summaries.
+    pub fn unknown_caller_summary(&self) -> Duration {
+        Duration::from_secs(self.unknown_caller_summary_secs.max(1))
     }
 }
 
@@ -140,6 +176,10 @@ pub struct Gateway {
     pub replay: replay::ReplayGuard,
     /// Keep message bodies in the audit log (by default only their hashes).
     pub store_bodies: bool,
+    /// The client port's call budget.
+    pub client_calls: CallBudget,
+    /// Refusals of callers that are nobody, counted for summary records.
+    pub unknown: Arc<unknown::UnknownCallers>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -277,30 +317,15 @@ pub(crate) async fn record_refusal(
     }
 }
 
-/// The deadline a caller asked for in `grpc-timeout`, capped by `max`.
-pub fn deadline(headers: &http::HeaderMap, max: Duration) -> Duration {
-    let asked = headers
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
-    asked.map_or(max, |d| d.min(max))
-}
-
-fn parse_grpc_timeout(text: &str) -> Option<Duration> {
-    if text.len() < 2 || text.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = text.split_at(text.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+/// The answer to a call whose task panicked: an internal error, logged.
+pub(crate) fn panicked(e: &tokio::task::JoinError) -> http::Response<tonic::body::Body> {
+    tracing::error!(error = %e, "a call's task failed");
+    Refusal::new(
+        Reason::Internal,
+        "this security server failed while handling the call; its operators can find the cause in its log",
+    )
+    .to_status(None)
+    .into_http()
 }
 
 /// A status for a registry's own (non-OK) answer, passed through as it is.
@@ -310,23 +335,4 @@ pub(crate) fn registry_status(code: i32, message: &str, request_id: &str) -> ton
         md.insert(crate::error::REQUEST_ID_KEY, v);
     }
     tonic::Status::with_metadata(Code::from_i32(code), message.to_owned(), md)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_units() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout("m"), None);
-        let mut h = http::HeaderMap::new();
-        h.insert("grpc-timeout", "1H".parse().unwrap());
-        assert_eq!(
-            deadline(&h, Duration::from_secs(30)),
-            Duration::from_secs(30)
-        );
-    }
 }

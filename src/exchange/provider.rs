@@ -2,13 +2,13 @@
 //! checked step by step, audited, passed to the registry, and answered with a
 //! response signed and bound to the request.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::{
-    Gateway, Known, consumer::conf_refusal, durable, envelope, meta::CallMeta, now_ms,
-    record_refusal, written,
+    Gateway, Known, consumer::conf_refusal, deadline::Deadline, durable, envelope, meta::CallMeta,
+    now_ms, record_refusal, written,
 };
 use crate::{
     audit::{Side, Step},
@@ -49,7 +49,14 @@ impl Exchange for Provider {
     ) -> Result<Response<ForwardResponse>, Status> {
         let gw = &*self.gw;
         let peer_cert = request.peer_certs().and_then(|c| c.first().cloned());
-        let timeout = super::deadline(request.metadata().as_ref(), gw.limits.timeout());
+        // The door (`gate`) started the clock when the request arrived.
+        let deadline = request
+            .extensions()
+            .get::<Deadline>()
+            .copied()
+            .unwrap_or_else(|| {
+                Deadline::from_headers(request.metadata().as_ref(), gw.limits.timeout())
+            });
         let forward = request.into_inner();
         let header = forward.header.clone().unwrap_or_default();
         let meta = match CallMeta::from_header(&header) {
@@ -74,7 +81,7 @@ impl Exchange for Provider {
             &known,
             peer_cert.as_ref().map(|c| c.as_ref()),
             forward,
-            timeout,
+            &deadline,
         )
         .await
         {
@@ -95,7 +102,7 @@ async fn serve(
     known: &Known,
     peer_cert: Option<&[u8]>,
     forward: ForwardRequest,
-    timeout: Duration,
+    deadline: &Deadline,
 ) -> Result<ForwardResponse, Failed> {
     let header = forward.header.unwrap_or_default();
     // 1. The global configuration must be valid and fresh.
@@ -180,6 +187,9 @@ async fn serve(
                 .basis()
         }
     };
+    deadline
+        .check("the request was being checked")
+        .map_err(refused)?;
     // 7. No audit, no data: the acceptance is written before the registry is
     //    called, and made durable with the answer's record (9) or the failure's.
     let mut rec = known.signed_record(
@@ -194,14 +204,15 @@ async fn serve(
     rec.request_hash = Some(request_hash);
     rec.body = gw.kept_body(&forward.body);
     written(&*gw.audit, rec).await.map_err(refused)?;
-    // 8. Call the registry within the caller's deadline.
-    let registry_timeout = timeout
-        .saturating_sub(Duration::from_millis(5))
-        .max(Duration::from_millis(1));
-    let answer = match registry
-        .call(&meta.method, forward.body, registry_timeout)
-        .await
-    {
+    // 8. Call the registry with the time left of the caller's deadline, less
+    //    the time the failure or answer needs to reach the consumer first.
+    let called = match deadline.remaining_for_work() {
+        left if left.is_zero() => {
+            Err(deadline.exceeded("the acceptance was being recorded; the registry was not called"))
+        }
+        left => registry.call(&meta.method, forward.body, left).await,
+    };
+    let answer = match called {
         Ok(answer) => answer,
         Err(refusal) => {
             let mut rec = known.refusal(Side::Provider, Step::Failed, &refusal);
