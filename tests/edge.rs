@@ -4,89 +4,11 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::with_meta;
-use kopir::pki::{self, tls};
-use kopir::{
-    federation::{BENEFITS, LocalFederation},
-    proto::kz::population::v1::{
-        GetPersonRequest, population_registry_client::PopulationRegistryClient,
-    },
-};
-use rustls::pki_types::ServerName;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
-};
-use tokio_rustls::{TlsConnector, client::TlsStream};
-
-async fn get_person(fed: &LocalFederation) -> Result<(), tonic::Status> {
-    let parent = fed.dataset.sample_parents(1)[0];
-    let subject = format!("iin:{parent}");
-    let req = with_meta(
-        GetPersonRequest {
-            iin: parent.to_string(),
-        },
-        &[
-            ("kopir-client", BENEFITS),
-            ("kopir-service", "KZ/GOV/MOJ/population"),
-            ("kopir-purpose", "child-benefit"),
-            ("kopir-subject", &subject),
-        ],
-    );
-    let channel = fed
-        .client_channel("mlspp", BENEFITS)
-        .await
-        .expect("channel");
-    PopulationRegistryClient::new(channel)
-        .get_person(req)
-        .await
-        .map(|_| ())
-}
-
-/// A TLS connection to `addr` verifying the server against the federation's
-/// CA and presenting `identity` (certificate, key files) if given.
-async fn tls_connect(
-    fed: &LocalFederation,
-    addr: SocketAddr,
-    identity: Option<(PathBuf, PathBuf)>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let roots = pki::load_certs(&fed.layout.ca_cert()).map_err(std::io::Error::other)?;
-    let identity = match identity {
-        Some((cert, key)) => Some((
-            pki::load_certs(&cert).map_err(std::io::Error::other)?,
-            pki::load_key(&key).map_err(std::io::Error::other)?,
-        )),
-        None => None,
-    };
-    let config = tls::ca_client_config(&roots, identity).map_err(std::io::Error::other)?;
-    let tcp = TcpStream::connect(addr).await?;
-    TlsConnector::from(Arc::new(config))
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await
-}
-
-/// Opens `n` TCP connections to `addr` from another loopback address that
-/// never send a byte.
-async fn silent_sockets(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .bind("127.0.0.2:0".parse().expect("addr"))
-            .expect("bind");
-        if let Ok(s) = socket.connect(addr).await {
-            held.push(s);
-        }
-    }
-    held
-}
+use common::edge::{get_person, silent_sockets, tls_connect};
+use kopir::federation::LocalFederation;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn silent_sockets_neither_block_exchanges_nor_shutdown() {

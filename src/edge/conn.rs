@@ -55,16 +55,21 @@ impl<S> PortService for S where
 /// Calls in progress on a connection, and a count of calls begun and ended
 /// that tells whether any came and went in a span of time.
 #[derive(Debug, Default)]
-struct Activity {
+pub(crate) struct Activity {
     in_flight: AtomicUsize,
     events: AtomicU64,
 }
 
 /// A call in progress; ends when dropped.
-struct Call(Arc<Activity>);
+pub(crate) struct Call(Arc<Activity>);
 
 impl Activity {
-    fn begin(self: &Arc<Self>) -> Call {
+    /// Whether a call is in progress.
+    pub(crate) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    pub(crate) fn begin(self: &Arc<Self>) -> Call {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.events.fetch_add(1, Ordering::Relaxed);
         Call(self.clone())
@@ -136,20 +141,23 @@ where
 }
 
 /// Serves one connection until the client closes it, it has been idle for the
-/// idle timeout, or `stop` turns true; the last two close it gracefully (an
-/// HTTP/2 GOAWAY) and give calls in progress the drain timeout to finish.
+/// idle timeout, `give_way` resolves (the port is full and a newer connection
+/// takes the place of this idle one) or `stop` turns true; all but the first
+/// close it gracefully (an HTTP/2 GOAWAY) and give calls in progress the drain
+/// timeout to finish. `activity` counts the connection's calls.
 pub(crate) async fn serve<I, C, S>(
     io: I,
     info: C,
     service: S,
     limits: &EdgeLimits,
     mut stop: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+    give_way: impl std::future::Future<Output = ()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     C: Clone + Send + Sync + 'static,
     S: PortService,
 {
-    let activity = Arc::new(Activity::default());
     let service = OnConnection {
         inner: service,
         info,
@@ -173,6 +181,7 @@ pub(crate) async fn serve<I, C, S>(
             return;
         }
         _ = activity.idle(limits.idle_timeout()) => "idle",
+        _ = give_way => "the port is full: a newer connection takes the place of this idle one",
         _ = stop.wait_for(|s| *s) => "server stopping",
     };
     connection.as_mut().graceful_shutdown();

@@ -6,7 +6,9 @@
 //!
 //! - [`accept`]: connections per port and per source address are capped, TLS
 //!   handshakes run concurrently but are bounded per port and per source and
-//!   must finish within a short timeout;
+//!   must finish within a short timeout; on a full port the oldest handshake,
+//!   or the oldest connection without a call in progress, gives way to a
+//!   newcomer, so sockets held from many addresses cannot shut the port;
 //! - [`conn`]: each connection is one HTTP/2 server with an advertised
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS`, a bound on header lists and on streams
 //!   reset by the client (rapid reset), keepalive pings, an idle timeout, and a
@@ -38,11 +40,14 @@ pub use accept::serve;
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeLimits {
     /// Open connections a port accepts at once; lowered at start to what the
-    /// descriptor limit allows after the reserve.
+    /// descriptor limit allows after the reserve. When all are taken, a new
+    /// connection takes the place of the oldest one without a call in
+    /// progress.
     pub max_connections: usize,
     /// Open connections a port accepts at once from one source address.
     pub max_connections_per_source: usize,
-    /// TLS handshakes a port runs at once.
+    /// TLS handshakes a port runs at once; when all are taken, a new
+    /// connection takes the place of the oldest handshake in progress.
     pub max_handshakes: usize,
     /// TLS handshakes a port runs at once for one source address.
     pub max_handshakes_per_source: usize,

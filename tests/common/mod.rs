@@ -6,6 +6,8 @@ use tonic::{Code, Request, Status, metadata::MetadataValue};
 
 use kopir::{audit::pgtest::TempPostgres, error::ERROR_KEY, federation::LocalFederation};
 
+pub mod edge;
+
 /// A request carrying `message` and the given metadata.
 pub fn with_meta<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
     let mut r = Request::new(message);
