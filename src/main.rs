@@ -16,10 +16,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> std::process::ExitCode {
     let cli = kopir::cli::Cli::parse();
     // The demo and the benchmarks print their own story; servers log their
-    // lifecycle.
+    // lifecycle. The HTTP/2 library warns about every protocol error a client
+    // makes (a rapid reset, a CONTINUATION flood), which anyone can cause as
+    // often as they like: those stay at `error` unless `RUST_LOG` asks.
     let default_filter = match cli.command {
-        kopir::cli::Command::Demo(_) | kopir::cli::Command::Bench(_) => "warn",
-        _ => "warn,kopir=info",
+        kopir::cli::Command::Demo(_) | kopir::cli::Command::Bench(_) => "warn,h2=error",
+        _ => "warn,kopir=info,h2=error",
     };
     // A log line that cannot be written is dropped, never a panic.
     kopir::logging::init(default_filter);
