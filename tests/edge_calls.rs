@@ -563,3 +563,29 @@ async fn a_deadline_passing_at_the_registry_blames_no_one_it_did_not_reach() {
     drop(silent);
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_refusals_do_not_wear_out_the_connection() {
+    // Refused before their bodies are read, thousands of calls on one
+    // connection are each answered precisely, and the connection stays up.
+    let dir = tempfile::tempdir().unwrap();
+    let fed = LocalFederation::launch(dir.path(), &|_, config| {
+        config.limits.unknown_caller_summary_secs = 1;
+    })
+    .await
+    .unwrap();
+    // A registered certificate naming a subsystem it is not: refused after
+    // the refusal is audited, before the body is read.
+    let known = fed.client_channel("mlspp", BENEFITS).await.unwrap();
+    flood(30_000, || {
+        let (known, mut req) = (known.clone(), person_request(&fed));
+        req.metadata_mut()
+            .insert("kopir-client", "KZ/GOV/MLSPP/payroll".parse().unwrap());
+        async move {
+            let status = get_person(known, req).await.unwrap_err();
+            assert_refused(&status, Code::Unauthenticated, "client.unknown");
+        }
+    })
+    .await;
+    fed.shutdown().await;
+}

@@ -25,12 +25,12 @@ use tokio::{
 };
 use tower::Service;
 
-use super::EdgeLimits;
+use super::{EdgeLimits, body::RequestBody};
 
 /// What a port serves: a gRPC service (tonic's routes, behind kopir's layers).
 pub trait PortService:
     Service<
-        http::Request<Incoming>,
+        http::Request<RequestBody>,
         Response = http::Response<tonic::body::Body>,
         Error = Infallible,
         Future: Send + 'static,
@@ -42,7 +42,7 @@ pub trait PortService:
 
 impl<S> PortService for S where
     S: Service<
-            http::Request<Incoming>,
+            http::Request<RequestBody>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
             Future: Send + 'static,
@@ -99,7 +99,9 @@ impl Drop for Call {
 
 /// The port's service on one connection: adds the connection's identity
 /// (`info`: the TLS peer certificates, the addresses) to each request, as
-/// tonic's own server does, and counts the calls in progress.
+/// tonic's own server does, gives it a body that is drained if the service
+/// answers without reading it ([`RequestBody`]), and counts the calls in
+/// progress.
 #[derive(Clone)]
 struct OnConnection<S, C> {
     inner: S,
@@ -122,7 +124,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
+        let mut request = request.map(RequestBody::new);
         request.extensions_mut().insert(self.info.clone());
         let call = self.activity.begin();
         let answer = self.inner.call(request);
@@ -176,7 +179,7 @@ pub(crate) async fn serve<I, C, S>(
     let why = tokio::select! {
         ended = connection.as_mut() => {
             if let Err(e) = ended {
-                tracing::debug!(error = %e, "connection ended with an error");
+                tracing::debug!(error = ?e, "connection ended with an error");
             }
             return;
         }

@@ -13,6 +13,9 @@
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS`, a bound on header lists and on streams
 //!   reset by the client (rapid reset), keepalive pings, an idle timeout, and a
 //!   bounded drain when the server stops;
+//! - [`body`]: a request body answered without being read is drained in the
+//!   background, so that early refusals do not use up the HTTP/2 library's
+//!   per-connection budget for buffered frames;
 //! - [`fds`]: the soft descriptor limit is raised to the hard one and part of it
 //!   is kept in reserve for the server's own files (configuration, audit
 //!   store), so a flood of sockets cannot make it unable to open them.
@@ -25,6 +28,7 @@
 //! waits without bound for connections to close at shutdown.
 
 pub mod accept;
+pub mod body;
 pub mod conn;
 pub mod fds;
 
