@@ -135,12 +135,12 @@ fn record(i: u64) -> AuditRecord {
         body_sha256: Some(kopir::pki::sha256(&body)),
         request_hash: Some([3; 32]),
         signature: Some(vec![9; 64]),
-        body: (i % 2 == 0).then_some(body),
-        query_group: (i % 3 == 0).then(|| "claim-17".into()),
+        body: i.is_multiple_of(2).then_some(body),
+        query_group: i.is_multiple_of(3).then(|| "claim-17".into()),
         hidden_until_ms: (i == 3).then_some(NOW_SECS * 1000 + 86_400_000),
         hidden_reason: (i == 3).then(|| "inquiry 17/2026".into()),
         ..AuditRecord::new(
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 Side::Consumer
             } else {
                 Side::Provider

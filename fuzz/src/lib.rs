@@ -48,9 +48,12 @@ use kopir::{
 };
 use prost::Message;
 
+/// One target's harness: the fuzzer's input in, a panic only on a bug.
+pub type Harness = fn(&[u8]);
+
 /// The fuzz targets by name (as in `fuzz/Cargo.toml`, `corpus/` and
 /// `regressions/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("meta", meta),
     ("ids", ids),
     ("envelope", envelope),
