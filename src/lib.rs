@@ -21,6 +21,8 @@ pub mod edge;
 pub mod error;
 pub mod exchange;
 pub mod federation;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod globalconf;
 pub mod id;
 pub mod logging;

@@ -37,6 +37,10 @@ pub const ARCHIVE_FORMAT: &str = "kopir-audit-archive/1";
 /// The most records one archive may hold.
 pub const MAX_ARCHIVE_RECORDS: u64 = 1_000_000;
 
+/// The highest sequence number a record can have (the stores keep them as
+/// `BIGINT`).
+const MAX_SEQ: u64 = i64::MAX as u64;
+
 /// A record in an archive: its fields and its canonical bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchivedRecord {
@@ -227,6 +231,22 @@ pub fn verify_archive(archive: &Archive, expected: Option<&Fingerprint>) -> Veri
             ProblemKind::Malformed,
             archive.from_seq,
             format!("unknown archive format {:?}", archive.format),
+        ));
+        return report;
+    }
+    // The numbers a log's records can have (the stores keep them as BIGINT):
+    // every sum and difference of sequence numbers below stays in range.
+    let range_ok = (1..=archive.to_seq).contains(&archive.from_seq)
+        && archive.to_seq <= MAX_SEQ
+        && archive.to_seq - archive.from_seq < MAX_ARCHIVE_RECORDS;
+    if !range_ok {
+        report.problems.push(problem(
+            ProblemKind::Malformed,
+            archive.from_seq,
+            format!(
+                "records {}..={} are not a range of a log (numbered from 1 to {MAX_SEQ}, at most {MAX_ARCHIVE_RECORDS} per archive)",
+                archive.from_seq, archive.to_seq
+            ),
         ));
         return report;
     }

@@ -846,6 +846,15 @@ async fn export_verifies_offline(kind: Kind) {
     let mut bad = back.clone();
     bad.records.pop();
     assert_eq!(verify_archive(&bad, Some(&key)).first_bad, Some(9));
+    // Numbers no log has (past the stores' BIGINT, zero, a reversed range)
+    // are refused as malformed before any arithmetic on them.
+    for (from, to) in [(u64::MAX, u64::MAX), (0, 9), (9, 4)] {
+        let mut bad = back.clone();
+        (bad.from_seq, bad.to_seq) = (from, to);
+        bad.records[0].record.seq = from;
+        let r = verify_archive(&bad, Some(&key));
+        assert_eq!(r.problems[0].kind, ProblemKind::Malformed, "{r:#?}");
+    }
     let (other, _) = signing_pair("someone else").unwrap();
     assert!(!verify_archive(&back, Some(&Fingerprint::of(&other))).ok());
     let mut bad = back.clone();

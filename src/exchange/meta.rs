@@ -105,8 +105,17 @@ pub fn parse_hide_until(text: &str) -> Result<i64, Refusal> {
             )
         })?,
     };
-    i64::try_from(at.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_| invalid(keys::HIDE_UNTIL, "out of range"))
+    let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| invalid(keys::HIDE_UNTIL, "out of range"))?;
+    // The signed header says "not hidden" with 0, so an instant not after
+    // the epoch (long past anyway) cannot be carried to the provider.
+    if ms <= 0 {
+        return Err(invalid(
+            keys::HIDE_UNTIL,
+            format!("{text:?} is not after 1970-01-01; name a date still to come"),
+        ));
+    }
+    Ok(ms)
 }
 
 impl Tracker {
@@ -405,6 +414,12 @@ mod tests {
             parse_hide_until("2031-02-03T01:00:00+01:00").unwrap(),
             1_927_843_200_000
         );
+        // 0 means "not hidden" in the signed header: the epoch and earlier
+        // are refused rather than signed as something else.
+        for early in ["1970-01-01", "1970-01-01T00:00:00.0004Z", "1969-12-31"] {
+            let r = parse_hide_until(early).unwrap_err();
+            assert_eq!(r.reason, Reason::MetadataInvalid, "{early}");
+        }
     }
 
     #[test]

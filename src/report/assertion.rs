@@ -128,7 +128,7 @@ pub fn verify(
     if now_secs >= claims.exp {
         return Err(invalid(format!(
             "the assertion expired {} s ago; sign a fresh one",
-            now_secs - claims.exp
+            now_secs.saturating_sub(claims.exp)
         )));
     }
     let subject = claims
@@ -188,6 +188,11 @@ mod tests {
         let mut c = good.clone();
         c.aud = "elsewhere".into();
         assert!(refused(&c, &key).contains("not \"kopir-access-report\""));
+        // Expired at the start of time: refused, the age saturating.
+        let mut c = good.clone();
+        c.iat = i64::MIN;
+        c.exp = i64::MIN + 60;
+        assert!(refused(&c, &key).contains("expired"));
         let r = verify("", &entry, now, 60).unwrap_err();
         assert_eq!(r.reason, Reason::ReportAssertionInvalid);
         // A consent token (typ JWT) signed with the same key is not an assertion.

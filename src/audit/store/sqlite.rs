@@ -28,6 +28,8 @@
 mod journal;
 mod keys;
 
+pub(crate) use journal::{frame_of, records_in};
+
 use std::{
     path::{Path, PathBuf},
     sync::{

@@ -64,7 +64,7 @@ use std::{
 };
 
 use crate::audit::{
-    record::{Entry, GENESIS, Hash, Link, parse_canonical},
+    record::{Entry, GENESIS, Hash, Link, StoredRecord, parse_canonical},
     store::Commit,
 };
 
@@ -276,6 +276,12 @@ fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
 fn read_chain(file: &File, len: u64) -> io::Result<Vec<Journaled>> {
     let mut bytes = vec![0; usize::try_from(len).unwrap_or(0)];
     file.read_exact_at(&mut bytes, 0)?;
+    Ok(chain_in(&bytes))
+}
+
+/// The chain of frames at the start of `bytes` (a journal file's contents),
+/// as [`read_chain`] reads it.
+fn chain_in(bytes: &[u8]) -> Vec<Journaled> {
     let mut out: Vec<Journaled> = Vec::new();
     let mut at = 0;
     loop {
@@ -295,6 +301,28 @@ fn read_chain(file: &File, len: u64) -> io::Result<Vec<Journaled>> {
         out.push(frame);
         at += used;
     }
+    out
+}
+
+/// The records recovery reads from a journal file holding `bytes`, as
+/// stored records (for the fuzz targets, [`crate::fuzzing`]).
+pub(crate) fn records_in(bytes: &[u8]) -> Vec<StoredRecord> {
+    chain_in(bytes)
+        .into_iter()
+        .map(|j| StoredRecord {
+            seq: j.seq,
+            prev_hash: j.prev,
+            hash: j.hash,
+            entry: j.entry,
+        })
+        .collect()
+}
+
+/// The frame an append writes for `record` (its stored hash is not used:
+/// the frame carries the hash of its canonical bytes).
+pub(crate) fn frame_of(record: &StoredRecord) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode(&mut out, record.seq, &record.prev_hash, &record.entry)?;
     Ok(out)
 }
 
