@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_refused, with_meta};
+use common::{
+    assert_refused,
+    edge::{Latency, get_person_request, latencies, report, tls_connect},
+};
 use kopir::{
     audit::{Side, Step, record::Entry},
     config::ServerConfig,
@@ -28,22 +31,6 @@ use tonic::{Code, Request, Status, transport::Channel};
 
 const GET_PERSON: &str = "/kz.population.v1.PopulationRegistry/GetPerson";
 
-fn person_request(fed: &LocalFederation) -> Request<GetPersonRequest> {
-    let parent = fed.dataset.sample_parents(1)[0];
-    let subject = format!("iin:{parent}");
-    with_meta(
-        GetPersonRequest {
-            iin: parent.to_string(),
-        },
-        &[
-            ("kopir-client", BENEFITS),
-            ("kopir-service", "KZ/GOV/MOJ/population"),
-            ("kopir-purpose", "child-benefit"),
-            ("kopir-subject", &subject),
-        ],
-    )
-}
-
 async fn get_person(channel: Channel, req: Request<GetPersonRequest>) -> Result<(), Status> {
     PopulationRegistryClient::new(channel)
         .get_person(req)
@@ -51,24 +38,26 @@ async fn get_person(channel: Channel, req: Request<GetPersonRequest>) -> Result<
         .map(|_| ())
 }
 
-/// Legitimate exchanges, one after another; their latencies, sorted.
-async fn legitimate(fed: &LocalFederation, n: usize) -> Vec<Duration> {
+/// Legitimate exchanges on one connection of the benefits system.
+async fn legitimate(fed: &LocalFederation, n: usize, when: &str) -> Latency {
     let channel = fed.client_channel("mlspp", BENEFITS).await.unwrap();
-    let mut took = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        get_person(channel.clone(), person_request(fed))
-            .await
-            .expect("a legitimate exchange succeeds");
-        took.push(started.elapsed());
-    }
-    took.sort();
-    took
+    latencies(fed, Some(&channel), n, when).await
 }
 
-fn quantiles(sorted: &[Duration]) -> String {
-    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
-    format!("p50 {:?}, p99 {:?}", at(0.5), at(0.99))
+/// `n` calls on `channel` by the benefits system's certificate naming a
+/// subsystem it is not: a known identity, refused (and audited) before the
+/// body is read.
+async fn refused_as_another_subsystem(fed: &LocalFederation, channel: &Channel, n: usize) {
+    flood(n, || {
+        let (channel, mut req) = (channel.clone(), get_person_request(fed));
+        req.metadata_mut()
+            .insert("kopir-client", "KZ/GOV/MLSPP/payroll".parse().unwrap());
+        async move {
+            let status = get_person(channel, req).await.unwrap_err();
+            assert_refused(&status, Code::Unauthenticated, "client.unknown");
+        }
+    })
+    .await;
 }
 
 fn records(fed: &LocalFederation, node: &str) -> Vec<Entry> {
@@ -163,25 +152,18 @@ async fn raw_call(
     message: &[u8],
 ) -> Status {
     let addr = fed.node("mlspp").server.client_addr;
-    let (cert, key) = fed.layout.client(&BENEFITS.parse().unwrap());
-    let roots = load_certs(&fed.layout.ca_cert()).unwrap();
-    let identity = Some((load_certs(&cert).unwrap(), load_key(&key).unwrap()));
-    let config = pki::tls::ca_client_config(&roots, identity).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let identity = fed.layout.client(&BENEFITS.parse().unwrap());
+    let tls = tls_connect(fed, addr, Some(identity)).await.unwrap();
     let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(connection);
     let mut request = http::Request::post(format!("https://{addr}{GET_PERSON}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
+    // `extra` stands in for the deadline the request carries.
     for (k, v) in meta.clone().into_headers().iter() {
-        request = request.header(k, v);
+        if k != "grpc-timeout" {
+            request = request.header(k, v);
+        }
     }
     for (k, v) in extra {
         request = request.header(*k, *v);
@@ -243,7 +225,7 @@ async fn unknown_callers_are_refused_precisely_and_summed_up_not_audited_each() 
     .await
     .unwrap();
     let (mlspp, moj) = (fed.node("mlspp"), fed.node("moj"));
-    let before = quantiles(&legitimate(&fed, 50).await);
+    let before = legitimate(&fed, 50, "before the flood").await;
 
     // Before: a registered certificate naming a subsystem it is not is a
     // known identity, audited one record per refusal, as every refusal was.
@@ -252,16 +234,7 @@ async fn unknown_callers_are_refused_precisely_and_summed_up_not_audited_each() 
         records(&fed, "mlspp").len(),
         dir_bytes(&mlspp.config.data_dir),
     );
-    flood(calls, || {
-        let (known, mut req) = (known.clone(), person_request(&fed));
-        req.metadata_mut()
-            .insert("kopir-client", "KZ/GOV/MLSPP/payroll".parse().unwrap());
-        async move {
-            let status = get_person(known, req).await.unwrap_err();
-            assert_refused(&status, Code::Unauthenticated, "client.unknown");
-        }
-    })
-    .await;
+    refused_as_another_subsystem(&fed, &known, calls).await;
     let audited = records(&fed, "mlspp").len() - records0;
     let audited_bytes = dir_bytes(&mlspp.config.data_dir) - bytes0;
     assert_eq!(
@@ -282,7 +255,7 @@ async fn unknown_callers_are_refused_precisely_and_summed_up_not_audited_each() 
     let forward = ForwardRequest::default();
     let attack = async {
         flood(calls, || {
-            let (bare, req) = (bare.clone(), person_request(&fed));
+            let (bare, req) = (bare.clone(), get_person_request(&fed));
             async move {
                 let status = get_person(bare, req).await.unwrap_err();
                 assert_refused(&status, Code::Unauthenticated, "client.certificate_missing");
@@ -298,7 +271,7 @@ async fn unknown_callers_are_refused_precisely_and_summed_up_not_audited_each() 
         })
         .await;
     };
-    let (_, during) = tokio::join!(attack, legitimate(&fed, 50));
+    let (_, during) = tokio::join!(attack, legitimate(&fed, 50, "during the flood"));
     let took = Instant::now();
     // Every count reaches the log within the summary interval.
     let (mut on_client, mut on_peer) = (0, 0);
@@ -346,10 +319,7 @@ async fn unknown_callers_are_refused_precisely_and_summed_up_not_audited_each() 
         client_summaries.len(),
         peer_summaries.len(),
     );
-    println!(
-        "legitimate exchanges: before {before}; during the flood {}",
-        quantiles(&during)
-    );
+    report("unknown callers' refusals", before, during);
     fed.shutdown().await;
 }
 
@@ -365,7 +335,7 @@ async fn a_peer_holding_streams_gets_only_its_share_and_an_unpinned_one_none() {
     })
     .await
     .unwrap();
-    let before = quantiles(&legitimate(&fed, 20).await);
+    let before = legitimate(&fed, 20, "before the hold").await;
     // SRC's server is pinned: two of its calls are held, a third is shed.
     let src = tls_identity(&fed.node("src").config);
     let src_client = || peer_channel(&fed, "moj", (src.0.clone(), src.1.clone_key()));
@@ -394,15 +364,12 @@ async fn a_peer_holding_streams_gets_only_its_share_and_an_unpinned_one_none() {
     assert_refused(&status, Code::Unauthenticated, "peer.unknown");
     assert!(started.elapsed() < Duration::from_secs(2));
     // MLSPP's exchanges go on beside the held calls.
-    let during = legitimate(&fed, 20).await;
+    let during = legitimate(&fed, 20, "while a peer holds its share").await;
     assert!(
         holders.iter().all(|h| !h.is_finished()),
         "held calls stay held"
     );
-    println!(
-        "legitimate exchanges: before {before}; while a peer holds its share {}",
-        quantiles(&during)
-    );
+    report("a pinned peer holding its share", before, during);
     fed.shutdown().await;
 }
 
@@ -420,7 +387,7 @@ async fn a_body_held_back_is_cut_off_and_audited() {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let mut req = Request::new(futures_util::stream::pending::<GetPersonRequest>());
-    *req.metadata_mut() = person_request(&fed).metadata().clone();
+    *req.metadata_mut() = get_person_request(&fed).metadata().clone();
     let codec = tonic_prost::ProstCodec::<GetPersonRequest, Person>::default();
     let started = Instant::now();
     let status = grpc
@@ -445,7 +412,7 @@ async fn a_body_held_back_is_cut_off_and_audited() {
             .all(|r| r.step != Step::Forwarded),
         "nothing was forwarded"
     );
-    legitimate(&fed, 3).await;
+    legitimate(&fed, 3, "after the held body").await;
     fed.shutdown().await;
 }
 
@@ -455,7 +422,7 @@ async fn a_deadline_passed_on_arrival_is_deadline_exceeded_and_nothing_leaves() 
     let fed = LocalFederation::launch(dir.path(), &|_, _| {})
         .await
         .unwrap();
-    let req = person_request(&fed);
+    let req = get_person_request(&fed);
     let message = prost::Message::encode_to_vec(req.get_ref());
     let status = raw_call(&fed, req.metadata(), &[("grpc-timeout", "1n")], &message).await;
     assert_refused(&status, Code::DeadlineExceeded, "deadline.exceeded");
@@ -503,7 +470,7 @@ async fn a_deadline_passing_at_the_registry_blames_no_one_it_did_not_reach() {
     })
     .await
     .unwrap();
-    let req = person_request(&fed);
+    let req = get_person_request(&fed);
     let message = prost::Message::encode_to_vec(req.get_ref());
     let started = Instant::now();
     let status = raw_call(&fed, req.metadata(), &[("grpc-timeout", "800m")], &message).await;
@@ -541,7 +508,7 @@ async fn a_deadline_passing_at_the_registry_blames_no_one_it_did_not_reach() {
     // A client that gives up first (tonic enforces its own timeout) does not
     // cut either trail short: both servers still record how it ended.
     let channel = fed.client_channel("mlspp", BENEFITS).await.unwrap();
-    let mut req = person_request(&fed);
+    let mut req = get_person_request(&fed);
     req.set_timeout(Duration::from_millis(300));
     assert!(get_person(channel, req).await.is_err());
     let mut ended = (0, 0);
@@ -569,23 +536,10 @@ async fn early_refusals_do_not_wear_out_the_connection() {
     // Refused before their bodies are read, thousands of calls on one
     // connection are each answered precisely, and the connection stays up.
     let dir = tempfile::tempdir().unwrap();
-    let fed = LocalFederation::launch(dir.path(), &|_, config| {
-        config.limits.unknown_caller_summary_secs = 1;
-    })
-    .await
-    .unwrap();
-    // A registered certificate naming a subsystem it is not: refused after
-    // the refusal is audited, before the body is read.
+    let fed = LocalFederation::launch(dir.path(), &|_, _| {})
+        .await
+        .unwrap();
     let known = fed.client_channel("mlspp", BENEFITS).await.unwrap();
-    flood(30_000, || {
-        let (known, mut req) = (known.clone(), person_request(&fed));
-        req.metadata_mut()
-            .insert("kopir-client", "KZ/GOV/MLSPP/payroll".parse().unwrap());
-        async move {
-            let status = get_person(known, req).await.unwrap_err();
-            assert_refused(&status, Code::Unauthenticated, "client.unknown");
-        }
-    })
-    .await;
+    refused_as_another_subsystem(&fed, &known, 30_000).await;
     fed.shutdown().await;
 }
