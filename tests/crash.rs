@@ -5,17 +5,14 @@
 //! records on both sides.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use kopir::{
-    audit::{
-        Step,
-        store::{Location, open_existing},
-    },
+    audit::Step,
     config::ServerConfig,
     federation::{BENEFITS, LocalFederation},
     pki::{load_certs, load_key},
@@ -23,8 +20,11 @@ use kopir::{
         GetPersonRequest, population_registry_client::PopulationRegistryClient,
     },
 };
+use serve_process::{assert_recorded, audit_verify};
 use tokio::task::JoinSet;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
+
+mod serve_process;
 
 /// Calls kept in flight by the load.
 const IN_FLIGHT: usize = 8;
@@ -175,22 +175,6 @@ fn get_person(parent: &str, request_id: &str) -> Request<GetPersonRequest> {
     r
 }
 
-/// `kopir audit verify --config FILE`, as an auditor would run it.
-fn audit_verify(config: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kopir"))
-        .args(["audit", "verify", "--json", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "verify of {} failed:\n{}\n{}",
-        config.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_killed_under_load_lose_no_acknowledged_exchange() {
     let dir = tempfile::tempdir().unwrap();
@@ -237,30 +221,11 @@ async fn servers_killed_under_load_lose_no_acknowledged_exchange() {
     );
     assert!(failed > 0, "the kills did not interrupt the load");
 
-    audit_verify(&consumer_config);
-    audit_verify(&provider_config);
-    for (config, expected) in [
-        (&consumer_config, [Step::Forwarded, Step::Answered]),
-        (&provider_config, [Step::Accepted, Step::Answered]),
-    ] {
-        let config = ServerConfig::load(config).unwrap();
-        let store = open_existing(&Location::new(&config.data_dir, None))
-            .await
-            .unwrap();
-        for id in &ok {
-            let steps: Vec<Step> = store
-                .by_request(id.clone())
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.step)
-                .collect();
-            assert_eq!(
-                steps, expected,
-                "{}: exchange {id} succeeded but its records are {steps:?}",
-                config.server_id
-            );
-        }
+    for config in [&consumer_config, &provider_config] {
+        let (verified, report) = audit_verify(config);
+        assert!(verified, "verify of {} failed:\n{report}", config.display());
     }
+    assert_recorded(&consumer_config, &ok, [Step::Forwarded, Step::Answered]).await;
+    assert_recorded(&provider_config, &ok, [Step::Accepted, Step::Answered]).await;
     fed.shutdown().await;
 }

@@ -27,10 +27,7 @@ use std::{
 
 use common::with_meta;
 use kopir::{
-    audit::{
-        Step,
-        store::{Location, open_existing},
-    },
+    audit::Step,
     config::ServerConfig,
     error::ERROR_KEY,
     federation::{BENEFITS, LocalFederation},
@@ -42,7 +39,7 @@ use kopir::{
         GetPersonRequest, population_registry_client::PopulationRegistryClient,
     },
 };
-use serve_process::{ServeProcess, audit_verify};
+use serve_process::{ServeProcess, assert_recorded, audit_verify};
 use tonic::{Code, transport::Channel};
 
 /// The tmpfs's size.
@@ -245,24 +242,12 @@ async fn a_full_disk_refuses_precisely_and_exchanges_resume_once_freed() {
 
     let (verified, report) = audit_verify(&config_path);
     assert!(verified, "kopir audit verify failed:\n{report}");
-    let store = open_existing(&Location::new(&config.data_dir, None))
-        .await
-        .unwrap();
-    for id in &acknowledged {
-        let steps: Vec<Step> = store
-            .by_request(id.clone())
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.step)
-            .collect();
-        assert_eq!(
-            steps,
-            [Step::Forwarded, Step::Answered],
-            "exchange {id} succeeded but its records are {steps:?}"
-        );
-    }
-    drop(store);
+    assert_recorded(
+        &config_path,
+        &acknowledged,
+        [Step::Forwarded, Step::Answered],
+    )
+    .await;
     fed.shutdown().await;
     drop(disk);
 }

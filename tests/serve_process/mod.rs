@@ -1,5 +1,8 @@
 //! A security server run as its own `kopir serve` process, for tests that
-//! give it an environment of its own (its standard error, its disk).
+//! give it an environment of its own (its standard error, its disk, a
+//! SIGKILL), and what is checked afterwards.
+
+#![allow(dead_code)] // each test binary uses some of them
 
 use std::{
     fs::File,
@@ -10,6 +13,10 @@ use std::{
 };
 
 use kopir::{
+    audit::{
+        Step,
+        store::{Location, open_existing},
+    },
     config::ServerConfig,
     federation::{BENEFITS, LocalFederation},
     pki::{load_certs, load_key},
@@ -91,7 +98,6 @@ impl Drop for ServeProcess {
 
 /// `kopir audit verify --config FILE`, as an auditor would run it: its
 /// output, and whether it passed.
-#[allow(dead_code)] // not every test binary needs it
 pub fn audit_verify(config: &std::path::Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kopir"))
         .args(["audit", "verify", "--config"])
@@ -107,7 +113,34 @@ pub fn audit_verify(config: &std::path::Path) -> (bool, String) {
 }
 
 /// The path of a configuration file saved by the federation.
-#[allow(dead_code)] // not every test binary needs it
 pub fn data_dir(config: &std::path::Path) -> PathBuf {
     ServerConfig::load(config).unwrap().data_dir
+}
+
+/// Asserts that every exchange in `acknowledged` (request ids the client saw
+/// succeed) has exactly the records `expected` in the embedded store of the
+/// server configured by `config`: nothing acknowledged was lost.
+pub async fn assert_recorded(
+    config: &std::path::Path,
+    acknowledged: &[String],
+    expected: [Step; 2],
+) {
+    let config = ServerConfig::load(config).unwrap();
+    let store = open_existing(&Location::new(&config.data_dir, None))
+        .await
+        .unwrap();
+    for id in acknowledged {
+        let steps: Vec<Step> = store
+            .by_request(id.clone())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.step)
+            .collect();
+        assert_eq!(
+            steps, expected,
+            "{}: exchange {id} succeeded but its records are {steps:?}",
+            config.server_id
+        );
+    }
 }
