@@ -8,26 +8,19 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{assert_refused, with_meta};
+use common::{assert_refused, edge::get_person};
 use kopir::{
     config::ServerConfig,
-    federation::{BENEFITS, LocalFederation, Node, write_atomically},
+    federation::{LocalFederation, Node, write_atomically},
     globalconf::{highest, signed, watch},
-    id::Iin,
     pki::sign::{SigningKey, VerifyingKey},
-    proto::kz::population::v1::{
-        GetPersonRequest, population_registry_client::PopulationRegistryClient,
-    },
     server::{Listeners, ServerError, start},
 };
-use tonic::{Code, Request, Status};
-
-const POPULATION: &str = "KZ/GOV/MOJ/population";
+use tonic::{Code, Status};
 
 struct Harness {
     fed: LocalFederation,
     _dir: tempfile::TempDir,
-    parent: Iin,
 }
 
 async fn launch() -> Harness {
@@ -35,37 +28,13 @@ async fn launch() -> Harness {
     let fed = LocalFederation::launch(dir.path(), &|_, _| {})
         .await
         .unwrap();
-    let parent = fed.dataset.sample_parents(1)[0];
-    Harness {
-        fed,
-        _dir: dir,
-        parent,
-    }
+    Harness { fed, _dir: dir }
 }
 
 impl Harness {
-    fn get_person(&self) -> Request<GetPersonRequest> {
-        let subject = format!("iin:{}", self.parent);
-        with_meta(
-            GetPersonRequest {
-                iin: self.parent.to_string(),
-            },
-            &[
-                ("kopir-client", BENEFITS),
-                ("kopir-service", POPULATION),
-                ("kopir-purpose", "child-benefit"),
-                ("kopir-subject", &subject),
-            ],
-        )
-    }
-
     /// One population read by the benefits system through MLSPP.
     async fn exchange(&self) -> Result<(), Status> {
-        let channel = self.fed.client_channel("mlspp", BENEFITS).await.unwrap();
-        PopulationRegistryClient::new(channel)
-            .get_person(self.get_person())
-            .await
-            .map(|_| ())
+        get_person(&self.fed).await
     }
 
     /// Waits (at most 10 s) until an exchange is refused with
