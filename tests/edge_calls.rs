@@ -13,7 +13,7 @@ use std::{
 
 use common::{
     assert_refused,
-    edge::{Latency, get_person_request, latencies, report, tls_connect},
+    edge::{Latency, get_person_request, h2_connect, h2_request, latencies, report},
 };
 use kopir::{
     audit::{Side, Step, record::Entry},
@@ -153,22 +153,22 @@ async fn raw_call(
 ) -> Status {
     let addr = fed.node("mlspp").server.client_addr;
     let identity = fed.layout.client(&BENEFITS.parse().unwrap());
-    let tls = tls_connect(fed, addr, Some(identity)).await.unwrap();
-    let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(connection);
-    let mut request = http::Request::post(format!("https://{addr}{GET_PERSON}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
+    let (mut send, _connection) = h2_connect(fed, addr, Some(identity)).await.unwrap();
     // `extra` stands in for the deadline the request carries.
-    for (k, v) in meta.clone().into_headers().iter() {
-        if k != "grpc-timeout" {
-            request = request.header(k, v);
-        }
-    }
-    for (k, v) in extra {
-        request = request.header(*k, *v);
-    }
-    let (answer, mut body) = send.send_request(request.body(()).unwrap(), false).unwrap();
+    let headers: Vec<(String, Vec<u8>)> = meta
+        .clone()
+        .into_headers()
+        .iter()
+        .filter(|(k, _)| *k != "grpc-timeout")
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .chain(
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        )
+        .collect();
+    let request = h2_request(addr, GET_PERSON, &headers);
+    let (answer, mut body) = send.send_request(request, false).unwrap();
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(message);

@@ -31,8 +31,8 @@ use bytes::Bytes;
 use common::{
     assert_refused,
     edge::{
-        get_person_on, get_person_request, latencies, report, rss_kib, silent_sockets_from,
-        tls_connect, tls_connect_from,
+        get_person_on, get_person_request, h2_connect, h2_request, latencies, report, rss_kib,
+        silent_sockets_from, tls_connect, tls_connect_from,
     },
 };
 use kopir::{
@@ -347,24 +347,6 @@ fn parse_settings(payload: &[u8]) -> ServerSettings {
 // ---------------------------------------------------------------------------
 // h2 clients
 
-/// An HTTP/2 client connection made with the `h2` crate over TLS; its
-/// connection task runs until the server closes it and returns why.
-async fn h2_connect(
-    fed: &LocalFederation,
-    addr: SocketAddr,
-    identity: Option<(PathBuf, PathBuf)>,
-) -> std::io::Result<(
-    h2::client::SendRequest<Bytes>,
-    tokio::task::JoinHandle<Result<(), h2::Error>>,
-)> {
-    let tls = tls_connect(fed, addr, identity).await?;
-    let (send, conn) = h2::client::Builder::new()
-        .handshake(tls)
-        .await
-        .map_err(std::io::Error::other)?;
-    Ok((send, tokio::spawn(conn)))
-}
-
 /// Waits until the client has the server's SETTINGS (its limit on streams
 /// replaces the client's initial guess) and returns that limit.
 async fn advertised_streams(send: &h2::client::SendRequest<Bytes>, expected: usize) -> usize {
@@ -373,17 +355,6 @@ async fn advertised_streams(send: &h2::client::SendRequest<Bytes>, expected: usi
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     send.current_max_send_streams()
-}
-
-/// A gRPC request of `path` with `headers`, for the `h2` client.
-fn h2_request(addr: SocketAddr, path: &str, headers: &[(String, Vec<u8>)]) -> http::Request<()> {
-    let mut b = http::Request::post(format!("https://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    for (k, v) in headers {
-        b = b.header(k.as_str(), v.as_slice());
-    }
-    b.body(()).expect("request")
 }
 
 /// Opens streams on `send` (headers only, no END_STREAM) until the client

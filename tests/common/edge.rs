@@ -1,7 +1,7 @@
 //! Helpers of the tests against a port's edge (`tests/edge.rs`,
-//! `tests/edge_h2.rs`): the legitimate exchange, raw TLS connections, silent
-//! sockets, and the process's own descriptors and memory (the servers run in
-//! the test process).
+//! `tests/edge_h2.rs`, `tests/edge_calls.rs`): the legitimate exchange, raw
+//! TLS and HTTP/2 connections, silent sockets, and the process's own
+//! descriptors and memory (the servers run in the test process).
 
 #![allow(dead_code)] // each test binary uses some of them
 
@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use kopir::pki::{self, tls};
 use kopir::{
     federation::{BENEFITS, LocalFederation},
@@ -158,6 +159,39 @@ pub async fn tls_connect_from(
     TlsConnector::from(Arc::new(config))
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await
+}
+
+/// An HTTP/2 client connection made with the `h2` crate over TLS; its
+/// connection task runs until the server closes it and returns why.
+pub async fn h2_connect(
+    fed: &LocalFederation,
+    addr: SocketAddr,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> std::io::Result<(
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+)> {
+    let tls = tls_connect(fed, addr, identity).await?;
+    let (send, conn) = h2::client::Builder::new()
+        .handshake(tls)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok((send, tokio::spawn(conn)))
+}
+
+/// A gRPC request of `path` with `headers`, for the `h2` client.
+pub fn h2_request(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(String, Vec<u8>)],
+) -> http::Request<()> {
+    let mut b = http::Request::post(format!("https://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        b = b.header(k.as_str(), v.as_slice());
+    }
+    b.body(()).expect("request")
 }
 
 /// A TCP connection to `addr` from the local address `source`.
