@@ -10,29 +10,27 @@ mod common;
 use std::sync::{Arc, atomic::Ordering};
 
 use common::{assert_refused, with_meta};
-use kopir::{
-    audit::{
-        Side, Step,
-        pgtest::TempPostgres,
-        record::StoredRecord,
-        signatures::{self, SignatureCheck},
-        verify::{VerifyOptions, verify_store},
-    },
+use kopir_audit::{
+    Side, Step,
+    record::StoredRecord,
+    signatures::{self, SignatureCheck},
+    verify::{VerifyOptions, verify_store},
+};
+use kopir_core::{
     error::REQUEST_ID_KEY,
-    federation::{BENEFITS, LocalFederation},
     globalconf::{ConfView, watch},
     id::Iin,
     pki::{load_certs, load_key, sign::VerifyingKey},
-    proto::{
-        kopir::v1::{
-            AuditQueryRequest, AuditShowRequest, audit_service_client::AuditServiceClient,
-        },
-        kz::{
-            population::v1::{
-                GetPersonRequest, population_registry_client::PopulationRegistryClient,
-            },
-            realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
-        },
+};
+use kopir_pgtest::TempPostgres;
+use kopir_proto::v1::{
+    AuditQueryRequest, AuditShowRequest, audit_service_client::AuditServiceClient,
+};
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation},
+    proto::kz::{
+        population::v1::{GetPersonRequest, population_registry_client::PopulationRegistryClient},
+        realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
     },
     registry::RegistryKind,
 };

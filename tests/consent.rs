@@ -22,27 +22,28 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use common::{assert_refused, with_meta};
-use kopir::{
-    audit::{Side, Step, pgtest::TempPostgres, record::StoredRecord},
-    consent::revocations::Status as RevocationStatus,
+use kopir_audit::{Side, Step, record::StoredRecord};
+use kopir_consent::revocations::Status as RevocationStatus;
+use kopir_core::{
+    clock::now_ms,
     error::{ERROR_KEY, REQUEST_ID_KEY, Reason},
-    exchange::now_ms,
-    federation::{BENEFITS, LocalFederation},
     id::{Iin, ServerId, SubsystemId},
     pki::{Fingerprint, dev::self_signed_tls, load_certs, public_key},
-    proto::{
-        kopir::v1::{
-            Consent, GrantRequest, IssueTokenRequest, ListRequest, RevokeRequest,
-            WatchRevocationsRequest, consent_service_client::ConsentServiceClient,
+};
+use kopir_pgtest::TempPostgres;
+use kopir_proto::v1::{
+    Consent, GrantRequest, IssueTokenRequest, ListRequest, RevokeRequest, WatchRevocationsRequest,
+    consent_service_client::ConsentServiceClient,
+};
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation},
+    proto::kz::{
+        income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
+        population::v1::{
+            GetPersonRequest, ListChildrenRequest,
+            population_registry_client::PopulationRegistryClient,
         },
-        kz::{
-            income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
-            population::v1::{
-                GetPersonRequest, ListChildrenRequest,
-                population_registry_client::PopulationRegistryClient,
-            },
-            realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
-        },
+        realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
     },
     registry::LAST_TAX_YEAR,
 };

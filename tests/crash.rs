@@ -11,11 +11,11 @@ use std::{
     time::Duration,
 };
 
-use kopir::{
-    audit::Step,
-    config::ServerConfig,
+use kopir_audit::Step;
+use kopir_core::pki::{load_certs, load_key};
+use kopir_server::config::ServerConfig;
+use kopir_testkit::{
     federation::{BENEFITS, LocalFederation},
-    pki::{load_certs, load_key},
     proto::kz::population::v1::{
         GetPersonRequest, population_registry_client::PopulationRegistryClient,
     },

@@ -26,15 +26,17 @@ use std::{
 };
 
 use common::with_meta;
-use kopir::{
-    audit::Step,
-    config::ServerConfig,
+use kopir_audit::Step;
+use kopir_core::{
     error::ERROR_KEY,
-    federation::{BENEFITS, LocalFederation},
     pki::{load_certs, load_key},
-    proto::kopir::v1::{
-        AuditStatsRequest, AuditStatsResponse, audit_service_client::AuditServiceClient,
-    },
+};
+use kopir_proto::v1::{
+    AuditStatsRequest, AuditStatsResponse, audit_service_client::AuditServiceClient,
+};
+use kopir_server::config::ServerConfig;
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation},
     proto::kz::population::v1::{
         GetPersonRequest, population_registry_client::PopulationRegistryClient,
     },

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::edge::{get_person, silent_sockets, tls_connect};
-use kopir::federation::LocalFederation;
+use kopir_testkit::federation::LocalFederation;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]

@@ -15,16 +15,14 @@ use common::{
     assert_refused,
     edge::{Latency, get_person_request, h2_connect, h2_request, latencies, report},
 };
-use kopir::{
-    audit::{Side, Step, record::Entry},
-    config::ServerConfig,
+use kopir_audit::{Side, Step, record::Entry};
+use kopir_core::pki::{self, Fingerprint, load_certs, load_key, tls::pinned_client_config};
+use kopir_proto::v1::{ForwardRequest, exchange_client::ExchangeClient};
+use kopir_server::config::ServerConfig;
+use kopir_testkit::{
     federation::{BENEFITS, LocalFederation},
-    pki::{self, Fingerprint, load_certs, load_key, tls::pinned_client_config},
-    proto::{
-        kopir::v1::{ForwardRequest, exchange_client::ExchangeClient},
-        kz::population::v1::{
-            GetPersonRequest, Person, population_registry_client::PopulationRegistryClient,
-        },
+    proto::kz::population::v1::{
+        GetPersonRequest, Person, population_registry_client::PopulationRegistryClient,
     },
 };
 use tonic::{Code, Request, Status, transport::Channel};
@@ -125,7 +123,7 @@ async fn peer_channel(
     let n = fed.node(node);
     let fp = Fingerprint::of(load_certs(&n.config.tls.cert).unwrap()[0].as_ref());
     let config = pinned_client_config(identity.0, identity.1, vec![fp]).unwrap();
-    kopir::federation::tls_channel(n.server.peer_addr, config)
+    kopir_testkit::federation::tls_channel(n.server.peer_addr, config)
         .await
         .unwrap()
 }

@@ -35,15 +35,16 @@ use common::{
         silent_sockets_from, tls_connect, tls_connect_from,
     },
 };
-use kopir::{
-    audit::store::{Location, open_existing},
-    config::{LocalClient, ServerConfig},
-    federation::{BENEFITS, LocalFederation},
+use kopir_audit::store::{Location, open_existing};
+use kopir_core::{
+    config::LocalClient,
     pki::{self, load_certs, load_key},
-    proto::{
-        kopir::v1::{ForwardRequest, RequestHeader, exchange_client::ExchangeClient},
-        kz::population::v1::population_registry_client::PopulationRegistryClient,
-    },
+};
+use kopir_proto::v1::{ForwardRequest, RequestHeader, exchange_client::ExchangeClient};
+use kopir_server::config::ServerConfig;
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation},
+    proto::kz::population::v1::population_registry_client::PopulationRegistryClient,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
@@ -688,7 +689,7 @@ fn forward_request(subject: &str) -> ForwardRequest {
             method: GET_PERSON.into(),
             purpose: "child-benefit".into(),
             subject: subject.into(),
-            timestamp_ms: kopir::clock::now_ms(),
+            timestamp_ms: kopir_core::clock::now_ms(),
             ..RequestHeader::default()
         }),
         ..ForwardRequest::default()
@@ -1310,7 +1311,7 @@ async fn sigterm_with_idle_connections_exits_within_the_drain_time() {
     }
     let (mut raw, _) = RawConn::open(&fed, addr, None).await.expect("raw");
 
-    let sent_at = kopir::clock::now_ms();
+    let sent_at = kopir_core::clock::now_ms();
     let started = Instant::now();
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -7,20 +7,22 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{assert_refused, with_meta};
-use kopir::{
+use kopir_core::{
+    clock::now_ms,
     error::{ERROR_KEY, REQUEST_ID_KEY},
-    exchange::{envelope, meta::CallMeta, now_ms},
-    federation::{BENEFITS, LocalFederation, tls_channel},
     id::Iin,
+    meta::CallMeta,
     pki::{
         self, Fingerprint, load_certs, load_key, sha256, sign::SigningKey,
         tls::pinned_client_config,
     },
-    proto::{
-        kopir::v1::{ForwardRequest, exchange_client::ExchangeClient},
-        kz::population::v1::{
-            GetPersonRequest, population_registry_client::PopulationRegistryClient,
-        },
+};
+use kopir_proto::v1::{ForwardRequest, exchange_client::ExchangeClient};
+use kopir_server::exchange::envelope;
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation, tls_channel},
+    proto::kz::population::v1::{
+        GetPersonRequest, population_registry_client::PopulationRegistryClient,
     },
     registry::RegistryKind,
 };
@@ -36,7 +38,7 @@ struct Harness {
     parent: Iin,
 }
 
-async fn launch(adjust: kopir::federation::Adjust<'_>) -> Harness {
+async fn launch(adjust: kopir_testkit::federation::Adjust<'_>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let fed = LocalFederation::launch(dir.path(), adjust).await.unwrap();
     let parent = fed.dataset.sample_parents(1)[0];
@@ -175,7 +177,7 @@ async fn happy_path_matches_the_registry_and_echoes_the_request_id() {
             .map(|r| r.step)
             .collect::<Vec<_>>()
     };
-    use kopir::audit::Step;
+    use kopir_audit::Step;
     assert_eq!(steps("mlspp"), [Step::Forwarded, Step::Answered]);
     assert_eq!(steps("moj"), [Step::Accepted, Step::Answered]);
     h.fed.shutdown().await;
@@ -210,7 +212,7 @@ async fn unknown_client_is_refused() {
         .read_all()
         .unwrap()
         .into_iter()
-        .filter(|r| r.step == kopir::audit::Step::Refused)
+        .filter(|r| r.step == kopir_audit::Step::Refused)
         .collect();
     assert_eq!(refusals.len(), 1);
     assert_eq!(refusals[0].reason.as_deref(), Some("client.unknown"));
@@ -304,18 +306,21 @@ async fn access_rule_denies() {
     // MOJ lets the benefits system read realty only for the means test.
     let mut req = h.get_person_with(&[("kopir-service", "KZ/GOV/MOJ/realty")]);
     req.get_mut().iin = h.parent.to_string();
-    let status = kopir::proto::kz::realty::v1::realty_registry_client::RealtyRegistryClient::new(
-        h.benefits().await,
-    )
-    .list_properties({
-        let mut r = Request::new(kopir::proto::kz::realty::v1::ListPropertiesRequest {
-            iin: h.parent.to_string(),
-        });
-        *r.metadata_mut() = req.metadata().clone();
-        r
-    })
-    .await
-    .unwrap_err();
+    let status =
+        kopir_testkit::proto::kz::realty::v1::realty_registry_client::RealtyRegistryClient::new(
+            h.benefits().await,
+        )
+        .list_properties({
+            let mut r = Request::new(
+                kopir_testkit::proto::kz::realty::v1::ListPropertiesRequest {
+                    iin: h.parent.to_string(),
+                },
+            );
+            *r.metadata_mut() = req.metadata().clone();
+            r
+        })
+        .await
+        .unwrap_err();
     assert_refused(&status, Code::PermissionDenied, "access.denied");
     h.fed.shutdown().await;
 }
@@ -501,8 +506,11 @@ async fn forged_global_configuration_is_refused() {
     let tampered = payload.replace("Ministry of Justice", "Ministry of Justise");
     assert_ne!(payload, tampered);
     envelope["payload"] = b64.encode(tampered).into();
-    kopir::federation::write_atomically(&h.fed.globalconf_path, envelope.to_string().as_bytes())
-        .unwrap();
+    kopir_testkit::federation::write_atomically(
+        &h.fed.globalconf_path,
+        envelope.to_string().as_bytes(),
+    )
+    .unwrap();
     eventually_refused(&h, Code::FailedPrecondition, "globalconf.invalid").await;
     // A properly signed one restores service.
     h.fed.publish(time::Duration::hours(1)).unwrap();

@@ -20,25 +20,25 @@ use std::{
 
 use bytes::Bytes;
 use harness::{NOW_SECS, TARGETS, fixture};
-use kopir::{
-    audit::{
-        AuditHandle, AuditLog, AuditRecord, Side, Step, WriterOptions,
-        export::{export_range, verify_archive},
-        pseudonym::PseudonymKey,
-        record::{Entry, StoredRecord},
-        store::{AuditStore, sqlite::SqliteStore},
-    },
-    consent::token,
-    exchange::{
-        envelope::{sign_request, sign_response, verify_request},
-        meta::CallMeta,
-    },
+use kopir_audit::{
+    AuditHandle, AuditLog, AuditRecord, Side, Step, WriterOptions,
+    export::{export_range, verify_archive},
+    pseudonym::PseudonymKey,
+    record::{Entry, StoredRecord},
+    store::{AuditStore, sqlite::SqliteStore},
+};
+use kopir_consent::token;
+use kopir_core::{
     id::Subject,
+    meta::CallMeta,
     pki::{
         batch::{self, BatchSigner},
         sign::SigningKey,
     },
-    proto::kopir::v1::{ForwardRequest, ForwardResponse, ResponseHeader, Signature},
+};
+use kopir_proto::v1::{ForwardRequest, ForwardResponse, ResponseHeader, Signature};
+use kopir_server::{
+    exchange::envelope::{sign_request, sign_response, verify_request},
     report::assertion,
 };
 use prost::Message;
@@ -132,7 +132,7 @@ fn record(i: u64) -> AuditRecord {
         subject: Some(SUBJECT.into()),
         basis: Some("legal:Social Code, art. 146".into()),
         peer: Some("KZ/GOV/MLSPP/ss1".into()),
-        body_sha256: Some(kopir::pki::sha256(&body)),
+        body_sha256: Some(kopir_core::pki::sha256(&body)),
         request_hash: Some([3; 32]),
         signature: Some(vec![9; 64]),
         body: i.is_multiple_of(2).then_some(body),
@@ -222,7 +222,7 @@ async fn write_envelopes() {
     }
     let body = b"\x0a\x0c971125443866".to_vec();
     let meta = CallMeta::from_headers(METHOD, &headers).unwrap();
-    let header = meta.to_header(NOW_SECS * 1000, kopir::pki::sha256(&body));
+    let header = meta.to_header(NOW_SECS * 1000, kopir_core::pki::sha256(&body));
     let (signature, request_hash) = sign_request(&header, member, key);
     let roots = batch::VerifiedRoots::new(4);
     let verified = verify_request(&f.view, &roots, &header, Some(&signature), member, NOW_SECS);
@@ -234,17 +234,17 @@ async fn write_envelopes() {
     };
     write("envelope", "request", request.encode_to_vec());
     // Two requests signed in one batch: a signature with a Merkle path.
-    let other = kopir::proto::kopir::v1::RequestHeader {
+    let other = kopir_proto::v1::RequestHeader {
         request_id: "req-18".into(),
         ..header.clone()
     };
     let digests = [request_hash, {
-        let form = kopir::exchange::envelope::request_canonical(
+        let form = kopir_server::exchange::envelope::request_canonical(
             &other,
             &member.to_string(),
             &key.key_id().0,
         );
-        kopir::pki::sha256(&form)
+        kopir_core::pki::sha256(&form)
     }];
     let values = batch::sign_all(key, &digests);
     let batched = ForwardRequest {
@@ -252,7 +252,7 @@ async fn write_envelopes() {
         signature: Some(Signature {
             signer: member.to_string(),
             key_id: key.key_id().0.to_vec().into(),
-            algorithm: kopir::pki::sign::ALGORITHM.into(),
+            algorithm: kopir_core::pki::sign::ALGORITHM.into(),
             value: values[1].clone().into(),
         }),
         body: body.into(),
@@ -264,7 +264,7 @@ async fn write_envelopes() {
         request_hash: request_hash.to_vec().into(),
         status_code: 0,
         status_message: String::new(),
-        body_sha256: kopir::pki::sha256(b"person").to_vec().into(),
+        body_sha256: kopir_core::pki::sha256(b"person").to_vec().into(),
         timestamp_ms: NOW_SECS * 1000 + 5,
     };
     let (signature, _) = sign_response(&answer, &f.provider.0, &signer).await;
@@ -277,7 +277,7 @@ async fn write_envelopes() {
     write(
         "envelope",
         "frame",
-        kopir::exchange::frame::frame(b"\x0a\x0c971125443866"),
+        kopir_server::exchange::frame::frame(b"\x0a\x0c971125443866"),
     );
 }
 
@@ -316,7 +316,10 @@ async fn write_audit() {
     }
     let journal = fs::read(dir.path().join("audit.journal-0")).unwrap();
     let end = journal.iter().rposition(|&b| b != 0).unwrap() + 1;
-    assert_eq!(kopir::fuzzing::journal_records(&journal[..end]).len(), 4);
+    assert_eq!(
+        kopir_audit::fuzzing::journal_records(&journal[..end]).len(),
+        4
+    );
     write("journal", "four-records", &journal[..end]);
     handle.checkpoint().await.unwrap().unwrap();
     for i in 5..=6 {

@@ -10,7 +10,7 @@ mod serve_process;
 use std::time::{Duration, Instant};
 
 use common::{assert_refused, with_meta};
-use kopir::{
+use kopir_testkit::{
     federation::{BENEFITS, LocalFederation, write_atomically},
     proto::kz::population::v1::{
         GetPersonRequest, population_registry_client::PopulationRegistryClient,
@@ -93,7 +93,7 @@ async fn a_server_logging_to_dev_full_keeps_exchanging_and_watching() {
     let refused_after = until(&channel, &parent, |o| {
         o.as_ref().is_err_and(|s| {
             s.metadata()
-                .get(kopir::error::ERROR_KEY)
+                .get(kopir_core::error::ERROR_KEY)
                 .and_then(|v| v.to_str().ok())
                 == Some("globalconf.invalid")
         })

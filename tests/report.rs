@@ -11,34 +11,39 @@ mod common;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use common::{assert_refused, with_meta};
-use kopir::{
-    audit::{Side, Step, pgtest::TempPostgres},
-    consent::channel::Identity,
-    exchange::{envelope, meta::CallMeta, now_ms},
-    federation::{BENEFITS, LocalFederation, tls_channel},
+use kopir_audit::{Side, Step};
+use kopir_consent::channel::Identity;
+use kopir_core::{
+    clock::now_ms,
     globalconf::{ConfView, model::ReaderRole, watch},
     id::{Iin, Subject},
+    meta::CallMeta,
     pki::{
         Fingerprint, load_certs, load_key, sha256,
         sign::{SigningKey, VerifyingKey},
         tls::pinned_client_config,
     },
-    proto::{
-        kopir::v1::{
-            ForwardRequest, ReportRequest, ReportResponse,
-            access_report_client::AccessReportClient, exchange_client::ExchangeClient,
+};
+use kopir_pgtest::TempPostgres;
+use kopir_proto::v1::{
+    ForwardRequest, ReportRequest, ReportResponse, access_report_client::AccessReportClient,
+    exchange_client::ExchangeClient,
+};
+use kopir_server::{
+    exchange::envelope,
+    report::{FederationReport, Outcome, REPORT_METHOD, ReportEntry, assemble, assertion::Claims},
+};
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation, tls_channel},
+    proto::kz::{
+        income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
+        population::v1::{
+            GetPersonRequest, ListChildrenRequest,
+            population_registry_client::PopulationRegistryClient,
         },
-        kz::{
-            income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
-            population::v1::{
-                GetPersonRequest, ListChildrenRequest,
-                population_registry_client::PopulationRegistryClient,
-            },
-            realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
-        },
+        realty::v1::{ListPropertiesRequest, realty_registry_client::RealtyRegistryClient},
     },
     registry::LAST_TAX_YEAR,
-    report::{FederationReport, Outcome, REPORT_METHOD, ReportEntry, assemble, assertion::Claims},
 };
 use prost::Message;
 use tonic::{Code, Status, transport::Channel};
@@ -605,7 +610,7 @@ async fn only_the_portal_for_that_subject_or_an_auditor_may_ask() {
         .await
         .unwrap_err();
     assert_refused(&status, Code::Unauthenticated, "report.assertion_invalid");
-    let (cert, key) = kopir::pki::dev::signing_pair("not the portal").unwrap();
+    let (cert, key) = kopir_core::pki::dev::signing_pair("not the portal").unwrap();
     let stranger = SigningKey::from_pkcs8(&key, &cert).unwrap();
     let forged = Claims::new(
         "portal",

@@ -9,13 +9,15 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{assert_refused, edge::get_person};
-use kopir::{
-    config::ServerConfig,
-    federation::{LocalFederation, Node, write_atomically},
+use kopir_core::{
     globalconf::{highest, signed, watch},
     pki::sign::{SigningKey, VerifyingKey},
+};
+use kopir_server::{
+    config::ServerConfig,
     server::{Listeners, ServerError, start},
 };
+use kopir_testkit::federation::{LocalFederation, Node, write_atomically};
 use tonic::{Code, Status};
 
 struct Harness {
@@ -108,7 +110,7 @@ impl Harness {
         config.listen.peer = any;
         config.listen.admin = Some(any);
         let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key).unwrap());
-        let audit = kopir::audit::open(&config.audit_config(), signer)
+        let audit = kopir_audit::open(&config.audit_config(), signer)
             .await
             .unwrap();
         let listeners = Listeners::bind(&config).await.unwrap();

@@ -17,33 +17,35 @@ use base64::{
 };
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
-use kopir::{
-    audit::{
-        checkpoint::Checkpoint,
-        export::{Archive, verify_archive},
-        record::{StoredRecord, parse_canonical},
-    },
-    consent::{grant::covers, token},
-    exchange::{
-        envelope::{
-            request_canonical, response_canonical, sign_request, verify_request, verify_response,
-        },
-        frame::unframe,
-        meta::{CallMeta, check_method, keys, parse_hide_until},
-    },
+use kopir_audit::{
+    checkpoint::Checkpoint,
+    export::{Archive, verify_archive},
+    record::{StoredRecord, parse_canonical},
+};
+use kopir_consent::{grant::covers, token};
+use kopir_core::{
     globalconf::{
         ConfView, GlobalConf,
         signed::{self, VerifyError},
         view::ReportReaderEntry,
     },
     id::{Code, Iin, MemberId, ServerId, Subject, SubsystemId},
+    meta::{CallMeta, check_method, keys, parse_hide_until},
     pki::{
         self,
         batch::{self, VerifiedRoots},
         jws::{self, JwsError},
         sign::{SigningKey, VerifyingKey},
     },
-    proto::kopir::v1::{ForwardRequest, ForwardResponse},
+};
+use kopir_proto::v1::{ForwardRequest, ForwardResponse};
+use kopir_server::{
+    exchange::{
+        envelope::{
+            request_canonical, response_canonical, sign_request, verify_request, verify_response,
+        },
+        frame::unframe,
+    },
     report::assertion,
 };
 use prost::Message;
@@ -406,7 +408,7 @@ pub fn audit_record(data: &[u8]) {
 /// hashes to what its frame says and continues the chain, and written again
 /// the frames read back the same.
 pub fn journal(data: &[u8]) {
-    let records = kopir::fuzzing::journal_records(data);
+    let records = kopir_audit::fuzzing::journal_records(data);
     let mut again = Vec::new();
     for (i, r) in records.iter().enumerate() {
         assert_eq!(
@@ -421,10 +423,12 @@ pub fn journal(data: &[u8]) {
                 "recovered records that do not chain"
             );
         }
-        again.extend(kopir::fuzzing::journal_frame(r).expect("a recovered record fits a frame"));
+        again.extend(
+            kopir_audit::fuzzing::journal_frame(r).expect("a recovered record fits a frame"),
+        );
     }
     assert_eq!(
-        kopir::fuzzing::journal_records(&again),
+        kopir_audit::fuzzing::journal_records(&again),
         records,
         "frames that do not round-trip"
     );

@@ -28,6 +28,7 @@
 //! of any kind (which must be within the deadline) and the servers' peak
 //! memory.
 
+pub mod audit;
 pub mod measure;
 
 use std::{
@@ -42,16 +43,16 @@ use anyhow::Context;
 use serde::Serialize;
 use tonic::{Request, metadata::MetadataMap, transport::Channel};
 
-use crate::{
-    config::ServerConfig,
+use kopir_core::{
     error::{Reason, Refusal},
-    federation::{BENEFITS, LocalFederation},
     pki::{load_certs, load_key},
-    proto::{
-        kopir::v1::{AuditStatsRequest, audit_service_client::AuditServiceClient},
-        kz::population::v1::{
-            GetPersonRequest, population_registry_client::PopulationRegistryClient,
-        },
+};
+use kopir_proto::v1::{AuditStatsRequest, audit_service_client::AuditServiceClient};
+use kopir_server::config::ServerConfig;
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation},
+    proto::kz::population::v1::{
+        GetPersonRequest, population_registry_client::PopulationRegistryClient,
     },
     registry::RegistryKind,
 };
@@ -537,7 +538,7 @@ impl Bench {
 async fn connect(
     fed: &LocalFederation,
     addr: SocketAddr,
-    identity: Option<crate::consent::channel::Identity>,
+    identity: Option<kopir_consent::channel::Identity>,
     deadline: Instant,
 ) -> anyhow::Result<Channel> {
     loop {

@@ -3,11 +3,11 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::{
-    federation::write_atomically,
+use kopir_core::{
     globalconf::{describe::Federation, signed},
-    pki::{dev::DevLayout, sign::SigningKey},
+    pki::{layout::DevLayout, sign::SigningKey},
 };
+use kopir_testkit::federation::write_atomically;
 
 /// Authority commands.
 #[derive(Debug, clap::Subcommand)]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::{globalconf::describe::Federation, pki::dev};
+use kopir_core::{globalconf::describe::Federation, pki::dev};
 
 /// Certificate commands.
 #[derive(Debug, clap::Subcommand)]
@@ -26,7 +26,7 @@ impl Command {
         let Command::Dev { out, federation } = self;
         let fed = match federation {
             Some(path) => Federation::load(&path)?,
-            None => toml::from_str(crate::federation::FEDERATION_TOML)?,
+            None => toml::from_str(kopir_testkit::federation::FEDERATION_TOML)?,
         };
         let spec = fed.dev_pki_spec()?;
         dev::generate(&spec, &out)?;

@@ -5,15 +5,15 @@ use std::{path::PathBuf, time::Duration};
 
 use tonic::transport::Channel;
 
-use crate::{
+use kopir_consent::{channel::ca_channel, config::ConsentConfig, server};
+use kopir_core::{
     clock::rfc3339,
-    consent::{channel::ca_channel, config::ConsentConfig, server},
     error::Refusal,
     pki::{load_certs, load_key},
-    proto::kopir::v1::{
-        Consent, GrantRequest, IssueTokenRequest, ListRequest, RevokeRequest,
-        consent_service_client::ConsentServiceClient,
-    },
+};
+use kopir_proto::v1::{
+    Consent, GrantRequest, IssueTokenRequest, ListRequest, RevokeRequest,
+    consent_service_client::ConsentServiceClient,
 };
 
 /// Consent commands.

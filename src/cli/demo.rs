@@ -11,14 +11,16 @@ use std::{path::PathBuf, time::Instant};
 
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
-use crate::{
+use kopir_core::{
     error::{Reason, Refusal},
-    federation::{BENEFITS, LocalFederation},
     id::Iin,
-    proto::kopir::v1::{
-        AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest, RevokeRequest,
-        audit_service_client::AuditServiceClient, consent_service_client::ConsentServiceClient,
-    },
+};
+use kopir_proto::v1::{
+    AuditCheckpointRequest, AuditShowRequest, AuditVerifyRequest, RevokeRequest,
+    audit_service_client::AuditServiceClient, consent_service_client::ConsentServiceClient,
+};
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation},
     proto::kz::{
         income::v1::{GetDeclaredIncomeRequest, income_registry_client::IncomeRegistryClient},
         population::v1::{
@@ -394,7 +396,7 @@ async fn print_access_report(fed: &LocalFederation, iin: &Iin) -> anyhow::Result
     let report = fed
         .access_report(
             &subject,
-            crate::globalconf::model::ReaderRole::Portal,
+            kopir_core::globalconf::model::ReaderRole::Portal,
             false,
         )
         .await?;
@@ -412,7 +414,7 @@ access report of iin:{iin}, as the citizen sees it through the portal ({} reads,
     for e in &report.entries {
         println!(
             "  {}  {} read {} of {} ({}), query {}",
-            crate::clock::rfc3339_ms(e.at_ms),
+            kopir_core::clock::rfc3339_ms(e.at_ms),
             e.consumer_subsystem,
             e.method.rsplit('/').next().unwrap_or_default(),
             e.provider_service,

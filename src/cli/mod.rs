@@ -1,10 +1,12 @@
 //! The command line: one file per command family.
 
+pub mod audit;
 pub mod authority;
 pub mod certs;
 pub mod consent;
 pub mod demo;
 pub mod registry;
+pub mod report;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -38,7 +40,7 @@ pub enum Command {
     /// Run the whole federation on loopback and the child-benefit life event through it.
     Demo(demo::Args),
     /// Inspect, verify and export a server's audit log.
-    Audit(Box<crate::audit::cli::AuditArgs>),
+    Audit(Box<crate::cli::audit::AuditArgs>),
     /// Benchmark the whole exchange against a direct call (`kopir bench`),
     /// or the audit stores (`kopir bench audit`).
     Bench(BenchArgs),
@@ -60,7 +62,7 @@ pub struct BenchArgs {
 #[derive(Debug, Subcommand)]
 pub enum Bench {
     /// Durable appends/s of the audit stores, query and verify times.
-    Audit(crate::audit::bench::BenchAuditArgs),
+    Audit(crate::bench::audit::BenchAuditArgs),
 }
 
 impl Cli {

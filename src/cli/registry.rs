@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::registry::{Dataset, RegistryKind, serve};
+use kopir_testkit::registry::{Dataset, RegistryKind, serve};
 
 /// Registry commands.
 #[derive(Debug, clap::Subcommand)]
@@ -16,10 +16,10 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:7000")]
         listen: SocketAddr,
         /// Seed of the synthetic data (every run with the same seed agrees).
-        #[arg(long, default_value_t = crate::registry::DEFAULT_SEED)]
+        #[arg(long, default_value_t = kopir_testkit::registry::DEFAULT_SEED)]
         seed: u64,
         /// Number of families to generate.
-        #[arg(long, default_value_t = crate::registry::DEFAULT_FAMILIES)]
+        #[arg(long, default_value_t = kopir_testkit::registry::DEFAULT_FAMILIES)]
         families: usize,
     },
 }

@@ -2,9 +2,9 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use crate::{
+use kopir_core::pki::sign::SigningKey;
+use kopir_server::{
     config::ServerConfig,
-    pki::sign::SigningKey,
     server::{Listeners, start},
 };
 
@@ -21,7 +21,7 @@ impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let config = ServerConfig::load(&self.config)?;
         let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
-        let audit = crate::audit::open(&config.audit_config(), signer).await?;
+        let audit = kopir_audit::open(&config.audit_config(), signer).await?;
         let listeners = Listeners::bind(&config).await?;
         let server = start(config, listeners, audit.clone()).await?;
         super::stop_signal().await;

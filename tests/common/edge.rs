@@ -13,8 +13,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use kopir::pki::{self, tls};
-use kopir::{
+use kopir_core::pki::{self, tls};
+use kopir_testkit::{
     federation::{BENEFITS, LocalFederation},
     proto::kz::population::v1::{
         GetPersonRequest, population_registry_client::PopulationRegistryClient,

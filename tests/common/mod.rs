@@ -4,7 +4,9 @@ use std::{path::Path, sync::Arc};
 
 use tonic::{Code, Request, Status, metadata::MetadataValue};
 
-use kopir::{audit::pgtest::TempPostgres, error::ERROR_KEY, federation::LocalFederation};
+use kopir_core::error::ERROR_KEY;
+use kopir_pgtest::TempPostgres;
+use kopir_testkit::federation::LocalFederation;
 
 pub mod edge;
 

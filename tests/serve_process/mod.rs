@@ -12,15 +12,13 @@ use std::{
     time::Duration,
 };
 
-use kopir::{
-    audit::{
-        Step,
-        store::{Location, open_existing},
-    },
-    config::ServerConfig,
-    federation::{BENEFITS, LocalFederation},
-    pki::{load_certs, load_key},
+use kopir_audit::{
+    Step,
+    store::{Location, open_existing},
 };
+use kopir_core::pki::{load_certs, load_key};
+use kopir_server::config::ServerConfig;
+use kopir_testkit::federation::{BENEFITS, LocalFederation};
 use tonic::transport::Channel;
 
 /// One `kopir serve` process, killed when dropped.

@@ -1,0 +1,263 @@
+//! The security path of one exchange.
+//!
+//! ```text
+//! information system ──gRPC──▶ consumer side (client port)            provider side (peer port) ──gRPC──▶ registry
+//!   authenticate client cert → check global configuration → check service, purpose, subject
+//!   → sign request → AUDIT (forwarded) → forward over mutual TLS ─────▶
+//!        authenticate peer cert → check global configuration → verify signature and body
+//!        → timestamp window and replay → access rule → legal act or consent token
+//!        → AUDIT (accepted) → call registry
+//!        → sign response bound to the request hash → AUDIT (answered) ◀─────
+//!   verify response signature → AUDIT (answered) → answer
+//! ```
+//!
+//! - [`consumer`] and [`provider`] hold the two halves, each reading top to bottom.
+//! - [`meta`] parses the request metadata; [`envelope`] signs and verifies.
+//! - [`frame`] and [`upstream`] pass message bytes through untouched.
+//! - [`peers`] keeps pinned mutual-TLS connections to other servers;
+//!   [`replay`] refuses a request id seen before.
+//! - [`gate`] is the peer port's door: the peer must be pinned before it may
+//!   hold a share of the call budget or send a body; [`unknown`] counts the
+//!   refusals of callers that are nobody instead of auditing each;
+//!   [`deadline`] carries the call's deadline through every stage.
+
+pub mod consumer;
+pub mod envelope;
+pub mod frame;
+pub mod gate;
+pub mod peers;
+pub mod provider;
+pub mod replay;
+pub mod unknown;
+pub mod upstream;
+
+use std::{collections::HashMap, sync::Arc};
+
+use tonic::Code;
+
+use crate::policy::AccessPolicy;
+use kopir_audit::{AuditError, AuditLog, AuditRecord, Side, Step};
+use kopir_consent::ConsentVerifier;
+use kopir_core::{config::Limits, meta::CallMeta};
+use kopir_core::{
+    error::{Reason, Refusal},
+    globalconf::GlobalConfHandle,
+    id::{ServerId, SubsystemId},
+    pki::{
+        Fingerprint,
+        batch::{BatchSigner, VerifiedRoots},
+    },
+};
+use kopir_edge::overload::CallBudget;
+use kopir_proto::v1::Signature;
+
+/// The client certificate an information system must present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisteredClient {
+    /// SHA-256 of the certificate.
+    pub fingerprint: Fingerprint,
+    /// Its validity (Unix seconds, inclusive), read once: a certificate that
+    /// matches the fingerprint is this certificate.
+    pub valid: (i64, i64),
+}
+
+impl RegisteredClient {
+    /// The registration of a certificate (DER).
+    pub fn of(der: &[u8]) -> Result<Self, kopir_core::pki::PkiError> {
+        Ok(Self {
+            fingerprint: Fingerprint::of(der),
+            valid: kopir_core::pki::validity(der)?,
+        })
+    }
+}
+
+/// Everything the security path of one server needs, shared by its ports.
+pub struct Gateway {
+    /// This server's id.
+    pub server_id: ServerId,
+    /// The global configuration.
+    pub conf: GlobalConfHandle,
+    /// Signs with the member's signing key, one signature per batch.
+    pub signer: BatchSigner,
+    /// Batch signature roots already checked.
+    pub verified: VerifiedRoots,
+    /// Where audit records are made durable.
+    pub audit: Arc<dyn AuditLog>,
+    /// Limits.
+    pub limits: Limits,
+    /// Local information systems allowed on the client port, by the client
+    /// certificate registered for each.
+    pub clients: HashMap<SubsystemId, RegisteredClient>,
+    /// True if the client port accepts plaintext (development, loopback only):
+    /// then clients are not authenticated.
+    pub plaintext_clients: bool,
+    /// Registries this server provides.
+    pub services: HashMap<SubsystemId, upstream::Registry>,
+    /// Access rules for them.
+    pub policy: AccessPolicy,
+    /// Checks consent tokens for purposes that rest on consent.
+    pub consent: ConsentVerifier,
+    /// Connections to peer servers.
+    pub peers: peers::Peers,
+    /// Replay protection.
+    pub replay: replay::ReplayGuard,
+    /// Keep message bodies in the audit log (by default only their hashes).
+    pub store_bodies: bool,
+    /// The client port's call budget.
+    pub client_calls: CallBudget,
+    /// Refusals of callers that are nobody, counted for summary records.
+    pub unknown: Arc<unknown::UnknownCallers>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("server_id", &self.server_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// The copy of `body` an audit record keeps: none unless bodies are stored.
+    pub(crate) fn kept_body(&self, body: &[u8]) -> Option<Vec<u8>> {
+        self.store_bodies.then(|| body.to_vec())
+    }
+}
+
+/// What is known of a request when a record is written: parsed metadata, or the
+/// raw header values of a request refused before they could be parsed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Known {
+    request_id: String,
+    client: String,
+    service: String,
+    method: String,
+    purpose: String,
+    subject: Option<String>,
+    user: Option<String>,
+    query_group: Option<String>,
+    hidden_until_ms: Option<i64>,
+    hidden_reason: Option<String>,
+}
+
+impl From<&CallMeta> for Known {
+    fn from(m: &CallMeta) -> Self {
+        Self {
+            request_id: m.request_id.clone(),
+            client: m.client.to_string(),
+            service: m.service.to_string(),
+            method: m.method.clone(),
+            purpose: m.purpose.to_string(),
+            subject: m.subject.as_ref().map(ToString::to_string),
+            user: m.user.clone(),
+            query_group: m.tracker.query_group.as_ref().map(ToString::to_string),
+            hidden_until_ms: m.tracker.hidden.as_ref().map(|h| h.until_ms),
+            hidden_reason: m.tracker.hidden.as_ref().map(|h| h.reason.clone()),
+        }
+    }
+}
+
+impl Known {
+    /// A record of `step` for this request.
+    pub(crate) fn record(&self, side: Side, step: Step) -> AuditRecord {
+        AuditRecord {
+            request_id: self.request_id.clone(),
+            client: self.client.clone(),
+            service: self.service.clone(),
+            method: self.method.clone(),
+            purpose: self.purpose.clone(),
+            subject: self.subject.clone(),
+            user: self.user.clone(),
+            query_group: self.query_group.clone(),
+            hidden_until_ms: self.hidden_until_ms,
+            hidden_reason: self.hidden_reason.clone(),
+            ..AuditRecord::new(side, step)
+        }
+    }
+
+    /// A record of `step` that carries `signature` over `signed_hash` (the
+    /// request or response hash) and the hash of the body it covers.
+    pub(crate) fn signed_record(
+        &self,
+        side: Side,
+        step: Step,
+        signature: Option<&Signature>,
+        signed_hash: [u8; 32],
+        body_sha256: [u8; 32],
+    ) -> AuditRecord {
+        let mut r = self.record(side, step);
+        r.signature = signature.map(|s| s.value.to_vec());
+        r.signer_key = signature.and_then(|s| s.key_id.as_ref().try_into().ok());
+        r.signed_hash = Some(signed_hash);
+        r.body_sha256 = Some(body_sha256);
+        r
+    }
+
+    /// A record of a refusal or failure.
+    pub(crate) fn refusal(&self, side: Side, step: Step, refusal: &Refusal) -> AuditRecord {
+        let mut r = self.record(side, step);
+        r.status = refusal.code as i32;
+        r.reason = Some(refusal.reason.as_str().into());
+        r.message = Some(refusal.message.clone());
+        r
+    }
+}
+
+/// Makes `record` durable (and every record before it), or refuses with
+/// `audit.unavailable`.
+pub(crate) async fn durable(audit: &dyn AuditLog, record: AuditRecord) -> Result<(), Refusal> {
+    audit.append(record).await.map_err(audit_unavailable)
+}
+
+/// Writes `record`, the first of an exchange whose later record is made
+/// [`durable`] before the server answers ([`AuditLog::append_written`]), or
+/// refuses with `audit.unavailable`.
+pub(crate) async fn written(audit: &dyn AuditLog, record: AuditRecord) -> Result<(), Refusal> {
+    audit
+        .append_written(record)
+        .await
+        .map_err(audit_unavailable)
+}
+
+fn audit_unavailable(e: AuditError) -> Refusal {
+    tracing::error!(error = %e, "audit record could not be written");
+    Refusal::new(
+        Reason::AuditUnavailable,
+        "this security server cannot make its audit record durable, so nothing was sent or released; retry later",
+    )
+}
+
+/// Records a refusal; the refusal stands even if the record cannot be written
+/// (the error is logged), since nothing is released either way.
+pub(crate) async fn record_refusal(
+    audit: &dyn AuditLog,
+    known: &Known,
+    side: Side,
+    step: Step,
+    refusal: &Refusal,
+) {
+    tracing::info!(request_id = %known.request_id, reason = %refusal.reason, message = %refusal.message, side = side.as_str(), "refused");
+    if let Err(e) = audit.append(known.refusal(side, step, refusal)).await {
+        tracing::error!(error = %e, request_id = %known.request_id, "refusal could not be audited");
+    }
+}
+
+/// The answer to a call whose task panicked: an internal error, logged.
+pub(crate) fn panicked(e: &tokio::task::JoinError) -> http::Response<tonic::body::Body> {
+    tracing::error!(error = %e, "a call's task failed");
+    Refusal::new(
+        Reason::Internal,
+        "this security server failed while handling the call; its operators can find the cause in its log",
+    )
+    .to_status(None)
+    .into_http()
+}
+
+/// A status for a registry's own (non-OK) answer, passed through as it is.
+pub(crate) fn registry_status(code: i32, message: &str, request_id: &str) -> tonic::Status {
+    let mut md = tonic::metadata::MetadataMap::new();
+    if let Ok(v) = request_id.parse() {
+        md.insert(kopir_core::error::REQUEST_ID_KEY, v);
+    }
+    tonic::Status::with_metadata(Code::from_i32(code), message.to_owned(), md)
+}

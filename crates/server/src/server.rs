@@ -1,0 +1,522 @@
+//! Assembles one security server: its listeners, the TLS in front of them, the
+//! tower layers at the edge, and the services behind each port.
+//!
+//! - client port: the member's information systems call registry methods here;
+//!   health and reflection answer too, every other path goes to
+//!   [`crate::exchange::consumer`].
+//! - peer port: other security servers, mutual TLS only: `kopir.v1.Exchange`
+//!   ([`crate::exchange::provider`]), health, reflection; and the citizen's access
+//!   report for portals and auditors, `kopir.v1.AccessReport` ([`crate::report`]).
+//! - admin port (optional): operators, mutual TLS: the `AuditService` (only
+//!   for the client certificates `operators` lists), health, reflection.
+
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tower::Layer;
+
+use crate::{
+    config::ServerConfig,
+    exchange::{
+        Gateway, RegisteredClient, consumer,
+        gate::{ENVELOPE_ALLOWANCE, PeerGate},
+        peers::Peers,
+        provider::Provider,
+        replay::ReplayGuard,
+        unknown::write_summaries,
+        upstream::Registry,
+    },
+    policy::AccessPolicy,
+    report::ReportService,
+};
+use kopir_audit::{AuditHandle, AuditLog, AuditServiceImpl};
+use kopir_consent::{
+    ConsentVerifier, DEFAULT_MAX_SILENCE, FeedOptions, RevocationFeed, RevocationSet,
+};
+use kopir_core::{
+    error::{Reason, Refusal},
+    globalconf::{GlobalConfHandle, watch::watch as watch_conf},
+    pki::{
+        Fingerprint, PkiError,
+        batch::{BatchSigner, VerifiedRoots},
+        cert_fingerprint, load_certs, load_key,
+        sign::SigningKey,
+        tls::{ClientAuth, server_config},
+    },
+};
+use kopir_edge::{
+    EdgeLimits,
+    overload::{Admission, Admit, CallBudget, Caller, PortGate, PortGateLayer},
+};
+use kopir_proto::{FILE_DESCRIPTOR_SET, v1::exchange_server::ExchangeServer};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Key material could not be loaded.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The record of the highest accepted global configuration cannot be read.
+    #[error(transparent)]
+    GlobalconfHighest(#[from] kopir_core::globalconf::highest::HighestError),
+    /// The store that counts consent uses could not be opened.
+    #[error("consent use counts: {0}")]
+    ConsentStore(#[from] kopir_consent::store::StoreError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The server's listeners, bound before it starts (so that tests and the demo
+/// can bind port 0 and publish the real addresses first).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Client port.
+    pub client: TcpListener,
+    /// Peer port.
+    pub peer: TcpListener,
+    /// Admin port.
+    pub admin: Option<TcpListener>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+impl Listeners {
+    /// Binds the addresses a configuration names.
+    pub async fn bind(config: &ServerConfig) -> Result<Self, ServerError> {
+        Ok(Self {
+            client: bind(config.listen.client).await?,
+            peer: bind(config.listen.peer).await?,
+            admin: match config.listen.admin {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where the client port listens.
+    pub client_addr: SocketAddr,
+    /// Where the peer port listens.
+    pub peer_addr: SocketAddr,
+    /// Where the admin port listens.
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    revocations: RevocationFeed,
+}
+
+impl RunningServer {
+    /// This server's view of consent revocations, kept fresh by the feed from
+    /// the consent authority.
+    pub fn revocations(&self) -> &RevocationSet {
+        self.revocations.set()
+    }
+
+    /// Stops accepting, closes idle connections, gives calls in flight the
+    /// drain timeout (`edge.drain_timeout_ms`) to finish, and waits for the
+    /// ports to close.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.revocations.stop().await;
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "port task failed");
+            }
+        }
+    }
+}
+
+/// How many batch signature roots a server remembers as checked.
+const VERIFIED_ROOTS: usize = 4096;
+
+/// A port's service: its routes behind the port's own call budget, sorted by
+/// `admit` (see [`kopir_edge::overload`]).
+fn port_service(
+    gw: &Gateway,
+    budget: CallBudget,
+    routes: Routes,
+    admit: Admit,
+) -> PortGate<Routes> {
+    PortGateLayer::new(budget, admit, gw.limits.timeout()).layer(routes.prepare())
+}
+
+/// True for the routes every port opens to any caller.
+fn open_route(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
+}
+
+/// Client port: the exchange path takes its permit once it has
+/// authenticated the information system; health and reflection share the
+/// anonymous share.
+fn client_admission() -> Admit {
+    Arc::new(|path, _| {
+        if open_route(path) {
+            Admission::Gated(Caller::Anonymous)
+        } else {
+            Admission::SelfManaged
+        }
+    })
+}
+
+/// Peer port: the exchange's door takes its permit once the peer is pinned;
+/// other calls are charged to the security server, portal or auditor the
+/// global configuration names for the certificate, or to the anonymous share.
+fn peer_admission(conf: GlobalConfHandle) -> Admit {
+    Arc::new(move |path, cert| {
+        if path.starts_with("/kopir.v1.Exchange/") {
+            return Admission::SelfManaged;
+        }
+        let known = cert.map(Fingerprint::of).and_then(|fp| {
+            let view = conf.current().ok()?;
+            if let Some(server) = view.server_by_tls(&fp) {
+                return Some(format!("security server {server}"));
+            }
+            view.report_reader(&fp)
+                .map(|r| format!("report reader {}", r.name))
+        });
+        Admission::Gated(known.map_or(Caller::Anonymous, Caller::Known))
+    })
+}
+
+/// Admin port: every call is charged to its operator, or to the anonymous
+/// share (health, and callers the operator check refuses).
+fn admin_admission(operators: Arc<Vec<Fingerprint>>) -> Admit {
+    Arc::new(move |_, cert| {
+        let fp = cert.map(Fingerprint::of);
+        Admission::Gated(match fp {
+            Some(fp) if operators.contains(&fp) => Caller::Known(format!("operator {fp}")),
+            _ => Caller::Anonymous,
+        })
+    })
+}
+
+/// Lets a call through only if its TLS client certificate is an operator's.
+fn operator_check(
+    operators: Arc<Vec<Fingerprint>>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |request| {
+        let refuse = |why: String| Refusal::new(Reason::OperatorUnknown, why).to_status(None);
+        let cert = request
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| refuse("present an operator's TLS client certificate".into()))?;
+        let fp = Fingerprint::of(cert.as_ref());
+        if operators.contains(&fp) {
+            Ok(request)
+        } else if operators.is_empty() {
+            Err(refuse(
+                "this server lists no operators; add their certificates to `operators` in its configuration".into(),
+            ))
+        } else {
+            Err(refuse(format!(
+                "certificate {fp} is not one of this server's `operators`"
+            )))
+        }
+    }
+}
+
+/// Starts a security server on pre-bound listeners, writing audit records to
+/// `audit` (which its admin port also serves to operators).
+pub async fn start(
+    config: ServerConfig,
+    listeners: Listeners,
+    audit: Arc<AuditHandle>,
+) -> Result<RunningServer, ServerError> {
+    let chain = load_certs(&config.tls.cert)?;
+    let key = load_key(&config.tls.key)?;
+    let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
+    let anchors = config
+        .globalconf
+        .anchor_keys()
+        .map_err(|e| ServerError::Config(e.0))?;
+    let conf = watch_conf(
+        config.globalconf.path.clone(),
+        anchors,
+        Duration::from_secs(config.globalconf.refresh_secs.max(1)),
+        &config.data_dir,
+    )
+    .await?;
+    let mut clients = HashMap::new();
+    for c in &config.clients {
+        clients.insert(
+            c.id.clone(),
+            RegisteredClient::of(load_certs(&c.cert)?[0].as_ref())?,
+        );
+    }
+    let mut services = HashMap::new();
+    for s in &config.services {
+        let registry = Registry::new(
+            &s.endpoint,
+            config.limits.connect_timeout(),
+            config.limits.max_body_bytes,
+        )
+        .map_err(|e| {
+            ServerError::Config(format!("service {}: endpoint {:?}: {e}", s.id, s.endpoint))
+        })?;
+        services.insert(s.id.clone(), registry);
+    }
+    let plaintext = config.listen.plaintext_client;
+    if plaintext
+        && !listeners
+            .client
+            .local_addr()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(false)
+    {
+        return Err(ServerError::Config(
+            "listen.plaintext_client is for development and needs a loopback client address".into(),
+        ));
+    }
+    let operators = config
+        .operators
+        .iter()
+        .map(|p| cert_fingerprint(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let audit_service = AuditServiceImpl::new(audit.clone()).with_conf(conf.clone());
+    // Consent: revocations pushed by the consent authority the global
+    // configuration names (the feed waits while it names none), and use counts
+    // in the same store family as the audit log.
+    let uses =
+        kopir_consent::store::open(&config.data_dir, config.audit.database.as_deref()).await?;
+    let revocations = RevocationFeed::spawn(
+        conf.clone(),
+        (chain.clone(), key.clone_key()),
+        RevocationSet::new(DEFAULT_MAX_SILENCE),
+        FeedOptions {
+            connect_timeout: config.limits.connect_timeout(),
+            ..FeedOptions::default()
+        },
+    );
+    let report_service = ReportService::new(
+        audit.clone(),
+        conf.clone(),
+        config.server_id.clone(),
+        config.limits.max_clock_skew_ms,
+    );
+    let gw = Arc::new(Gateway {
+        server_id: config.server_id.clone(),
+        conf: conf.clone(),
+        signer: BatchSigner::start(signer),
+        verified: VerifiedRoots::new(VERIFIED_ROOTS),
+        audit: audit as Arc<dyn AuditLog>,
+        replay: ReplayGuard::new(
+            config.limits.max_clock_skew_ms,
+            config.limits.replay_capacity,
+        ),
+        peers: Peers::new(
+            chain.clone(),
+            key.clone_key(),
+            config.limits.connect_timeout(),
+            config.limits.max_body_bytes + ENVELOPE_ALLOWANCE,
+        ),
+        limits: config.limits.clone(),
+        clients,
+        plaintext_clients: plaintext,
+        services,
+        policy: AccessPolicy::new(config.access.clone()),
+        consent: ConsentVerifier::new(revocations.set().clone(), uses),
+        store_bodies: config.audit.store_bodies,
+        client_calls: CallBudget::for_port(&config.limits),
+        unknown: Arc::default(),
+    });
+    // Every caller of the peer and admin ports holds a certificate; an
+    // information system's is checked in the request path, which names what is
+    // wrong with it.
+    let acceptor = |auth| -> Result<TlsAcceptor, ServerError> {
+        Ok(TlsAcceptor::from(Arc::new(server_config(
+            chain.clone(),
+            key.clone_key(),
+            auth,
+        )?)))
+    };
+    let (client_tls, peer_tls) = (
+        acceptor(ClientAuth::Requested)?,
+        acceptor(ClientAuth::Required)?,
+    );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let stop = move || {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ports = 2 + usize::from(listeners.admin.is_some());
+    let edge = EdgeLimits {
+        max_connections: kopir_edge::fds::connections_per_port(
+            kopir_edge::fds::raise_nofile_limit(),
+            ports,
+            config.edge.max_connections,
+        ),
+        ..config.edge.clone()
+    };
+    let serve = |listener, tls, service| {
+        tokio::spawn(kopir_edge::serve(
+            listener,
+            tls,
+            service,
+            edge.clone(),
+            shutdown.subscribe(),
+        ))
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(health, conf.clone(), stop()));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Config(format!("reflection: {e}")))
+    };
+
+    let client_addr = listeners
+        .client
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.client,
+            source,
+        })?;
+    let peer_addr = listeners
+        .peer
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.peer,
+            source,
+        })?;
+    let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
+    let mut tasks = Vec::new();
+
+    // Client port: health, reflection, and the pass-through for everything else.
+    let passthrough = {
+        let gw = gw.clone();
+        tower::service_fn(move |req| {
+            // Each exchange runs as a task of its own, so that a caller that
+            // gives up does not cut its audit trail short (see `consumer`).
+            let work = tokio::spawn(consumer::handle(gw.clone(), req));
+            async move {
+                Ok::<_, Infallible>(match work.await {
+                    Ok(response) => response,
+                    Err(e) => crate::exchange::panicked(&e).map(axum::body::Body::new),
+                })
+            }
+        })
+    };
+    let router = Routes::new(health_service.clone())
+        .add_service(reflection()?)
+        .into_axum_router()
+        .fallback_service(passthrough);
+    let client = port_service(
+        &gw,
+        gw.client_calls.clone(),
+        Routes::from(router),
+        client_admission(),
+    );
+    tasks.push(serve(
+        listeners.client,
+        (!plaintext).then_some(client_tls),
+        client,
+    ));
+
+    // Peer port: the exchange protocol behind its door, mutual TLS only.
+    let peer_calls = CallBudget::for_port(&gw.limits);
+    let exchange = PeerGate::new(
+        ExchangeServer::new(Provider::new(gw.clone()))
+            .max_decoding_message_size(gw.limits.max_body_bytes + ENVELOPE_ALLOWANCE)
+            .max_encoding_message_size(gw.limits.max_body_bytes + ENVELOPE_ALLOWANCE),
+        gw.clone(),
+        peer_calls.clone(),
+    );
+    let peer = Routes::new(health_service.clone())
+        .add_service(reflection()?)
+        .add_service(exchange)
+        .add_service(report_service.into_server());
+    tasks.push(serve(
+        listeners.peer,
+        Some(peer_tls.clone()),
+        port_service(&gw, peer_calls, peer, peer_admission(conf.clone())),
+    ));
+
+    // Admin port: the audit log for operators (health stays open to probes).
+    if let Some(admin) = listeners.admin {
+        let operators = Arc::new(operators);
+        let audit = tonic::service::interceptor::InterceptedService::new(
+            audit_service.into_server(),
+            operator_check(operators.clone()),
+        );
+        let routes = Routes::new(health_service)
+            .add_service(reflection()?)
+            .add_service(audit);
+        let admin_service = port_service(
+            &gw,
+            CallBudget::for_port(&gw.limits),
+            routes,
+            admin_admission(operators),
+        );
+        tasks.push(serve(admin, Some(peer_tls), admin_service));
+    }
+    // Refused unknown callers, summed up (and written once more at shutdown).
+    tasks.push(tokio::spawn(write_summaries(
+        gw.unknown.clone(),
+        gw.audit.clone(),
+        gw.limits.unknown_caller_summary(),
+        shutdown.subscribe(),
+    )));
+    tracing::info!(server = %config.server_id, %client_addr, %peer_addr, ?admin_addr, "security server started");
+    Ok(RunningServer {
+        client_addr,
+        peer_addr,
+        admin_addr,
+        shutdown,
+        tasks,
+        revocations,
+    })
+}
+
+/// Keeps the health status in line with the global configuration: a server
+/// that would refuse every exchange reports NOT_SERVING.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    conf: kopir_core::globalconf::GlobalConfHandle,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = None;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        let status = if conf.current().is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            for name in ["", "kopir.v1.Exchange", "kopir.v1.AccessReport"] {
+                reporter.set_service_status(name, status).await;
+            }
+            last = Some(status);
+        }
+    }
+}
