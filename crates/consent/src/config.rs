@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn the_deployed_configuration_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/consent.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/consent.toml");
         let config = ConsentConfig::load(&path).unwrap();
         assert_eq!(config.portals.len(), 1);
         assert!(config.portals[0].ends_with("certs-dev/portal/client.crt"));

@@ -243,9 +243,8 @@ fn write_err(e: rusqlite::Error) -> AuditError {
 /// makes each commit durable; a larger WAL before it is folded back into the
 /// database file lets repeated writes of the same pages (the last pages of
 /// the table and its indexes) be folded once. A reader's page cache is
-/// 16 MiB: queries and `verify` read each page about once, so a larger cache
-/// bought nothing in `kopir bench audit` but could add 64 MiB per reader to
-/// the server's memory.
+/// 16 MiB: queries and `verify` read each page about once, so a larger one
+/// would only add to the server's memory, once per reader.
 const PRAGMAS: &str = "PRAGMA synchronous=FULL; PRAGMA cache_size=-16384; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=10000; PRAGMA journal_size_limit=134217728;";
 
 /// How often the upkeep thread folds the journal into SQLite: often enough
@@ -328,8 +327,7 @@ fn upkeep_round(path: &Path, inner: &Inner, conn: &mut Option<Connection>, round
 /// large cache costs a scan of it at every commit); the upkeep thread reads
 /// each chunk of the key index once. Both caches fill up with pages read or
 /// written once and never again, so a larger one only costs the server
-/// memory (8 MiB for the writer plus 16 MiB for the upkeep thread put a
-/// server above 60 MiB under load).
+/// memory.
 const SMALL_CACHE: &str = "PRAGMA cache_size=-2048;";
 
 /// A connection with the [`SMALL_CACHE`]: the writer's and the upkeep thread's.
