@@ -18,7 +18,7 @@ pub struct Deadline {
 
 impl Deadline {
     /// A deadline `granted` after now.
-    pub fn after(granted: Duration) -> Self {
+    pub(crate) fn after(granted: Duration) -> Self {
         Self {
             at: Instant::now() + granted,
             granted,
@@ -32,7 +32,8 @@ impl Deadline {
     }
 
     /// How long the call was given.
-    pub fn granted(&self) -> Duration {
+    #[cfg(test)]
+    fn granted(&self) -> Duration {
         self.granted
     }
 
@@ -116,7 +117,7 @@ pub async fn read_body<T>(
 }
 
 /// The deadline asked for in a `grpc-timeout` header, if it is well formed.
-pub fn asked(headers: &http::HeaderMap) -> Option<Duration> {
+pub(crate) fn asked(headers: &http::HeaderMap) -> Option<Duration> {
     headers
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())

@@ -27,7 +27,7 @@ pub fn dropped_lines() -> u64 {
 
 /// A [`MakeWriter`] over standard error whose writes never fail.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct StderrSink;
+pub(crate) struct StderrSink;
 
 impl<'a> MakeWriter<'a> for StderrSink {
     type Writer = LineWriter<io::Stderr>;
@@ -41,7 +41,7 @@ impl<'a> MakeWriter<'a> for StderrSink {
 /// written with one `write_all` by the subscriber, so a failed write drops
 /// the rest of that line and nothing more.
 #[derive(Debug)]
-pub struct LineWriter<W> {
+pub(crate) struct LineWriter<W> {
     inner: W,
     /// A write of this line failed: the rest of it is dropped too.
     failed: bool,
@@ -49,7 +49,7 @@ pub struct LineWriter<W> {
 
 impl<W: Write> LineWriter<W> {
     /// A writer over `inner`.
-    pub fn new(inner: W) -> Self {
+    pub(crate) fn new(inner: W) -> Self {
         Self {
             inner,
             failed: false,

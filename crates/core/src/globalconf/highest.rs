@@ -154,7 +154,8 @@ impl HighestStore {
     }
 
     /// The file.
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    fn path(&self) -> &Path {
         &self.path
     }
 
@@ -179,7 +180,7 @@ impl HighestStore {
     }
 
     /// Records `version` durably (making the data directory if needed).
-    pub fn save(&self, version: Version) -> Result<(), HighestError> {
+    pub(crate) fn save(&self, version: Version) -> Result<(), HighestError> {
         let write = |source| HighestError::Write {
             path: self.path.clone(),
             source,

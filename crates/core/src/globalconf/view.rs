@@ -212,7 +212,7 @@ impl ConfView {
     }
 
     /// When the document expires.
-    pub fn expires_at(&self) -> OffsetDateTime {
+    pub(crate) fn expires_at(&self) -> OffsetDateTime {
         self.conf.expires_at
     }
 
@@ -227,11 +227,6 @@ impl ConfView {
     /// The server of `member` whose TLS certificate has this fingerprint.
     pub fn server_of(&self, member: &MemberId, tls: &Fingerprint) -> Option<&ServerId> {
         self.server_certs.get(member)?.get(tls)
-    }
-
-    /// A server by id.
-    pub fn server(&self, id: &ServerId) -> Option<&Endpoint> {
-        self.servers.get(id)
     }
 
     /// A subsystem (as a service) by id.

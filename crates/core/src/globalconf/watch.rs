@@ -88,11 +88,6 @@ impl GlobalConfHandle {
             }
         }
     }
-
-    /// Waits until the configuration changes (for tests and health reporting).
-    pub async fn changed(&mut self) -> bool {
-        self.rx.changed().await.is_ok()
-    }
 }
 
 /// Reads, verifies and indexes the file once, as a server would, but without

@@ -40,7 +40,7 @@ const SIGNATURE_LEN: usize = 64;
 /// Length of one path step: side byte and sibling hash.
 const STEP_LEN: usize = 33;
 /// The most digests one signature covers (a path of at most 8 steps).
-pub const MAX_BATCH: usize = 256;
+pub(crate) const MAX_BATCH: usize = 256;
 
 /// The Merkle node over two children.
 fn node(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {

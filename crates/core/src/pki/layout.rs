@@ -3,7 +3,7 @@
 //! configurations can refer to the files by convention. The PKI itself is
 //! made by [`super::dev`] (feature `dev-pki`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::id::{MemberId, ServerId, SubsystemId};
 
@@ -21,10 +21,6 @@ impl DevLayout {
     /// A layout rooted at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
-    }
-    /// The root folder.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
     /// The CA certificate (trust root for TLS on the client port).
     pub fn ca_cert(&self) -> PathBuf {
@@ -48,7 +44,7 @@ impl DevLayout {
         (dir.join("signing.crt"), dir.join("signing.key"))
     }
     /// The consent authority's TLS certificate and key.
-    pub fn consent_tls(&self) -> (PathBuf, PathBuf) {
+    pub(crate) fn consent_tls(&self) -> (PathBuf, PathBuf) {
         let dir = self.root.join("consent");
         (dir.join("tls.crt"), dir.join("tls.key"))
     }

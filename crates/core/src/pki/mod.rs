@@ -69,7 +69,7 @@ impl Fingerprint {
         Self(sha256(der))
     }
     /// Parses 64 hex digits.
-    pub fn from_hex(text: &str) -> Option<Self> {
+    pub(crate) fn from_hex(text: &str) -> Option<Self> {
         let bytes = hex::decode(text).ok()?;
         Some(Self(bytes.try_into().ok()?))
     }
@@ -153,7 +153,7 @@ pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
 }
 
 /// One PEM block.
-pub fn pem_block(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

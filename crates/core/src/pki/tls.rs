@@ -31,7 +31,7 @@ use rustls::{
 use super::{Fingerprint, PkiError};
 
 /// The crypto provider kopir uses everywhere: ring.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
