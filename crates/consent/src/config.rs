@@ -87,7 +87,7 @@ impl ConsentConfig {
     }
 
     /// Makes relative paths relative to `base`.
-    pub fn rebase(&mut self, base: &Path) {
+    pub(crate) fn rebase(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| rebase_path(base, p);
         fix(&mut self.data_dir);
         self.tls.rebase(base);

@@ -13,11 +13,11 @@ use kopir_core::{
 use kopir_proto::v1::{Consent as ConsentMsg, GrantRequest};
 
 /// The most methods one grant may name.
-pub const MAX_METHODS: usize = 32;
+pub(crate) const MAX_METHODS: usize = 32;
 /// The longest method pattern.
 const METHOD_MAX: usize = 256;
 /// The longest validity window a grant may have (five years).
-pub const MAX_WINDOW_SECS: i64 = 5 * 366 * 24 * 3600;
+pub(crate) const MAX_WINDOW_SECS: i64 = 5 * 366 * 24 * 3600;
 
 /// One consent of a subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +59,7 @@ fn is_name(part: &str, dots: bool) -> bool {
 
 /// Checks and normalises a method pattern: `/pkg.Service/Method` (exact) or
 /// `pkg.Service/*` (every method of a service; a leading `/` is dropped).
-pub fn method_pattern(text: &str) -> Result<String, String> {
+pub(crate) fn method_pattern(text: &str) -> Result<String, String> {
     let bad = || {
         format!(
             "method {:?} must be /package.Service/Method or package.Service/*",
@@ -105,7 +105,7 @@ where
 impl Grant {
     /// Checks a grant request against the global configuration and makes the
     /// grant it asks for, with id `id`, at `now_ms`.
-    pub fn from_request(
+    pub(crate) fn from_request(
         req: &GrantRequest,
         view: &ConfView,
         id: String,
@@ -187,7 +187,7 @@ impl Grant {
     }
 
     /// The grant as a protobuf message.
-    pub fn to_message(&self) -> ConsentMsg {
+    pub(crate) fn to_message(&self) -> ConsentMsg {
         ConsentMsg {
             id: self.id.clone(),
             subject: self.subject.to_string(),

@@ -21,7 +21,7 @@
 
 pub mod channel;
 pub mod config;
-pub mod feed;
+pub(crate) mod feed;
 pub mod grant;
 pub mod revocations;
 pub mod server;
@@ -37,7 +37,7 @@ pub use revocations::{DEFAULT_MAX_SILENCE, RevocationSet};
 pub use verify::{Accepted, ConsentVerifier, Expected, Uses};
 
 /// Resolves once `stop` holds `true` (or its sender is gone).
-pub(crate) async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+pub async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here, so callers stay `Send`.
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }

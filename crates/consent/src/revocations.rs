@@ -69,7 +69,7 @@ impl RevocationSet {
     }
 
     /// Records a revocation heard at `heard_ms`.
-    pub fn revoke(&self, seq: u64, consent_id: &str, not_after: i64, heard_ms: i64) {
+    pub(crate) fn revoke(&self, seq: u64, consent_id: &str, not_after: i64, heard_ms: i64) {
         let mut inner = self.write();
         inner.revoked.insert(consent_id.to_owned(), not_after);
         inner.head = inner.head.max(seq);
@@ -78,7 +78,7 @@ impl RevocationSet {
 
     /// Records a heartbeat heard at `heard_ms`: every revocation up to `head`
     /// has been received. Expired revocations are dropped (`now` in seconds).
-    pub fn heartbeat(&self, head: u64, heard_ms: i64) {
+    pub(crate) fn heartbeat(&self, head: u64, heard_ms: i64) {
         let mut inner = self.write();
         inner.head = inner.head.max(head);
         inner.last_heard_ms = Some(heard_ms);
@@ -87,7 +87,7 @@ impl RevocationSet {
     }
 
     /// The highest revocation sequence number received (the feed's cursor).
-    pub fn head(&self) -> u64 {
+    pub(crate) fn head(&self) -> u64 {
         self.read().head
     }
 
@@ -121,7 +121,7 @@ impl RevocationSet {
     }
 
     /// The longest silence tolerated, in ms.
-    pub fn max_silence_ms(&self) -> i64 {
+    pub(crate) fn max_silence_ms(&self) -> i64 {
         self.max_silence_ms
     }
 }

@@ -38,7 +38,7 @@ const PAGE: usize = 1000;
 
 /// Who is calling, by TLS client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
+pub(crate) enum Caller {
     /// The citizen portal (pinned in the authority's configuration).
     Portal,
     /// A security server listed in the global configuration.
@@ -48,7 +48,7 @@ pub enum Caller {
 }
 
 /// The state behind the service.
-pub struct Authority {
+pub(crate) struct Authority {
     /// Grants, revocations.
     pub store: Arc<dyn ConsentStore>,
     /// The token-signing key.
@@ -79,13 +79,13 @@ impl std::fmt::Debug for Authority {
 
 /// The `kopir.v1.ConsentService` implementation.
 #[derive(Debug, Clone)]
-pub struct ConsentServiceImpl {
+pub(crate) struct ConsentServiceImpl {
     authority: Arc<Authority>,
 }
 
 impl ConsentServiceImpl {
     /// The service over `authority`.
-    pub fn new(authority: Arc<Authority>) -> Self {
+    pub(crate) fn new(authority: Arc<Authority>) -> Self {
         Self { authority }
     }
 }
@@ -143,7 +143,11 @@ impl Authority {
     }
 
     /// Names the caller of `request` by its TLS client certificate.
-    pub fn caller<T>(&self, request: &Request<T>, view: &ConfView) -> Result<Caller, Refusal> {
+    pub(crate) fn caller<T>(
+        &self,
+        request: &Request<T>,
+        view: &ConfView,
+    ) -> Result<Caller, Refusal> {
         let cert = request
             .peer_certs()
             .and_then(|c| c.first().cloned())

@@ -27,12 +27,10 @@ use kopir_core::pki::{
 };
 
 /// Why a token cannot be read or does not verify (the shared JWS errors).
-pub use kopir_core::pki::jws::JwsError as TokenError;
+pub(crate) use kopir_core::pki::jws::JwsError as TokenError;
 
 /// The largest token accepted, in bytes (the `kopir-consent` header's limit).
-pub const MAX_TOKEN_BYTES: usize = 8192;
-/// The only `alg` signed and accepted.
-pub const ALG: &str = jws::ALG;
+pub(crate) const MAX_TOKEN_BYTES: usize = 8192;
 /// The `typ` of every token.
 pub const TYP: &str = "JWT";
 

@@ -203,11 +203,6 @@ impl ConsentVerifier {
         Ok((kid, claims))
     }
 
-    /// The revocation view this verifier reads.
-    pub fn revocations(&self) -> &RevocationSet {
-        &self.revocations
-    }
-
     /// Checks everything but the use count (steps 1-6 of the module header):
     /// no state changes.
     pub fn verify(

@@ -24,9 +24,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 /// The most a dropped body is read for.
-pub const DRAIN_TIME: Duration = Duration::from_secs(1);
+pub(crate) const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// The most bytes read from a dropped body.
-pub const DRAIN_BYTES: usize = 1 << 20;
+pub(crate) const DRAIN_BYTES: usize = 1 << 20;
 
 /// A request body that drains itself if dropped before its end.
 #[derive(Debug)]

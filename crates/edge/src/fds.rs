@@ -4,7 +4,7 @@
 
 /// Descriptors kept for the server's own use: its configuration, audit store,
 /// journal, consent store, outgoing connections to providers and registries.
-pub const RESERVE: u64 = 256;
+pub(crate) const RESERVE: u64 = 256;
 
 /// Raises the process's soft limit on open files to its hard limit and
 /// returns the soft limit now in force (or `None` where it cannot be read).

@@ -27,9 +27,9 @@
 //! itself because tonic's server has no idle timeout, no per-source caps and
 //! waits without bound for connections to close at shutdown.
 
-pub mod accept;
-pub mod body;
-pub mod conn;
+pub(crate) mod accept;
+pub(crate) mod body;
+pub(crate) mod conn;
 pub mod fds;
 pub mod overload;
 

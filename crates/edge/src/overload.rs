@@ -208,7 +208,7 @@ pub struct PortGate<S> {
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// The TLS client certificate chain a request came with.
-pub fn peer_certs<B>(
+pub(crate) fn peer_certs<B>(
     request: &http::Request<B>,
 ) -> Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};

@@ -16,8 +16,8 @@
 //! revocation feed's cursor): SQLite has one writer; PostgreSQL assigns it
 //! under the lock of a one-row head table, as the audit store does.
 
-pub mod postgres;
-pub mod sqlite;
+pub(crate) mod postgres;
+pub(crate) mod sqlite;
 #[cfg(test)]
 mod tests;
 

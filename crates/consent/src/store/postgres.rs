@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS consent_uses (
 const SCHEMA_LOCK: i64 = 0x6b6f_7069_7263_6f6e; // "kopircon"
 
 /// The PostgreSQL consent store.
-pub struct PostgresConsentStore {
+pub(crate) struct PostgresConsentStore {
     url: String,
     client: tokio::sync::Mutex<Client>,
 }
@@ -122,7 +122,7 @@ fn revocation_row(r: &Row) -> Result<Revocation, tokio_postgres::Error> {
 
 impl PostgresConsentStore {
     /// Connects to `url` and creates the tables if they are missing.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub(crate) async fn connect(url: &str) -> Result<Self, StoreError> {
         let open = |e: tokio_postgres::Error| {
             StoreError::Open(format!("{}: {}", redacted_url(url), describe_error(&e)))
         };

@@ -19,7 +19,7 @@ use super::{
 use crate::grant::Grant;
 
 /// The file name of the embedded store under the data directory.
-pub const DB_FILE: &str = "consent.db";
+pub(crate) const DB_FILE: &str = "consent.db";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS consent_grants (
@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS consent_uses (
 
 /// The embedded SQLite consent store.
 #[derive(Clone)]
-pub struct SqliteConsentStore {
+pub(crate) struct SqliteConsentStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
 }
@@ -99,14 +99,14 @@ fn revocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revocation> {
 
 impl SqliteConsentStore {
     /// Opens (creating if needed) `<data_dir>/consent.db`.
-    pub async fn open_in(data_dir: &Path) -> Result<Self, StoreError> {
+    pub(crate) async fn open_in(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Open(format!("cannot create {}: {e}", data_dir.display())))?;
         Self::open(&data_dir.join(DB_FILE)).await
     }
 
     /// Opens (creating if needed) the database file at `path`.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) async fn open(path: &Path) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || {
