@@ -156,3 +156,31 @@ fn gateway_client_reads_a_person_and_shows_a_refusal() {
         "{out}"
     );
 }
+
+#[test]
+fn consent_token_is_refused_without_and_answered_with_a_token() {
+    python();
+    let d = Demo::start();
+    let mut args = client_args(&d);
+    args.extend([
+        "--consent",
+        d.get("consent"),
+        "--portal-cert",
+        d.get("portal.cert"),
+        "--portal-key",
+        d.get("portal.key"),
+    ]);
+    let (ok, out) = run("consent_token.py", &args);
+    assert!(ok, "consent_token.py failed:\n{out}");
+    assert!(
+        out.contains("without-token refused PERMISSION_DENIED consent.missing"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("consent ")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("token ey")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("property ") && l.contains(" m2 at ")),
+        "{out}"
+    );
+}
