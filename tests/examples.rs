@@ -184,3 +184,46 @@ fn consent_token_is_refused_without_and_answered_with_a_token() {
         "{out}"
     );
 }
+
+#[test]
+fn access_report_names_the_reader_and_purpose() {
+    python();
+    let d = Demo::start();
+    let (ok, out) = run("gateway_client.py", &client_args(&d));
+    assert!(ok, "gateway_client.py failed:\n{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("request-id "))
+        .expect("a request-id line")
+        .to_owned();
+    let (ok, out) = run(
+        "access_report.py",
+        &[
+            "--server",
+            d.get("moj.peer"),
+            "--server",
+            d.get("src.peer"),
+            "--ca",
+            d.get("ca"),
+            "--cert",
+            d.get("portal.cert"),
+            "--key",
+            d.get("portal.key"),
+            "--signing-cert",
+            d.get("portal.signing.cert"),
+            "--signing-key",
+            d.get("portal.signing.key"),
+            "--subject",
+            d.get("subject"),
+        ],
+    );
+    assert!(ok, "access_report.py failed:\n{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("entry ")
+            && l.contains("KZ/GOV/MLSPP/benefits read GetPerson of KZ/GOV/MOJ/population")
+            && l.contains("for child-benefit under law ")
+            && l.ends_with(&format!("query {id}"))),
+        "{out}"
+    );
+    assert!(out.contains("server KZ/GOV/MOJ/ss1 1 entries"), "{out}");
+}
