@@ -112,7 +112,7 @@ fn run(example: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), stdout)
 }
 
-fn client_args<'a>(d: &'a Demo) -> Vec<&'a str> {
+fn client_args(d: &Demo) -> Vec<&str> {
     vec![
         "--addr",
         d.get("mlspp.client"),
