@@ -442,27 +442,48 @@ access report of iin:{iin}, as the citizen sees it through the portal ({} reads,
     Ok(())
 }
 
+/// Prints, once the federation is up, everything a caller needs, as aligned
+/// `key  value` lines between `--- how to call ---` and `--- end ---`: a
+/// person reads them, a program splits each line at its first run of spaces.
 fn print_how_to_call(fed: &LocalFederation) {
-    let node = fed.node("mlspp");
+    let line = |key: &str, value: &dyn std::fmt::Display| println!("{key:<24} {value}");
     let (cert, key) = fed.layout.client(&BENEFITS.parse().expect("valid id"));
-    println!("\nThe consumer's security server (MLSPP) takes calls from the benefits system at:");
-    println!("  address      {}", node.server.client_addr);
-    println!("  CA           {}", fed.layout.ca_cert().display());
-    println!("  client cert  {}", cert.display());
-    println!("  client key   {}", key.display());
-    println!("  metadata     kopir-client: {BENEFITS}");
-    println!(
-        "               kopir-service: KZ/GOV/MOJ/population | KZ/GOV/SRC/income | KZ/GOV/MOJ/realty"
-    );
-    println!(
-        "               kopir-purpose: child-benefit (legal act) | benefit-means-test (consent: kopir-consent token from the consent authority at {})",
-        fed.consent_addr
-    );
-    if let Some(iin) = fed.dataset.sample_parents(1).first() {
-        println!("               kopir-subject: iin:{iin}   (a parent in the mock registers)");
+    let (portal_cert, portal_key) = fed.layout.portal();
+    let (signing_cert, signing_key) = fed.layout.portal_signing();
+    println!("\n--- how to call ---");
+    for (name, node) in &fed.nodes {
+        line(&format!("{name}.client"), &node.server.client_addr);
+        line(&format!("{name}.peer"), &node.server.peer_addr);
+        if let Some(admin) = node.server.admin_addr {
+            line(&format!("{name}.admin"), &admin);
+        }
     }
-    println!(
-        "  protos       proto/kz/population/v1/population.proto, proto/kz/income/v1/income.proto, proto/kz/realty/v1/realty.proto"
+    line(
+        "consumer",
+        &"mlspp (the benefits system calls mlspp.client)",
     );
+    line("consent", &fed.consent_addr);
+    line("ca", &fed.layout.ca_cert().display());
+    line("client", &BENEFITS);
+    line("client.cert", &cert.display());
+    line("client.key", &key.display());
+    line("portal.cert", &portal_cert.display());
+    line("portal.key", &portal_key.display());
+    line("portal.signing.cert", &signing_cert.display());
+    line("portal.signing.key", &signing_key.display());
+    line("globalconf", &fed.globalconf_path.display());
+    line("service.population", &"KZ/GOV/MOJ/population");
+    line("service.income", &INCOME);
+    line("service.realty", &REALTY);
+    line("purpose.law", &"child-benefit");
+    line("purpose.consent", &MEANS_TEST);
+    if let Some(iin) = fed.dataset.sample_parents(1).first() {
+        line("subject", &format!("iin:{iin}"));
+    }
+    line(
+        "proto",
+        &"proto/ (kz/population, kz/income, kz/realty, kopir/v1)",
+    );
+    println!("--- end ---");
     println!("Press Ctrl-C to stop.");
 }
