@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS audit_meta (
 ";
 
 /// Records per sorted chunk.
-pub const KEY_CHUNK: u64 = 32_768;
+pub(crate) const KEY_CHUNK: u64 = 32_768;
 /// Keys per block: 12 bytes each (the key, then how far the record lies
 /// below the run's last sequence number), 3,840 bytes in all, so that a block
 /// fills about one 4 KiB page without overflowing it.
