@@ -210,13 +210,18 @@ async fn serve(
         }
         left => registry.call(&meta.method, forward.body, left).await,
     };
+    // Every failure after the acceptance carries what the acceptance recorded.
+    let failure = |refusal: &Refusal| {
+        let mut rec = known.refusal(Side::Provider, Step::Failed, refusal);
+        rec.basis = Some(basis.clone());
+        rec.peer = Some(peer.clone());
+        rec.request_hash = Some(request_hash);
+        rec
+    };
     let answer = match called {
         Ok(answer) => answer,
         Err(refusal) => {
-            let mut rec = known.refusal(Side::Provider, Step::Failed, &refusal);
-            rec.basis = Some(basis);
-            rec.peer = Some(peer);
-            rec.request_hash = Some(request_hash);
+            let rec = failure(&refusal);
             durable(&*gw.audit, rec)
                 .await
                 .map_err(|r| (Step::Failed, r))?;
@@ -231,7 +236,7 @@ async fn serve(
                 gw.limits.max_body_bytes
             ),
         );
-        let rec = known.refusal(Side::Provider, Step::Failed, &refusal);
+        let rec = failure(&refusal);
         durable(&*gw.audit, rec)
             .await
             .map_err(|r| (Step::Failed, r))?;
