@@ -1,5 +1,5 @@
 //! `kopir bench` runs the whole exchange against a direct call and prints the
-//! figures the README quotes: here a one-second sweep (and its overload level)
+//! figures docs/performance.md quotes: here a one-second sweep (and its overload level)
 //! checks that every call went through or was shed, and that the JSON has the
 //! documented shape (no speed is asserted: the benchmark measures it).
 

@@ -7,7 +7,7 @@ use kopir_core::{
     globalconf::{describe::Federation, signed},
     pki::{layout::DevLayout, sign::SigningKey},
 };
-use kopir_testkit::federation::write_atomically;
+use kopir_core::durable::write_atomically;
 
 /// Authority commands.
 #[derive(Debug, clap::Subcommand)]

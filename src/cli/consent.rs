@@ -21,7 +21,7 @@ use kopir_proto::v1::{
 pub enum Command {
     /// Run a consent authority.
     Serve {
-        /// Its configuration file (TOML; see the README's "Consent" section).
+        /// Its configuration file (TOML; see docs/consent.md).
         #[arg(long, short, env = "KOPIR_CONSENT_CONFIG")]
         config: PathBuf,
     },

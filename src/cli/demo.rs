@@ -437,7 +437,7 @@ access report of iin:{iin}, as the citizen sees it through the portal ({} reads,
         anyhow::bail!("the access report is incomplete: {:?}", report.sources);
     }
     println!(
-        "  the same with `kopir audit subject iin:{iin} --federation ...` (README, \"Access report\")"
+        "  the same with `kopir audit subject iin:{iin} --federation ...` (docs/access-report.md)"
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ use kopir_server::{
 /// Arguments of `kopir serve`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The server's configuration file (TOML; see the README's configuration reference).
+    /// The server's configuration file (TOML; every key is in docs/configuration.md).
     #[arg(long, short, env = "KOPIR_CONFIG")]
     pub config: PathBuf,
 }

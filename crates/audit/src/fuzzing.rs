@@ -1,4 +1,4 @@
-//! Entry points for the fuzz targets (`fuzz/`, see the README's *Fuzzing*)
+//! Entry points for the fuzz targets (`fuzz/`, see docs/security.md, *Fuzzing*)
 //! into parsers of outside bytes that are private to their modules. Every
 //! other parser the targets reach is public already. Not part of kopir's
 //! interface: hidden from the docs and free to change.

@@ -7,7 +7,7 @@
 //! the procedure it belongs to (`kopir-query-group`) and, for covert work, a
 //! date until which it is hidden from the subject (`kopir-hide-until`, with
 //! `kopir-hide-reason`). They are signed with the rest; whether a purpose
-//! allows hiding is [`kopir_server::policy::hiding`]'s to say.
+//! allows hiding is `kopir_server::policy::hiding`'s to say.
 
 use http::HeaderMap;
 
