@@ -3,11 +3,11 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use kopir_core::durable::write_atomically;
 use kopir_core::{
     globalconf::{describe::Federation, signed},
     pki::{layout::DevLayout, sign::SigningKey},
 };
-use kopir_core::durable::write_atomically;
 
 /// Authority commands.
 #[derive(Debug, clap::Subcommand)]
