@@ -323,6 +323,18 @@ async fn refusals_are_recorded_on_both_sides(store: Store) {
         ]
     );
     assert_eq!(consumer[1].reason.as_deref(), Some("access.denied"));
+    // Each refusal carries what its side knew when it refused: the
+    // provider had verified the signed request and its server, the
+    // consumer had signed it.
+    assert_eq!(provider[0].request_hash, consumer[0].request_hash);
+    let consumer_server = h.fed.node("mlspp").config.server_id.to_string();
+    assert_eq!(provider[0].peer, Some(consumer_server));
+    assert_eq!(
+        provider[0].basis, None,
+        "refused before the basis was checked"
+    );
+    assert!(consumer[0].request_hash.is_some());
+    assert_eq!(consumer[1].request_hash, consumer[0].request_hash);
 
     // The consumer refuses: an unknown purpose never leaves its server.
     let status = PopulationRegistryClient::new(channel)
@@ -474,6 +486,56 @@ async fn a_store_that_refuses_writes_stops_the_exchange(store: Store) {
     }
     h.verify("mlspp").await;
     h.verify("moj").await;
+    h.fed.shutdown().await;
+}
+
+/// A failure after the provider accepted (here, its registry is down)
+/// carries everything the acceptance recorded: the basis, the consumer's
+/// server and the request hash.
+#[tokio::test]
+async fn a_failure_carries_what_the_acceptance_recorded() {
+    let mut h = launch(Store::Embedded).await;
+    h.fed
+        .registries
+        .remove(&RegistryKind::Population)
+        .unwrap()
+        .shutdown()
+        .await
+        .unwrap();
+    let status = h.get_person("registry-down").await.unwrap_err();
+    assert_refused(&status, Code::Unavailable, "registry.unavailable");
+    let provider = h.records("moj", "registry-down").await;
+    assert_eq!(
+        steps(&provider),
+        [
+            (Side::Provider, Step::Accepted),
+            (Side::Provider, Step::Failed)
+        ]
+    );
+    let (accepted, failed) = (&provider[0], &provider[1]);
+    assert_eq!(failed.reason.as_deref(), Some("registry.unavailable"));
+    assert!(
+        accepted
+            .basis
+            .as_deref()
+            .is_some_and(|b| b.starts_with("legal:"))
+    );
+    let consumer_server = h.fed.node("mlspp").config.server_id.to_string();
+    assert_eq!(accepted.peer, Some(consumer_server));
+    assert!(accepted.request_hash.is_some());
+    assert_eq!(
+        (&failed.basis, &failed.peer, &failed.request_hash),
+        (&accepted.basis, &accepted.peer, &accepted.request_hash)
+    );
+    let consumer = h.records("mlspp", "registry-down").await;
+    assert_eq!(
+        steps(&consumer),
+        [
+            (Side::Consumer, Step::Forwarded),
+            (Side::Consumer, Step::Failed)
+        ]
+    );
+    assert_eq!(consumer[1].request_hash, accepted.request_hash);
     h.fed.shutdown().await;
 }
 

@@ -45,6 +45,7 @@ mod tests;
 pub mod verify;
 
 pub use handle::{AuditConfig, AuditHandle, WriterOptions, open};
+pub use record::{AuditRecord, Record};
 pub use service::AuditServiceImpl;
 
 use futures_util::future::BoxFuture;
@@ -121,100 +122,6 @@ impl Step {
             Step::Forwarded => "forwarded",
             Step::Answered => "answered",
             Step::Failed => "failed",
-        }
-    }
-}
-
-/// One step of one exchange, as the security path reports it. The subject is
-/// given in clear here; a store keeps only its keyed pseudonym.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    /// Correlation id shared by every record of the exchange on both sides.
-    pub request_id: String,
-    /// When the step happened, milliseconds since the Unix epoch.
-    pub at_ms: i64,
-    /// Which server wrote it.
-    pub side: Side,
-    /// Which step.
-    pub step: Step,
-    /// Consumer subsystem id (as received, if it could not be parsed).
-    pub client: String,
-    /// Provider subsystem id.
-    pub service: String,
-    /// gRPC method path.
-    pub method: String,
-    /// Purpose code.
-    pub purpose: String,
-    /// Data subject, `scheme:value`.
-    pub subject: Option<String>,
-    /// What the access rested on: `legal:<act>` or `consent:<id>`.
-    pub basis: Option<String>,
-    /// The official acting.
-    pub user: Option<String>,
-    /// The other security server (its id, or address when unknown).
-    pub peer: Option<String>,
-    /// gRPC status code of the outcome (0 = OK).
-    pub status: i32,
-    /// `kopir-error` reason of a refusal or failure.
-    pub reason: Option<String>,
-    /// Human-readable detail of a refusal or failure.
-    pub message: Option<String>,
-    /// SHA-256 of the request body (requests) or response body (answers).
-    pub body_sha256: Option<[u8; 32]>,
-    /// SHA-256 of the canonical signed request.
-    pub request_hash: Option<[u8; 32]>,
-    /// The signature this step produced or verified (request or response).
-    pub signature: Option<Vec<u8>>,
-    /// Fingerprint of the signing certificate whose key made `signature`.
-    pub signer_key: Option<[u8; 32]>,
-    /// The digest `signature` covers (request hash or response hash).
-    pub signed_hash: Option<[u8; 32]>,
-    /// The body, only when the server is configured to store bodies; by
-    /// default only `body_sha256` is kept.
-    pub body: Option<Vec<u8>>,
-    /// The procedure the read belongs to (`kopir-query-group`), e.g. one
-    /// benefit claim: the access report groups reads by it.
-    #[serde(default)]
-    pub query_group: Option<String>,
-    /// Covert work: until when (ms since the epoch) the read is hidden from
-    /// the subject's access report (`kopir-hide-until`).
-    #[serde(default)]
-    pub hidden_until_ms: Option<i64>,
-    /// Why it is hidden (`kopir-hide-reason`), disclosed with the read after
-    /// `hidden_until_ms`.
-    #[serde(default)]
-    pub hidden_reason: Option<String>,
-}
-
-impl AuditRecord {
-    /// A record of `step` on `side`, stamped now, with every other field
-    /// empty: fill in what is known with struct update syntax.
-    pub fn new(side: Side, step: Step) -> Self {
-        Self {
-            request_id: String::new(),
-            at_ms: kopir_core::clock::now_ms(),
-            side,
-            step,
-            client: String::new(),
-            service: String::new(),
-            method: String::new(),
-            purpose: String::new(),
-            subject: None,
-            basis: None,
-            user: None,
-            peer: None,
-            status: 0,
-            reason: None,
-            message: None,
-            body_sha256: None,
-            request_hash: None,
-            signature: None,
-            signer_key: None,
-            signed_hash: None,
-            body: None,
-            query_group: None,
-            hidden_until_ms: None,
-            hidden_reason: None,
         }
     }
 }

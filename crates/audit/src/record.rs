@@ -1,7 +1,8 @@
 //! The stored form of an audit record, its canonical bytes and the hash chain.
 //!
-//! A store keeps an [`Entry`] (an [`AuditRecord`] with the subject replaced by
-//! its keyed pseudonym and the writing node named) under a sequence number,
+//! [`Record`] is the one definition of a record's fields. A store keeps an
+//! [`Entry`] (the [`AuditRecord`] the security path reports, with the subject
+//! replaced by its keyed pseudonym and the writing node named) under a sequence number,
 //! together with `prev_hash` (the hash of the record before it, 32 zero bytes
 //! for the first) and `hash`, the SHA-256 of the record's canonical bytes.
 //!
@@ -45,7 +46,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{AuditRecord, Side, Step, pseudonym::PseudonymKey};
+use super::{Side, Step, pseudonym::PseudonymKey};
 
 /// A SHA-256 value.
 pub type Hash = [u8; 32];
@@ -59,10 +60,20 @@ pub const RECORD_TAG: &str = "kopir-audit/2";
 /// The tag of a record with none of fields 25–27 (the first form).
 pub const RECORD_TAG_V1: &str = "kopir-audit/1";
 
-/// What a store keeps of one step of one exchange, before it is chained.
+/// One step of one exchange: the single definition of an audit record's
+/// fields, in the order of the canonical bytes.
+///
+/// `S` is the form of the data subject: the security path reports it in
+/// clear ([`AuditRecord`]), a store keeps only its keyed pseudonym
+/// ([`Entry`]). [`Entry::from_record`] turns one into the other, and is the
+/// only place besides this struct, [`Record::new`], the canonical bytes and
+/// the stores' one row mapping (`store::read_row`, `store::write_row`) that
+/// names every field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    /// The server node that wrote it (several nodes may share one store).
+#[serde(bound(serialize = "S: SubjectForm", deserialize = "S: SubjectForm"))]
+pub struct Record<S> {
+    /// The server node that wrote it (several nodes may share one store);
+    /// the audit log fills it in, the security path leaves it empty.
     pub node: String,
     /// Correlation id shared by every record of the exchange on both sides.
     pub request_id: String,
@@ -72,7 +83,7 @@ pub struct Entry {
     pub side: Side,
     /// Which step.
     pub step: Step,
-    /// Consumer subsystem id.
+    /// Consumer subsystem id (as received, if it could not be parsed).
     pub client: String,
     /// Provider subsystem id.
     pub service: String,
@@ -80,28 +91,32 @@ pub struct Entry {
     pub method: String,
     /// Purpose code.
     pub purpose: String,
-    /// Keyed pseudonym of the data subject (HMAC-SHA256), never the subject.
-    #[serde(with = "opt_hex32")]
-    pub subject: Option<Hash>,
-    /// Legal basis or consent id.
+    /// The data subject: `scheme:value` in an [`AuditRecord`], its keyed
+    /// pseudonym (HMAC-SHA256) in an [`Entry`].
+    #[serde(
+        serialize_with = "SubjectForm::serialize_opt",
+        deserialize_with = "SubjectForm::deserialize_opt"
+    )]
+    pub subject: Option<S>,
+    /// What the access rested on: `legal:<act>` or `consent:<id>`.
     pub basis: Option<String>,
     /// The official acting.
     pub user: Option<String>,
-    /// The other security server.
+    /// The other security server (its id, or address when unknown).
     pub peer: Option<String>,
-    /// gRPC status code of the outcome.
+    /// gRPC status code of the outcome (0 = OK).
     pub status: i32,
-    /// `kopir-error` reason.
+    /// `kopir-error` reason of a refusal or failure.
     pub reason: Option<String>,
-    /// Human-readable detail.
+    /// Human-readable detail of a refusal or failure.
     pub message: Option<String>,
-    /// SHA-256 of the body.
+    /// SHA-256 of the request body (requests) or response body (answers).
     #[serde(with = "opt_hex32")]
     pub body_sha256: Option<Hash>,
     /// SHA-256 of the canonical signed request.
     #[serde(with = "opt_hex32")]
     pub request_hash: Option<Hash>,
-    /// The signature this step produced or verified.
+    /// The signature this step produced or verified (request or response).
     #[serde(with = "opt_hex")]
     pub signature: Option<Vec<u8>>,
     /// Fingerprint of the signing certificate whose key made `signature`.
@@ -111,18 +126,103 @@ pub struct Entry {
     /// signature, the response hash for the response's.
     #[serde(with = "opt_hex32")]
     pub signed_hash: Option<Hash>,
-    /// The body itself, kept only when the server stores bodies.
+    /// The body, only when the server is configured to store bodies; by
+    /// default only `body_sha256` is kept. Not part of the canonical bytes.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex")]
     pub body: Option<Vec<u8>>,
-    /// The procedure the read belongs to (`kopir-query-group`).
+    /// The procedure the read belongs to (`kopir-query-group`), e.g. one
+    /// benefit claim: the access report groups reads by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_group: Option<String>,
-    /// Until when the read is hidden from the subject (ms since the epoch).
+    /// Covert work: until when (ms since the epoch) the read is hidden from
+    /// the subject's access report (`kopir-hide-until`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_until_ms: Option<i64>,
-    /// Why it is hidden.
+    /// Why it is hidden (`kopir-hide-reason`), disclosed with the read after
+    /// `hidden_until_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_reason: Option<String>,
+}
+
+/// A record as the security path reports it, with the subject in clear.
+pub type AuditRecord = Record<String>;
+
+/// A record as a store keeps it, before it is chained: the subject replaced
+/// by its pseudonym and the writing node named.
+pub type Entry = Record<Hash>;
+
+impl<S> Record<S> {
+    /// A record of `step` on `side`, stamped now, with every other field
+    /// empty: fill in what is known with struct update syntax.
+    pub fn new(side: Side, step: Step) -> Self {
+        Self {
+            node: String::new(),
+            request_id: String::new(),
+            at_ms: kopir_core::clock::now_ms(),
+            side,
+            step,
+            client: String::new(),
+            service: String::new(),
+            method: String::new(),
+            purpose: String::new(),
+            subject: None,
+            basis: None,
+            user: None,
+            peer: None,
+            status: 0,
+            reason: None,
+            message: None,
+            body_sha256: None,
+            request_hash: None,
+            signature: None,
+            signer_key: None,
+            signed_hash: None,
+            body: None,
+            query_group: None,
+            hidden_until_ms: None,
+            hidden_reason: None,
+        }
+    }
+}
+
+/// How a form of the subject is written in JSON (export archives, the
+/// `kopir audit` output).
+pub trait SubjectForm: Sized {
+    /// Writes an optional subject.
+    fn serialize_opt<Ser: serde::Serializer>(
+        value: &Option<Self>,
+        s: Ser,
+    ) -> Result<Ser::Ok, Ser::Error>;
+    /// Reads an optional subject.
+    fn deserialize_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Self>, D::Error>;
+}
+
+/// A pseudonym is written as 64 hex digits.
+impl SubjectForm for Hash {
+    fn serialize_opt<Ser: serde::Serializer>(
+        value: &Option<Self>,
+        s: Ser,
+    ) -> Result<Ser::Ok, Ser::Error> {
+        opt_hex32::serialize(value, s)
+    }
+
+    fn deserialize_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Self>, D::Error> {
+        opt_hex32::deserialize(d)
+    }
+}
+
+/// A subject in clear is written as it is.
+impl SubjectForm for String {
+    fn serialize_opt<Ser: serde::Serializer>(
+        value: &Option<Self>,
+        s: Ser,
+    ) -> Result<Ser::Ok, Ser::Error> {
+        value.serialize(s)
+    }
+
+    fn deserialize_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Self>, D::Error> {
+        Option::deserialize(d)
+    }
 }
 
 #[cfg(test)]
@@ -131,12 +231,43 @@ impl Entry {
     /// field empty: the base of test fixtures (`Entry { field: ..,
     /// ..Entry::bare(..) }`).
     pub(crate) fn bare(node: &str, side: Side, step: Step) -> Self {
-        let record = AuditRecord {
+        Self {
+            node: node.to_owned(),
             at_ms: 0,
-            ..AuditRecord::new(side, step)
-        };
-        // No subject, so the key is not used.
-        Self::from_record(record, node, &PseudonymKey::from_bytes(&[0; 32]))
+            ..Self::new(side, step)
+        }
+    }
+
+    /// A record with every field set to a value of its own (no two alike,
+    /// none empty): what a test of a field mapping starts from.
+    pub(crate) fn every_field_set() -> Self {
+        Self {
+            node: "node-1".into(),
+            request_id: "req-every".into(),
+            at_ms: 1_700_000_000_123,
+            side: Side::Provider,
+            step: Step::Failed,
+            client: "KZ/GOV/MLSPP/benefits".into(),
+            service: "KZ/GOV/MOJ/population".into(),
+            method: "/kz.population.v1.PopulationRegistry/GetPerson".into(),
+            purpose: "benefit".into(),
+            subject: Some([1; 32]),
+            basis: Some("legal:law-1".into()),
+            user: Some("officer-1".into()),
+            peer: Some("KZ/GOV/MOJ/ss1".into()),
+            status: 14,
+            reason: Some("registry.unavailable".into()),
+            message: Some("connection refused".into()),
+            body_sha256: Some([2; 32]),
+            request_hash: Some([3; 32]),
+            signature: Some(vec![4; 64]),
+            signer_key: Some([5; 32]),
+            signed_hash: Some([6; 32]),
+            body: Some(vec![7; 10]),
+            query_group: Some("claim-1".into()),
+            hidden_until_ms: Some(1_900_000_000_000),
+            hidden_reason: Some("inquiry".into()),
+        }
     }
 }
 
@@ -566,6 +697,81 @@ mod tests {
         assert!(!json.contains("hidden_until_ms"), "{json}");
         let back: Entry = serde_json::from_str(&serde_json::to_string(&covert).unwrap()).unwrap();
         assert_eq!(back, covert);
+    }
+
+    /// Each field of a record but the stored body (which its hash pins)
+    /// changes the canonical bytes and reads back from them, so a field
+    /// added to [`Record`] but left out of the canonical bytes fails here.
+    #[test]
+    fn every_field_but_the_body_is_hashed_and_read_back() {
+        let full = Entry::every_field_set();
+        let serde_json::Value::Object(fields) = serde_json::to_value(&full).unwrap() else {
+            panic!("a record is a JSON object");
+        };
+        assert_eq!(fields.len(), 25, "a field was added: map it below");
+        let hash = full.hash(1, &GENESIS);
+        for (name, value) in &fields {
+            // Another value of the same kind (texts, numbers, hex bytes).
+            let other = match value {
+                serde_json::Value::String(t) if name == "side" => {
+                    assert_eq!(t, "provider");
+                    "consumer".into()
+                }
+                serde_json::Value::String(t) if name == "step" => {
+                    assert_eq!(t, "failed");
+                    "answered".into()
+                }
+                serde_json::Value::String(t)
+                    if t.len() == 64 || name == "signature" || name == "body" =>
+                {
+                    serde_json::Value::String("ab".repeat(t.len() / 2))
+                }
+                serde_json::Value::String(t) => serde_json::Value::String(format!("{t}x")),
+                serde_json::Value::Number(n) => (n.as_i64().unwrap() + 1).into(),
+                other => panic!("{name}: unexpected {other}"),
+            };
+            let mut changed = fields.clone();
+            changed.insert(name.clone(), other);
+            let changed: Entry = serde_json::from_value(changed.into()).unwrap();
+            assert_ne!(changed, full, "{name}");
+            let bytes = changed.canonical(1, &GENESIS);
+            let (_, _, back) = parse_canonical(&bytes).unwrap();
+            if name == "body" {
+                assert_eq!(changed.hash(1, &GENESIS), hash, "the body is not hashed");
+                assert_eq!(back.body, None);
+            } else {
+                assert_ne!(changed.hash(1, &GENESIS), hash, "{name} is not hashed");
+                assert_eq!(
+                    back,
+                    Entry {
+                        body: None,
+                        ..changed
+                    },
+                    "{name} does not read back"
+                );
+            }
+        }
+    }
+
+    /// The stored form keeps every field of the reported record.
+    #[test]
+    fn from_record_keeps_every_field() {
+        let key = PseudonymKey::from_bytes(&[9; 32]);
+        let full = Entry::every_field_set();
+        // The same record as the security path reports it: no node, the
+        // subject in clear.
+        let mut json = serde_json::to_value(&full).unwrap();
+        json["node"] = "".into();
+        json["subject"] = "iin:900101300001".into();
+        let reported: AuditRecord = serde_json::from_value(json).unwrap();
+        let stored = Entry::from_record(reported, "node-1", &key);
+        assert_eq!(
+            stored,
+            Entry {
+                subject: Some(key.pseudonym("iin:900101300001")),
+                ..full
+            }
+        );
     }
 
     #[test]

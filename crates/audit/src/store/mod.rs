@@ -324,47 +324,11 @@ pub(crate) fn seq_from_db(seq: i64) -> u64 {
     u64::try_from(seq).unwrap_or(0)
 }
 
-/// A row as read by either store, before checking.
-pub(crate) struct RawRow {
-    pub(crate) seq: i64,
-    pub(crate) prev_hash: Vec<u8>,
-    pub(crate) hash: Vec<u8>,
-    pub(crate) node: String,
-    pub(crate) request_id: String,
-    pub(crate) at_ms: i64,
-    pub(crate) side: String,
-    pub(crate) step: String,
-    pub(crate) client: String,
-    pub(crate) service: String,
-    pub(crate) method: String,
-    pub(crate) purpose: String,
-    pub(crate) subject: Option<Vec<u8>>,
-    pub(crate) basis: Option<String>,
-    pub(crate) user: Option<String>,
-    pub(crate) peer: Option<String>,
-    pub(crate) status: i32,
-    pub(crate) reason: Option<String>,
-    pub(crate) message: Option<String>,
-    pub(crate) body_sha256: Option<Vec<u8>>,
-    pub(crate) request_hash: Option<Vec<u8>>,
-    pub(crate) signature: Option<Vec<u8>>,
-    pub(crate) signer_key: Option<Vec<u8>>,
-    pub(crate) signed_hash: Option<Vec<u8>>,
-    pub(crate) body: Option<Vec<u8>>,
-    pub(crate) query_group: Option<String>,
-    pub(crate) hidden_until_ms: Option<i64>,
-    pub(crate) hidden_reason: Option<String>,
-}
-
 fn stored_hash(what: &str, seq: i64, bytes: &[u8]) -> Result<Hash, Malformed> {
     bytes.try_into().map_err(|_| Malformed {
         seq,
         why: format!("{what} is not 32 bytes"),
     })
-}
-
-fn opt_hash(what: &str, seq: i64, bytes: Option<Vec<u8>>) -> Result<Option<Hash>, Malformed> {
-    bytes.map(|b| stored_hash(what, seq, &b)).transpose()
 }
 
 /// A stored 32-byte column of a checkpoint; a wrong length (tampering) gives
@@ -376,53 +340,156 @@ pub(crate) fn lossy_hash(bytes: &[u8]) -> Hash {
     out
 }
 
-impl RawRow {
-    /// Converts to a record. A row whose columns cannot even be represented
-    /// (a hash of the wrong length, an unknown step) is an error that names
-    /// it; `verify` reports it as a bad record.
-    pub(crate) fn into_record(self) -> Result<StoredRecord, AuditError> {
-        self.into_scanned()
-            .map_err(|m| AuditError::Read(format!("record {} is malformed: {}", m.seq, m.why)))
-    }
+/// One column of a stored record row, read by index in the store's own
+/// types. A failure is the driver's (a column of an unexpected type).
+pub(crate) trait RowReader {
+    /// A `TEXT` column.
+    fn text(&self, i: usize) -> Result<String, AuditError>;
+    /// A nullable `TEXT` column.
+    fn opt_text(&self, i: usize) -> Result<Option<String>, AuditError>;
+    /// A `BLOB`/`BYTEA` column.
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, AuditError>;
+    /// A nullable `BLOB`/`BYTEA` column.
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, AuditError>;
+    /// A 64-bit integer column.
+    fn int(&self, i: usize) -> Result<i64, AuditError>;
+    /// A nullable 64-bit integer column.
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, AuditError>;
+    /// A 32-bit integer column.
+    fn int4(&self, i: usize) -> Result<i32, AuditError>;
+}
 
-    /// Converts to a record, or says why the row is not one.
-    pub(crate) fn into_scanned(self) -> Scanned {
-        let seq = self.seq;
-        let bad = |what: &str| Malformed {
-            seq,
-            why: what.to_owned(),
-        };
-        Ok(StoredRecord {
-            seq: u64::try_from(seq).map_err(|_| bad("negative sequence number"))?,
-            prev_hash: stored_hash("prev_hash", seq, &self.prev_hash)?,
-            hash: stored_hash("hash", seq, &self.hash)?,
-            entry: Entry {
-                node: self.node,
-                request_id: self.request_id,
-                at_ms: self.at_ms,
-                side: Side::parse(&self.side).ok_or_else(|| bad("unknown side"))?,
-                step: Step::parse(&self.step).ok_or_else(|| bad("unknown step"))?,
-                client: self.client,
-                service: self.service,
-                method: self.method,
-                purpose: self.purpose,
-                subject: opt_hash("subject", seq, self.subject)?,
-                basis: self.basis,
-                user: self.user,
-                peer: self.peer,
-                status: self.status,
-                reason: self.reason,
-                message: self.message,
-                body_sha256: opt_hash("body_sha256", seq, self.body_sha256)?,
-                request_hash: opt_hash("request_hash", seq, self.request_hash)?,
-                signature: self.signature,
-                signer_key: opt_hash("signer_key", seq, self.signer_key)?,
-                signed_hash: opt_hash("signed_hash", seq, self.signed_hash)?,
-                body: self.body,
-                query_group: self.query_group,
-                hidden_until_ms: self.hidden_until_ms,
-                hidden_reason: self.hidden_reason,
-            },
-        })
+/// Takes the columns of one record row, in [`COLUMNS`] order, in the store's
+/// own types (bound parameters, or one array per column).
+pub(crate) trait RowWriter<'a> {
+    /// A (nullable) 64-bit integer.
+    fn int(&mut self, v: Option<i64>);
+    /// A 32-bit integer.
+    fn int4(&mut self, v: i32);
+    /// A (nullable) text.
+    fn text(&mut self, v: Option<&'a str>);
+    /// (Nullable) bytes.
+    fn bytes(&mut self, v: Option<&'a [u8]>);
+}
+
+/// Writes the row of `entry`, chained at `seq` after `prev` with `hash`:
+/// with [`read_row`] the one mapping between a record's fields and the
+/// columns of both stores.
+pub(crate) fn write_row<'a>(
+    (seq, prev, hash): (u64, &'a Hash, &'a Hash),
+    e: &'a Entry,
+    w: &mut impl RowWriter<'a>,
+) {
+    let hash32 = |h: &'a Option<Hash>| h.as_ref().map(|h| &h[..]);
+    w.int(Some(seq_to_db(seq)));
+    w.bytes(Some(prev));
+    w.bytes(Some(hash));
+    w.text(Some(&e.node));
+    w.text(Some(&e.request_id));
+    w.int(Some(e.at_ms));
+    w.text(Some(e.side.as_str()));
+    w.text(Some(e.step.as_str()));
+    w.text(Some(&e.client));
+    w.text(Some(&e.service));
+    w.text(Some(&e.method));
+    w.text(Some(&e.purpose));
+    w.bytes(hash32(&e.subject));
+    w.text(e.basis.as_deref());
+    w.text(e.user.as_deref());
+    w.text(e.peer.as_deref());
+    w.int4(e.status);
+    w.text(e.reason.as_deref());
+    w.text(e.message.as_deref());
+    w.bytes(hash32(&e.body_sha256));
+    w.bytes(hash32(&e.request_hash));
+    w.bytes(e.signature.as_deref());
+    w.bytes(hash32(&e.signer_key));
+    w.bytes(hash32(&e.signed_hash));
+    w.bytes(e.body.as_deref());
+    w.text(e.query_group.as_deref());
+    w.int(e.hidden_until_ms);
+    w.text(e.hidden_reason.as_deref());
+}
+
+/// Reads a row of [`COLUMNS`] as a record, or says why its content is not
+/// one (a hash of the wrong length, an unknown step: `verify` reports it as
+/// a bad record). The outer error is the driver's.
+pub(crate) fn read_row(r: &impl RowReader) -> Result<Scanned, AuditError> {
+    match record_of(r) {
+        Ok(record) => Ok(Ok(record)),
+        Err(RowError::Malformed(m)) => Ok(Err(m)),
+        Err(RowError::Driver(e)) => Err(e),
     }
+}
+
+/// Why [`record_of`] could not read a row.
+enum RowError {
+    Driver(AuditError),
+    Malformed(Malformed),
+}
+
+impl From<AuditError> for RowError {
+    fn from(e: AuditError) -> Self {
+        Self::Driver(e)
+    }
+}
+
+impl From<Malformed> for RowError {
+    fn from(m: Malformed) -> Self {
+        Self::Malformed(m)
+    }
+}
+
+fn record_of(r: &impl RowReader) -> Result<StoredRecord, RowError> {
+    let seq = r.int(0)?;
+    let bad = |why: &str| Malformed {
+        seq,
+        why: why.to_owned(),
+    };
+    let hash = |i: usize, what: &str| -> Result<Hash, RowError> {
+        Ok(stored_hash(what, seq, &r.bytes(i)?)?)
+    };
+    let opt_hash = |i: usize, what: &str| -> Result<Option<Hash>, RowError> {
+        Ok(r.opt_bytes(i)?
+            .map(|b| stored_hash(what, seq, &b))
+            .transpose()?)
+    };
+    Ok(StoredRecord {
+        seq: u64::try_from(seq).map_err(|_| bad("negative sequence number"))?,
+        prev_hash: hash(1, "prev_hash")?,
+        hash: hash(2, "hash")?,
+        entry: Entry {
+            node: r.text(3)?,
+            request_id: r.text(4)?,
+            at_ms: r.int(5)?,
+            side: Side::parse(&r.text(6)?).ok_or_else(|| bad("unknown side"))?,
+            step: Step::parse(&r.text(7)?).ok_or_else(|| bad("unknown step"))?,
+            client: r.text(8)?,
+            service: r.text(9)?,
+            method: r.text(10)?,
+            purpose: r.text(11)?,
+            subject: opt_hash(12, "subject")?,
+            basis: r.opt_text(13)?,
+            user: r.opt_text(14)?,
+            peer: r.opt_text(15)?,
+            status: r.int4(16)?,
+            reason: r.opt_text(17)?,
+            message: r.opt_text(18)?,
+            body_sha256: opt_hash(19, "body_sha256")?,
+            request_hash: opt_hash(20, "request_hash")?,
+            signature: r.opt_bytes(21)?,
+            signer_key: opt_hash(22, "signer_key")?,
+            signed_hash: opt_hash(23, "signed_hash")?,
+            body: r.opt_bytes(24)?,
+            query_group: r.opt_text(25)?,
+            hidden_until_ms: r.opt_int(26)?,
+            hidden_reason: r.opt_text(27)?,
+        },
+    })
+}
+
+/// Reads a row of [`COLUMNS`] as a record; a row that is not a well-formed
+/// record is an error that names it.
+pub(crate) fn read_record(r: &impl RowReader) -> Result<StoredRecord, AuditError> {
+    read_row(r)?.map_err(|m| AuditError::Read(format!("record {} is malformed: {}", m.seq, m.why)))
 }

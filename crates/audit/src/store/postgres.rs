@@ -21,8 +21,8 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::{Client, NoTls, Row, types::ToSql};
 
 use super::{
-    AuditStore, COLUMNS, Commit, Conditions, Page, Query, RawRow, Scanned, SqlValue,
-    StoredCheckpoint, lossy_hash, seq_from_db, seq_to_db,
+    AuditStore, COLUMNS, Commit, Conditions, Page, Query, RowReader, RowWriter, Scanned, SqlValue,
+    StoredCheckpoint, lossy_hash, read_record, read_row, seq_from_db, seq_to_db, write_row,
 };
 use crate::{
     AuditError,
@@ -223,74 +223,14 @@ impl PostgresStore {
             hash: lossy_hash(&head_hash),
         });
         let chained = chain(head, &entries);
-        let seqs: Vec<i64> = chained.iter().map(|c| seq_to_db(c.0)).collect();
-        let prevs: Vec<&[u8]> = chained.iter().map(|c| &c.1[..]).collect();
-        let hashes: Vec<&[u8]> = chained.iter().map(|c| &c.2[..]).collect();
-        let text = |f: fn(&Entry) -> &str| entries.iter().map(f).collect::<Vec<&str>>();
-        let opt_text =
-            |f: fn(&Entry) -> Option<&str>| entries.iter().map(f).collect::<Vec<Option<&str>>>();
-        let opt_bytes =
-            |f: fn(&Entry) -> Option<&[u8]>| entries.iter().map(f).collect::<Vec<Option<&[u8]>>>();
-        let nodes = text(|e| &e.node);
-        let request_ids = text(|e| &e.request_id);
-        let at: Vec<i64> = entries.iter().map(|e| e.at_ms).collect();
-        let sides = text(|e| e.side.as_str());
-        let steps = text(|e| e.step.as_str());
-        let clients = text(|e| &e.client);
-        let services = text(|e| &e.service);
-        let methods = text(|e| &e.method);
-        let purposes = text(|e| &e.purpose);
-        let subjects = opt_bytes(|e| e.subject.as_ref().map(|h| &h[..]));
-        let bases = opt_text(|e| e.basis.as_deref());
-        let users = opt_text(|e| e.user.as_deref());
-        let peers = opt_text(|e| e.peer.as_deref());
-        let statuses: Vec<i32> = entries.iter().map(|e| e.status).collect();
-        let reasons = opt_text(|e| e.reason.as_deref());
-        let messages = opt_text(|e| e.message.as_deref());
-        let bodies = opt_bytes(|e| e.body_sha256.as_ref().map(|h| &h[..]));
-        let requests = opt_bytes(|e| e.request_hash.as_ref().map(|h| &h[..]));
-        let signatures = opt_bytes(|e| e.signature.as_deref());
-        let signer_keys = opt_bytes(|e| e.signer_key.as_ref().map(|h| &h[..]));
-        let signed_hashes = opt_bytes(|e| e.signed_hash.as_ref().map(|h| &h[..]));
-        let stored_bodies = opt_bytes(|e| e.body.as_deref());
-        let groups = opt_text(|e| e.query_group.as_deref());
-        let hidden_until: Vec<Option<i64>> = entries.iter().map(|e| e.hidden_until_ms).collect();
-        let hidden_reasons = opt_text(|e| e.hidden_reason.as_deref());
-        tx.execute(
-            INSERT,
-            &[
-                &seqs,
-                &prevs,
-                &hashes,
-                &nodes,
-                &request_ids,
-                &at,
-                &sides,
-                &steps,
-                &clients,
-                &services,
-                &methods,
-                &purposes,
-                &subjects,
-                &bases,
-                &users,
-                &peers,
-                &statuses,
-                &reasons,
-                &messages,
-                &bodies,
-                &requests,
-                &signatures,
-                &signer_keys,
-                &signed_hashes,
-                &stored_bodies,
-                &groups,
-                &hidden_until,
-                &hidden_reasons,
-            ],
-        )
-        .await
-        .map_err(write_err)?;
+        let mut columns = ColumnArrays::default();
+        for ((seq, prev, hash), entry) in chained.iter().zip(&entries) {
+            write_row((*seq, prev, hash), entry, &mut columns);
+            columns.next_row();
+        }
+        tx.execute(INSERT, &columns.params())
+            .await
+            .map_err(write_err)?;
         let last = chained.last().map(|c| (seq_to_db(c.0), c.2));
         if let Some((seq, hash)) = last {
             tx.execute(
@@ -307,7 +247,7 @@ impl PostgresStore {
             .collect())
     }
 
-    async fn records(&self, sql: &str, values: &[SqlValue]) -> Result<Vec<RawRow>, AuditError> {
+    async fn records(&self, sql: &str, values: &[SqlValue]) -> Result<Vec<Row>, AuditError> {
         let boxed: Vec<Box<dyn ToSql + Sync + Send>> = values
             .iter()
             .map(|v| -> Box<dyn ToSql + Sync + Send> {
@@ -323,67 +263,133 @@ impl PostgresStore {
             .iter()
             .map(|b| b.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let rows = self
-            .reader()
+        self.reader()
             .await?
             .query(sql, &params)
             .await
-            .map_err(read_err)?;
-        rows.iter().map(raw_row).collect()
+            .map_err(read_err)
     }
 }
 
-fn raw_row(r: &Row) -> Result<RawRow, AuditError> {
-    let get_err = |e: tokio_postgres::Error| AuditError::Read(format!("postgres row: {e}"));
-    Ok(RawRow {
-        seq: r.try_get(0).map_err(get_err)?,
-        prev_hash: r.try_get(1).map_err(get_err)?,
-        hash: r.try_get(2).map_err(get_err)?,
-        node: r.try_get(3).map_err(get_err)?,
-        request_id: r.try_get(4).map_err(get_err)?,
-        at_ms: r.try_get(5).map_err(get_err)?,
-        side: r.try_get(6).map_err(get_err)?,
-        step: r.try_get(7).map_err(get_err)?,
-        client: r.try_get(8).map_err(get_err)?,
-        service: r.try_get(9).map_err(get_err)?,
-        method: r.try_get(10).map_err(get_err)?,
-        purpose: r.try_get(11).map_err(get_err)?,
-        subject: r.try_get(12).map_err(get_err)?,
-        basis: r.try_get(13).map_err(get_err)?,
-        user: r.try_get(14).map_err(get_err)?,
-        peer: r.try_get(15).map_err(get_err)?,
-        status: r.try_get(16).map_err(get_err)?,
-        reason: r.try_get(17).map_err(get_err)?,
-        message: r.try_get(18).map_err(get_err)?,
-        body_sha256: r.try_get(19).map_err(get_err)?,
-        request_hash: r.try_get(20).map_err(get_err)?,
-        signature: r.try_get(21).map_err(get_err)?,
-        signer_key: r.try_get(22).map_err(get_err)?,
-        signed_hash: r.try_get(23).map_err(get_err)?,
-        body: r.try_get(24).map_err(get_err)?,
-        query_group: r.try_get(25).map_err(get_err)?,
-        hidden_until_ms: r.try_get(26).map_err(get_err)?,
-        hidden_reason: r.try_get(27).map_err(get_err)?,
-    })
+fn row_err(e: tokio_postgres::Error) -> AuditError {
+    AuditError::Read(format!("postgres row: {e}"))
+}
+
+impl RowReader for Row {
+    fn text(&self, i: usize) -> Result<String, AuditError> {
+        self.try_get(i).map_err(row_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, AuditError> {
+        self.try_get(i).map_err(row_err)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, AuditError> {
+        self.try_get(i).map_err(row_err)
+    }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, AuditError> {
+        self.try_get(i).map_err(row_err)
+    }
+    fn int(&self, i: usize) -> Result<i64, AuditError> {
+        self.try_get(i).map_err(row_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, AuditError> {
+        self.try_get(i).map_err(row_err)
+    }
+    fn int4(&self, i: usize) -> Result<i32, AuditError> {
+        self.try_get(i).map_err(row_err)
+    }
+}
+
+/// The rows of one append as one array per column, the parameters of
+/// [`INSERT`]'s `UNNEST` (one statement for the whole batch).
+#[derive(Default)]
+struct ColumnArrays<'a> {
+    columns: Vec<Column<'a>>,
+    /// The column the next value of the current row goes to.
+    at: usize,
+}
+
+/// One column's values, in the type of its `UNNEST` array.
+enum Column<'a> {
+    Int(Vec<Option<i64>>),
+    Int4(Vec<i32>),
+    Text(Vec<Option<&'a str>>),
+    Bytes(Vec<Option<&'a [u8]>>),
+}
+
+impl<'a> ColumnArrays<'a> {
+    /// The column for the next value: made by `new` in the first row.
+    fn column(&mut self, new: fn() -> Column<'a>) -> &mut Column<'a> {
+        if self.at == self.columns.len() {
+            self.columns.push(new());
+        }
+        self.at += 1;
+        &mut self.columns[self.at - 1]
+    }
+
+    fn next_row(&mut self) {
+        self.at = 0;
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.columns
+            .iter()
+            .map(|c| -> &(dyn ToSql + Sync) {
+                match c {
+                    Column::Int(v) => v,
+                    Column::Int4(v) => v,
+                    Column::Text(v) => v,
+                    Column::Bytes(v) => v,
+                }
+            })
+            .collect()
+    }
+}
+
+// `write_row` writes the same kinds in the same order for every row, so a
+// column of another kind than its first row's cannot happen.
+impl<'a> RowWriter<'a> for ColumnArrays<'a> {
+    fn int(&mut self, v: Option<i64>) {
+        match self.column(|| Column::Int(Vec::new())) {
+            Column::Int(c) => c.push(v),
+            _ => unreachable!("column kinds follow write_row"),
+        }
+    }
+    fn int4(&mut self, v: i32) {
+        match self.column(|| Column::Int4(Vec::new())) {
+            Column::Int4(c) => c.push(v),
+            _ => unreachable!("column kinds follow write_row"),
+        }
+    }
+    fn text(&mut self, v: Option<&'a str>) {
+        match self.column(|| Column::Text(Vec::new())) {
+            Column::Text(c) => c.push(v),
+            _ => unreachable!("column kinds follow write_row"),
+        }
+    }
+    fn bytes(&mut self, v: Option<&'a [u8]>) {
+        match self.column(|| Column::Bytes(Vec::new())) {
+            Column::Bytes(c) => c.push(v),
+            _ => unreachable!("column kinds follow write_row"),
+        }
+    }
 }
 
 fn checkpoint_row(r: &Row) -> Result<StoredCheckpoint, AuditError> {
-    let get_err = |e: tokio_postgres::Error| AuditError::Read(format!("postgres row: {e}"));
-    let head: Vec<u8> = r.try_get(1).map_err(get_err)?;
-    let root: Vec<u8> = r.try_get(2).map_err(get_err)?;
-    let key_id: Vec<u8> = r.try_get(5).map_err(get_err)?;
+    let head: Vec<u8> = r.try_get(1).map_err(row_err)?;
+    let root: Vec<u8> = r.try_get(2).map_err(row_err)?;
+    let key_id: Vec<u8> = r.try_get(5).map_err(row_err)?;
     Ok(StoredCheckpoint {
         checkpoint: Checkpoint {
-            seq: seq_from_db(r.try_get(0).map_err(get_err)?),
+            seq: seq_from_db(r.try_get(0).map_err(row_err)?),
             head: lossy_hash(&head),
             root: lossy_hash(&root),
-            at_ms: r.try_get(3).map_err(get_err)?,
-            node: r.try_get(4).map_err(get_err)?,
+            at_ms: r.try_get(3).map_err(row_err)?,
+            node: r.try_get(4).map_err(row_err)?,
             key_id: lossy_hash(&key_id),
-            cert_der: r.try_get(6).map_err(get_err)?,
-            signature: r.try_get(7).map_err(get_err)?,
+            cert_der: r.try_get(6).map_err(row_err)?,
+            signature: r.try_get(7).map_err(row_err)?,
         },
-        frontier: r.try_get(8).map_err(get_err)?,
+        frontier: r.try_get(8).map_err(row_err)?,
     })
 }
 
@@ -431,7 +437,7 @@ impl AuditStore for PostgresStore {
             let rows = self
                 .records(&sql, &[SqlValue::Int(seq_to_db(from))])
                 .await?;
-            Ok(rows.into_iter().map(RawRow::into_scanned).collect())
+            rows.iter().map(read_row).collect()
         })
     }
 
@@ -466,8 +472,8 @@ impl AuditStore for PostgresStore {
             );
             let rows = self.records(&sql, &c.values).await?;
             let records = rows
-                .into_iter()
-                .map(RawRow::into_record)
+                .iter()
+                .map(read_record)
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Page::from_rows(records, limit))
         })
@@ -482,8 +488,8 @@ impl AuditStore for PostgresStore {
                 format!("SELECT {COLUMNS} FROM audit_records WHERE request_id = $1 ORDER BY seq");
             self.records(&sql, &[SqlValue::Text(request_id)])
                 .await?
-                .into_iter()
-                .map(RawRow::into_record)
+                .iter()
+                .map(read_record)
                 .collect()
         })
     }

@@ -39,11 +39,14 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, params,
+    types::{ToSqlOutput, Value, ValueRef},
+};
 
 use super::{
-    AuditStore, COLUMNS, Commit, Conditions, Page, Query, RawRow, Scanned, SqlValue,
-    StoredCheckpoint, lossy_hash, seq_from_db, seq_to_db,
+    AuditStore, COLUMNS, Commit, Conditions, Page, Query, RowReader, RowWriter, Scanned, SqlValue,
+    StoredCheckpoint, lossy_hash, read_record, read_row, seq_from_db, seq_to_db, write_row,
 };
 use crate::{
     AuditError,
@@ -539,37 +542,50 @@ impl SqliteStore {
     }
 }
 
-fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-    Ok(RawRow {
-        seq: r.get(0)?,
-        prev_hash: r.get(1)?,
-        hash: r.get(2)?,
-        node: r.get(3)?,
-        request_id: r.get(4)?,
-        at_ms: r.get(5)?,
-        side: r.get(6)?,
-        step: r.get(7)?,
-        client: r.get(8)?,
-        service: r.get(9)?,
-        method: r.get(10)?,
-        purpose: r.get(11)?,
-        subject: r.get(12)?,
-        basis: r.get(13)?,
-        user: r.get(14)?,
-        peer: r.get(15)?,
-        status: r.get(16)?,
-        reason: r.get(17)?,
-        message: r.get(18)?,
-        body_sha256: r.get(19)?,
-        request_hash: r.get(20)?,
-        signature: r.get(21)?,
-        signer_key: r.get(22)?,
-        signed_hash: r.get(23)?,
-        body: r.get(24)?,
-        query_group: r.get(25)?,
-        hidden_until_ms: r.get(26)?,
-        hidden_reason: r.get(27)?,
-    })
+impl RowReader for rusqlite::Row<'_> {
+    fn text(&self, i: usize) -> Result<String, AuditError> {
+        self.get(i).map_err(read_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, AuditError> {
+        self.get(i).map_err(read_err)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, AuditError> {
+        self.get(i).map_err(read_err)
+    }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, AuditError> {
+        self.get(i).map_err(read_err)
+    }
+    fn int(&self, i: usize) -> Result<i64, AuditError> {
+        self.get(i).map_err(read_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, AuditError> {
+        self.get(i).map_err(read_err)
+    }
+    fn int4(&self, i: usize) -> Result<i32, AuditError> {
+        self.get(i).map_err(read_err)
+    }
+}
+
+/// A record row as the parameters of one `INSERT`, borrowed from the entry.
+impl<'a> RowWriter<'a> for Vec<ToSqlOutput<'a>> {
+    fn int(&mut self, v: Option<i64>) {
+        self.push(v.map_or(ToSqlOutput::Owned(Value::Null), |v| {
+            ToSqlOutput::Owned(Value::Integer(v))
+        }));
+    }
+    fn int4(&mut self, v: i32) {
+        self.push(ToSqlOutput::Owned(Value::Integer(i64::from(v))));
+    }
+    fn text(&mut self, v: Option<&'a str>) {
+        self.push(v.map_or(ToSqlOutput::Owned(Value::Null), |v| {
+            ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes()))
+        }));
+    }
+    fn bytes(&mut self, v: Option<&'a [u8]>) {
+        self.push(v.map_or(ToSqlOutput::Owned(Value::Null), |v| {
+            ToSqlOutput::Borrowed(ValueRef::Blob(v))
+        }));
+    }
 }
 
 fn records(
@@ -579,16 +595,15 @@ fn records(
 ) -> Result<Vec<StoredRecord>, AuditError> {
     let mut stmt = conn.prepare_cached(sql).map_err(read_err)?;
     let params = rusqlite::params_from_iter(values.iter().map(to_sql));
-    let rows = stmt
-        .query_map(params, raw_row)
-        .map_err(read_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read_err)?;
-    rows.into_iter().map(RawRow::into_record).collect()
+    let mut rows = stmt.query(params).map_err(read_err)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(read_err)? {
+        out.push(read_record(row)?);
+    }
+    Ok(out)
 }
 
-fn to_sql(v: &SqlValue) -> rusqlite::types::Value {
-    use rusqlite::types::Value;
+fn to_sql(v: &SqlValue) -> Value {
     match v {
         SqlValue::Text(s) => Value::Text(s.clone()),
         SqlValue::Int(i) => Value::Integer(*i),
@@ -837,12 +852,12 @@ impl AuditStore for SqliteStore {
             );
             let mut stmt = conn.prepare_cached(&sql).map_err(read_err)?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = stmt
-                .query_map(params![seq_to_db(from), limit], raw_row)
+            let mut rows = stmt
+                .query(params![seq_to_db(from), limit])
                 .map_err(read_err)?;
             let mut out = Vec::new();
-            for row in rows {
-                out.push(row.map_err(read_err)?.into_scanned());
+            while let Some(row) = rows.next().map_err(read_err)? {
+                out.push(read_row(row)?);
             }
             Ok(out)
         }))
@@ -1102,38 +1117,10 @@ fn insert_batch(
     {
         let mut stmt = conn.prepare_cached(insert_sql()).map_err(write_err)?;
         for r in records {
-            let e = &r.entry;
-            stmt.execute(params![
-                seq_to_db(r.seq),
-                &r.prev[..],
-                &r.hash[..],
-                e.node,
-                e.request_id,
-                e.at_ms,
-                e.side.as_str(),
-                e.step.as_str(),
-                e.client,
-                e.service,
-                e.method,
-                e.purpose,
-                e.subject.as_ref().map(|h| &h[..]),
-                e.basis,
-                e.user,
-                e.peer,
-                e.status,
-                e.reason,
-                e.message,
-                e.body_sha256.as_ref().map(|h| &h[..]),
-                e.request_hash.as_ref().map(|h| &h[..]),
-                e.signature.as_deref(),
-                e.signer_key.as_ref().map(|h| &h[..]),
-                e.signed_hash.as_ref().map(|h| &h[..]),
-                e.body.as_deref(),
-                e.query_group,
-                e.hidden_until_ms,
-                e.hidden_reason,
-            ])
-            .map_err(write_err)?;
+            let mut row = Vec::with_capacity(28);
+            write_row((r.seq, &r.prev, &r.hash), &r.entry, &mut row);
+            stmt.execute(rusqlite::params_from_iter(row))
+                .map_err(write_err)?;
         }
     }
     // Blocks of the key index ride in the same transaction (and fsync).

@@ -53,10 +53,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Body> {
                 Some(source) => gw.unknown.refused(Side::Consumer, source, &refusal),
                 // Shedding must cost nothing, so a shed call is not audited.
                 None if refusal.reason == Reason::Overloaded => {}
-                None => {
-                    record_refusal(&*gw.audit, &known, Side::Consumer, Step::Refused, &refusal)
-                        .await
-                }
+                None => record_refusal(&*gw.audit, &known, &refusal).await,
             }
         }
     };
@@ -65,12 +62,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Body> {
         Err(refusal) => {
             let known = raw_known(&method, req.headers());
             refused_here(&known, &refusal).await;
-            return frame::status_response(refusal.to_status(Some(&known.request_id)));
+            return frame::status_response(refusal.to_status(Some(known.request_id())));
         }
     };
-    let known = Known::from(&meta);
+    let mut known = Known::of_call(Side::Consumer, &meta);
     let request_id = meta.request_id.clone();
-    match exchange(&gw, meta, &known, req, deadline).await {
+    match exchange(&gw, meta, &mut known, req, deadline).await {
         Ok(response) => response,
         Err((step, refusal)) => {
             if step == Step::Refused {
@@ -97,21 +94,16 @@ fn raw_known(method: &str, headers: &http::HeaderMap) -> Known {
             .get(k)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
-            .chars()
-            .take(256)
-            .collect::<String>()
     };
     let request_id = Some(get(keys::REQUEST_ID))
         .filter(|id| kopir_core::id::Code::parse("request id", id).is_ok())
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    Known {
-        request_id,
-        client: get(keys::CLIENT),
-        service: get(keys::SERVICE),
-        method: method.chars().take(256).collect(),
-        purpose: get(keys::PURPOSE),
-        ..Known::default()
-    }
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    Known::new(Side::Consumer, request_id).unparsed(
+        get(keys::CLIENT),
+        get(keys::SERVICE),
+        method,
+        get(keys::PURPOSE),
+    )
 }
 
 type Failed = (Step, Refusal);
@@ -120,10 +112,13 @@ fn refused(r: Refusal) -> Failed {
     (Step::Refused, r)
 }
 
+/// Steps 1–9 of the consumer's side. What each step learns (the request
+/// hash, the provider's server) goes into `known`, so that every later record,
+/// a refusal's or a failure's included, carries it.
 async fn exchange(
     gw: &Gateway,
     meta: CallMeta,
-    known: &Known,
+    known: &mut Known,
     req: Request<Body>,
     deadline: Deadline,
 ) -> Result<Response<Body>, Failed> {
@@ -172,16 +167,10 @@ async fn exchange(
         })
         .await
         .map_err(refused)?;
+    known.learn_request_hash(request_hash);
     // 6. No audit, no data: the record is written before anything leaves;
     //    the answer's record (8) makes both durable before the caller sees it.
-    let mut rec = known.signed_record(
-        Side::Consumer,
-        Step::Forwarded,
-        Some(&signature),
-        request_hash,
-        body_hash,
-    );
-    rec.request_hash = Some(request_hash);
+    let mut rec = known.signed_record(Step::Forwarded, Some(&signature), request_hash, body_hash);
     rec.body = gw.kept_body(&body);
     written(&*gw.audit, rec).await.map_err(refused)?;
     let forward = ForwardRequest {
@@ -200,24 +189,22 @@ async fn exchange(
     } = match outcome {
         Ok(ok) => ok,
         Err(refusal) => {
-            let mut rec = known.refusal(Side::Consumer, Step::Failed, &refusal);
-            rec.request_hash = Some(request_hash);
-            durable(&*gw.audit, rec).await.map_err(refused)?;
+            durable(&*gw.audit, known.refusal(Step::Failed, &refusal))
+                .await
+                .map_err(refused)?;
             return Err((Step::Failed, refusal));
         }
     };
     let h = response.header.unwrap_or_default();
     // 8. Record the answer durably before releasing it.
+    known.learn_peer(peer);
     let mut rec = known.signed_record(
-        Side::Consumer,
         Step::Answered,
         response.signature.as_ref(),
         response_hash,
         body_hash,
     );
-    rec.peer = Some(peer);
     rec.status = h.status_code;
-    rec.request_hash = Some(request_hash);
     rec.body = gw.kept_body(&response.body);
     durable(&*gw.audit, rec)
         .await

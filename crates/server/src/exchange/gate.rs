@@ -19,7 +19,7 @@ use tonic::{body::Body, server::NamedService};
 use tower::Service;
 
 use crate::exchange::{Gateway, Known, consumer::conf_refusal, record_refusal, unknown::Source};
-use kopir_audit::{Side, Step};
+use kopir_audit::Side;
 use kopir_core::deadline;
 use kopir_core::{
     error::{Reason, Refusal},
@@ -133,14 +133,14 @@ where
                 match deadline::read_body(&deadline, gw.limits.body_read_timeout(), read).await {
                     Ok(body) => body,
                     Err(refusal) => {
-                        let known = Known {
-                            request_id: uuid::Uuid::new_v4().to_string(),
-                            client: format!("security server {peer}"),
-                            method: parts.uri.path().to_owned(),
-                            ..Known::default()
-                        };
-                        record_refusal(&*gw.audit, &known, Side::Provider, Step::Refused, &refusal)
-                            .await;
+                        // The body, and the header in it, never arrived.
+                        let mut known = Known::new(
+                            Side::Provider,
+                            uuid::Uuid::new_v4().to_string(),
+                        )
+                        .unparsed("", "", parts.uri.path(), "");
+                        known.learn_peer(peer.to_string());
+                        record_refusal(&*gw.audit, &known, &refusal).await;
                         return refuse(refusal);
                     }
                 };

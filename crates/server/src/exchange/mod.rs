@@ -124,25 +124,47 @@ impl Gateway {
     }
 }
 
-/// What is known of a request when a record is written: parsed metadata, or the
-/// raw header values of a request refused before they could be parsed.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Known {
-    request_id: String,
-    client: String,
-    service: String,
-    method: String,
-    purpose: String,
-    subject: Option<String>,
-    user: Option<String>,
-    query_group: Option<String>,
-    hidden_until_ms: Option<i64>,
-    hidden_reason: Option<String>,
-}
+/// What is known of one exchange on one side so far, kept as the record its
+/// next step writes: the call's metadata (or, for a request refused before
+/// they parsed, its raw header values), then the peer, the request hash and
+/// the basis as the security path learns them. Every record of the exchange,
+/// refusals and failures included, is built here, so each carries all that
+/// was known when it was written.
+#[derive(Debug, Clone)]
+pub(crate) struct Known(AuditRecord);
 
-impl From<&CallMeta> for Known {
-    fn from(m: &CallMeta) -> Self {
-        Self {
+/// The longest raw header value a record keeps of a request that did not parse.
+const RAW_VALUE_CHARS: usize = 256;
+
+impl Known {
+    /// Nothing known yet but the side and the request id.
+    pub(crate) fn new(side: Side, request_id: String) -> Self {
+        Self(AuditRecord {
+            request_id,
+            ..AuditRecord::new(side, Step::Refused)
+        })
+    }
+
+    /// The raw header values of a request whose metadata did not parse,
+    /// cut to a bounded length (they are the caller's, unchecked).
+    pub(crate) fn unparsed(
+        mut self,
+        client: &str,
+        service: &str,
+        method: &str,
+        purpose: &str,
+    ) -> Self {
+        let raw = |v: &str| v.chars().take(RAW_VALUE_CHARS).collect::<String>();
+        self.0.client = raw(client);
+        self.0.service = raw(service);
+        self.0.method = raw(method);
+        self.0.purpose = raw(purpose);
+        self
+    }
+
+    /// A call whose metadata parsed.
+    pub(crate) fn of_call(side: Side, m: &CallMeta) -> Self {
+        Self(AuditRecord {
             request_id: m.request_id.clone(),
             client: m.client.to_string(),
             service: m.service.to_string(),
@@ -153,25 +175,36 @@ impl From<&CallMeta> for Known {
             query_group: m.tracker.query_group.as_ref().map(ToString::to_string),
             hidden_until_ms: m.tracker.hidden.as_ref().map(|h| h.until_ms),
             hidden_reason: m.tracker.hidden.as_ref().map(|h| h.reason.clone()),
-        }
+            ..AuditRecord::new(side, Step::Refused)
+        })
     }
-}
 
-impl Known {
-    /// A record of `step` for this request.
-    pub(crate) fn record(&self, side: Side, step: Step) -> AuditRecord {
+    /// The request id the records carry.
+    pub(crate) fn request_id(&self) -> &str {
+        &self.0.request_id
+    }
+
+    /// The other security server, once it is identified.
+    pub(crate) fn learn_peer(&mut self, peer: String) {
+        self.0.peer = Some(peer);
+    }
+
+    /// The hash of the signed request, once it is signed or verified.
+    pub(crate) fn learn_request_hash(&mut self, hash: [u8; 32]) {
+        self.0.request_hash = Some(hash);
+    }
+
+    /// What the access rests on, once it is checked.
+    pub(crate) fn learn_basis(&mut self, basis: String) {
+        self.0.basis = Some(basis);
+    }
+
+    /// A record of `step`, stamped now, with all that is known.
+    pub(crate) fn record(&self, step: Step) -> AuditRecord {
         AuditRecord {
-            request_id: self.request_id.clone(),
-            client: self.client.clone(),
-            service: self.service.clone(),
-            method: self.method.clone(),
-            purpose: self.purpose.clone(),
-            subject: self.subject.clone(),
-            user: self.user.clone(),
-            query_group: self.query_group.clone(),
-            hidden_until_ms: self.hidden_until_ms,
-            hidden_reason: self.hidden_reason.clone(),
-            ..AuditRecord::new(side, step)
+            step,
+            at_ms: kopir_core::clock::now_ms(),
+            ..self.0.clone()
         }
     }
 
@@ -179,27 +212,28 @@ impl Known {
     /// request or response hash) and the hash of the body it covers.
     pub(crate) fn signed_record(
         &self,
-        side: Side,
         step: Step,
         signature: Option<&Signature>,
         signed_hash: [u8; 32],
         body_sha256: [u8; 32],
     ) -> AuditRecord {
-        let mut r = self.record(side, step);
-        r.signature = signature.map(|s| s.value.to_vec());
-        r.signer_key = signature.and_then(|s| s.key_id.as_ref().try_into().ok());
-        r.signed_hash = Some(signed_hash);
-        r.body_sha256 = Some(body_sha256);
-        r
+        AuditRecord {
+            signature: signature.map(|s| s.value.to_vec()),
+            signer_key: signature.and_then(|s| s.key_id.as_ref().try_into().ok()),
+            signed_hash: Some(signed_hash),
+            body_sha256: Some(body_sha256),
+            ..self.record(step)
+        }
     }
 
-    /// A record of a refusal or failure.
-    pub(crate) fn refusal(&self, side: Side, step: Step, refusal: &Refusal) -> AuditRecord {
-        let mut r = self.record(side, step);
-        r.status = refusal.code as i32;
-        r.reason = Some(refusal.reason.as_str().into());
-        r.message = Some(refusal.message.clone());
-        r
+    /// A record of a refusal (step `refused`) or failure (`failed`).
+    pub(crate) fn refusal(&self, step: Step, refusal: &Refusal) -> AuditRecord {
+        AuditRecord {
+            status: refusal.code as i32,
+            reason: Some(refusal.reason.as_str().into()),
+            message: Some(refusal.message.clone()),
+            ..self.record(step)
+        }
     }
 }
 
@@ -229,16 +263,11 @@ fn audit_unavailable(e: AuditError) -> Refusal {
 
 /// Records a refusal; the refusal stands even if the record cannot be written
 /// (the error is logged), since nothing is released either way.
-pub(crate) async fn record_refusal(
-    audit: &dyn AuditLog,
-    known: &Known,
-    side: Side,
-    step: Step,
-    refusal: &Refusal,
-) {
-    tracing::info!(request_id = %known.request_id, reason = %refusal.reason, message = %refusal.message, side = side.as_str(), "refused");
-    if let Err(e) = audit.append(known.refusal(side, step, refusal)).await {
-        tracing::error!(error = %e, request_id = %known.request_id, "refusal could not be audited");
+pub(crate) async fn record_refusal(audit: &dyn AuditLog, known: &Known, refusal: &Refusal) {
+    let record = known.refusal(Step::Refused, refusal);
+    tracing::info!(request_id = %record.request_id, reason = %refusal.reason, message = %refusal.message, side = record.side.as_str(), "refused");
+    if let Err(e) = audit.append(record).await {
+        tracing::error!(error = %e, request_id = %known.request_id(), "refusal could not be audited");
     }
 }
 

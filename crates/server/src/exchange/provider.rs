@@ -60,23 +60,22 @@ impl Exchange for Provider {
         let meta = match CallMeta::from_header(&header) {
             Ok(meta) => meta,
             Err(refusal) => {
-                let known = Known {
-                    request_id: header.request_id.chars().take(64).collect(),
-                    client: header.client.chars().take(256).collect(),
-                    service: header.service.chars().take(256).collect(),
-                    method: header.method.chars().take(256).collect(),
-                    purpose: header.purpose.chars().take(64).collect(),
-                    ..Known::default()
-                };
-                record_refusal(&*gw.audit, &known, Side::Provider, Step::Refused, &refusal).await;
-                return Err(refusal.to_status(Some(&known.request_id)));
+                let request_id = header.request_id.chars().take(64).collect();
+                let known = Known::new(Side::Provider, request_id).unparsed(
+                    &header.client,
+                    &header.service,
+                    &header.method,
+                    &header.purpose,
+                );
+                record_refusal(&*gw.audit, &known, &refusal).await;
+                return Err(refusal.to_status(Some(known.request_id())));
             }
         };
-        let known = Known::from(&meta);
+        let mut known = Known::of_call(Side::Provider, &meta);
         match serve(
             gw,
             &meta,
-            &known,
+            &mut known,
             peer_cert.as_ref().map(|c| c.as_ref()),
             forward,
             &deadline,
@@ -86,7 +85,7 @@ impl Exchange for Provider {
             Ok(response) => Ok(Response::new(response)),
             Err((step, refusal)) => {
                 if step == Step::Refused {
-                    record_refusal(&*gw.audit, &known, Side::Provider, step, &refusal).await;
+                    record_refusal(&*gw.audit, &known, &refusal).await;
                 }
                 Err(refusal.to_status(Some(&meta.request_id)))
             }
@@ -94,10 +93,13 @@ impl Exchange for Provider {
     }
 }
 
+/// Steps 1–9 of the provider's side. What each step learns (the peer, the
+/// request hash, the basis) goes into `known`, so that every later record,
+/// a refusal's or a failure's included, carries it.
 async fn serve(
     gw: &Gateway,
     meta: &CallMeta,
-    known: &Known,
+    known: &mut Known,
     peer_cert: Option<&[u8]>,
     forward: ForwardRequest,
     deadline: &Deadline,
@@ -126,6 +128,7 @@ async fn serve(
             ),
         )));
     };
+    known.learn_peer(peer);
     // 3. The signature of the client's member, and the body it covers.
     let now = now_ms();
     let request_hash = envelope::verify_request(
@@ -137,6 +140,7 @@ async fn serve(
         now / 1000,
     )
     .map_err(refused)?;
+    known.learn_request_hash(request_hash);
     let request_body_hash = sha256(&forward.body);
     if request_body_hash[..] != header.body_sha256[..] {
         return Err(refused(Refusal::new(
@@ -185,21 +189,18 @@ async fn serve(
                 .basis()
         }
     };
+    known.learn_basis(basis);
     deadline
         .check("the request was being checked")
         .map_err(refused)?;
     // 7. No audit, no data: the acceptance is written before the registry is
     //    called, and made durable with the answer's record (9) or the failure's.
     let mut rec = known.signed_record(
-        Side::Provider,
         Step::Accepted,
         forward.signature.as_ref(),
         request_hash,
         request_body_hash,
     );
-    rec.basis = Some(basis.clone());
-    rec.peer = Some(peer.clone());
-    rec.request_hash = Some(request_hash);
     rec.body = gw.kept_body(&forward.body);
     written(&*gw.audit, rec).await.map_err(refused)?;
     // 8. Call the registry with the time left of the caller's deadline, less
@@ -210,23 +211,9 @@ async fn serve(
         }
         left => registry.call(&meta.method, forward.body, left).await,
     };
-    // Every failure after the acceptance carries what the acceptance recorded.
-    let failure = |refusal: &Refusal| {
-        let mut rec = known.refusal(Side::Provider, Step::Failed, refusal);
-        rec.basis = Some(basis.clone());
-        rec.peer = Some(peer.clone());
-        rec.request_hash = Some(request_hash);
-        rec
-    };
     let answer = match called {
         Ok(answer) => answer,
-        Err(refusal) => {
-            let rec = failure(&refusal);
-            durable(&*gw.audit, rec)
-                .await
-                .map_err(|r| (Step::Failed, r))?;
-            return Err((Step::Failed, refusal));
-        }
+        Err(refusal) => return Err(failed(gw, known, refusal).await),
     };
     if answer.body.len() > gw.limits.max_body_bytes {
         let refusal = Refusal::new(
@@ -236,11 +223,7 @@ async fn serve(
                 gw.limits.max_body_bytes
             ),
         );
-        let rec = failure(&refusal);
-        durable(&*gw.audit, rec)
-            .await
-            .map_err(|r| (Step::Failed, r))?;
-        return Err((Step::Failed, refusal));
+        return Err(failed(gw, known, refusal).await);
     }
     // 9. Sign the answer, bound to the request, and record it before release.
     let body_hash = sha256(&answer.body);
@@ -254,17 +237,8 @@ async fn serve(
     };
     let (signature, response_hash) =
         envelope::sign_response(&response_header, gw.server_id.member(), &gw.signer).await;
-    let mut rec = known.signed_record(
-        Side::Provider,
-        Step::Answered,
-        Some(&signature),
-        response_hash,
-        body_hash,
-    );
-    rec.basis = Some(basis);
-    rec.peer = Some(peer);
+    let mut rec = known.signed_record(Step::Answered, Some(&signature), response_hash, body_hash);
     rec.status = answer.code;
-    rec.request_hash = Some(request_hash);
     rec.body = gw.kept_body(&answer.body);
     durable(&*gw.audit, rec)
         .await
@@ -274,4 +248,13 @@ async fn serve(
         signature: Some(signature),
         body: answer.body,
     })
+}
+
+/// Records a failure after the acceptance durably, and gives the refusal the
+/// consumer sees: `refusal`, or `audit.unavailable` if it cannot be recorded.
+async fn failed(gw: &Gateway, known: &Known, refusal: Refusal) -> Failed {
+    match durable(&*gw.audit, known.refusal(Step::Failed, &refusal)).await {
+        Ok(()) => (Step::Failed, refusal),
+        Err(unrecorded) => (Step::Failed, unrecorded),
+    }
 }
