@@ -123,21 +123,27 @@ impl AuditConfig {
     }
 }
 
-/// Parses `"90s"`, `"5m"`, `"1h"`, `"250ms"` or a plain number of seconds.
+/// The units a duration may be written in, milliseconds to hours; humantime's
+/// others (nanoseconds, microseconds, and days to years) are refused.
+const DURATION_UNITS: [&str; 5] = ["ms", "s", "m", "min", "h"];
+
+/// Parses a plain number of seconds (`"60"`), or a duration in humantime's
+/// syntax with the units `ms`, `s`, `m` (or `min`) and `h`: `"90s"`,
+/// `"250ms"`, `"5min"`, `"1h 30m"`. Other units, as in `"7 weeks"`, are
+/// refused.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "" | "s" => Some(Duration::from_secs(n)),
-        "ms" => Some(Duration::from_millis(n)),
-        "m" | "min" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
-        _ => None,
+    // humantime wants a unit; a bare number is a number of seconds.
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().ok().map(Duration::from_secs);
     }
+    let units_known = text
+        .split(|c: char| !c.is_alphabetic())
+        .all(|unit| unit.is_empty() || DURATION_UNITS.contains(&unit));
+    if !units_known {
+        return None;
+    }
+    humantime::parse_duration(text).ok()
 }
 
 fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -807,5 +813,18 @@ mod tests {
         assert!(toml::from_str::<AuditConfig>("bogus = 1").is_err());
         let back: AuditConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn durations_in_humantime_syntax() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5min"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration(" 60 "), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), None);
+        assert_eq!(parse_duration("5 sec"), None);
+        assert_eq!(parse_duration("-5s"), None);
+        assert_eq!(parse_duration(""), None);
     }
 }

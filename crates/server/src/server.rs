@@ -12,10 +12,14 @@
 
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 use tonic::service::Routes;
-use tonic_health::ServingStatus;
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::{Health, HealthServer},
+};
 use tower::Layer;
 
 use crate::{
@@ -32,13 +36,14 @@ use crate::{
     policy::AccessPolicy,
     report::ReportService,
 };
-use kopir_audit::{AuditHandle, AuditLog, AuditServiceImpl};
+use kopir_audit::{AuditHandle, AuditServiceImpl};
 use kopir_consent::{
     ConsentVerifier, DEFAULT_MAX_SILENCE, FeedOptions, RevocationFeed, RevocationSet,
 };
 use kopir_core::{
     error::{Reason, Refusal},
     globalconf::{GlobalConfHandle, watch::watch as watch_conf},
+    id::SubsystemId,
     pki::{
         Fingerprint, PkiError,
         batch::{BatchSigner, VerifiedRoots},
@@ -238,14 +243,117 @@ fn operator_check(
 
 /// Starts a security server on pre-bound listeners, writing audit records to
 /// `audit` (which its admin port also serves to operators).
+///
+/// Everything the configuration names is loaded and checked before any port
+/// serves; the first failure is the error.
 pub async fn start(
     config: ServerConfig,
     listeners: Listeners,
     audit: Arc<AuditHandle>,
 ) -> Result<RunningServer, ServerError> {
-    let chain = load_certs(&config.tls.cert)?;
-    let key = load_key(&config.tls.key)?;
-    let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
+    let parts = Parts::build(&config, &listeners, audit).await?;
+    serve_ports(&config, listeners, parts)
+}
+
+/// The parts of a server, built from its configuration before any port
+/// serves.
+struct Parts {
+    /// The exchange's state, shared by the client and peer ports.
+    gw: Arc<Gateway>,
+    /// The audit log, which the access report and the operators'
+    /// `AuditService` read.
+    audit: Arc<AuditHandle>,
+    /// The consent authority's revocation feed, stopped at shutdown.
+    revocations: RevocationFeed,
+    /// The fingerprints of the operators' client certificates.
+    operators: Vec<Fingerprint>,
+    /// TLS of the client port: a client certificate is asked for, and checked
+    /// in the request path, which names what is wrong with it.
+    client_tls: TlsAcceptor,
+    /// TLS of the peer and admin ports: every caller holds a certificate.
+    peer_tls: TlsAcceptor,
+}
+
+impl Parts {
+    /// Loads and checks, in this order: the TLS and signing keys, the global
+    /// configuration, the local clients and registries, the client port's
+    /// mode, the operators and the consent store; then assembles the gateway
+    /// and the ports' TLS.
+    async fn build(
+        config: &ServerConfig,
+        listeners: &Listeners,
+        audit: Arc<AuditHandle>,
+    ) -> Result<Self, ServerError> {
+        let identity = TlsIdentity::load(config)?;
+        let signer = SigningKey::load(&config.signing.cert, &config.signing.key)?;
+        let conf = global_conf(config).await?;
+        let clients = registered_clients(config)?;
+        let services = registries(config)?;
+        let plaintext_clients = plaintext_client(config, &listeners.client)?;
+        let operators = operator_fingerprints(config)?;
+        let (consent, revocations) = consent(config, &conf, &identity).await?;
+        let limits = &config.limits;
+        let gw = Arc::new(Gateway {
+            server_id: config.server_id.clone(),
+            conf,
+            signer: BatchSigner::start(Arc::new(signer)),
+            verified: VerifiedRoots::new(VERIFIED_ROOTS),
+            audit: audit.clone(),
+            replay: ReplayGuard::new(limits.max_clock_skew_ms, limits.replay_capacity),
+            peers: Peers::new(
+                identity.chain.clone(),
+                identity.key.clone_key(),
+                limits.connect_timeout(),
+                limits.max_body_bytes + ENVELOPE_ALLOWANCE,
+            ),
+            limits: limits.clone(),
+            clients,
+            plaintext_clients,
+            services,
+            policy: AccessPolicy::new(config.access.clone()),
+            consent,
+            store_bodies: config.audit.store_bodies,
+            client_calls: CallBudget::for_port(limits),
+            unknown: Arc::default(),
+        });
+        Ok(Self {
+            client_tls: identity.acceptor(ClientAuth::Requested)?,
+            peer_tls: identity.acceptor(ClientAuth::Required)?,
+            gw,
+            audit,
+            revocations,
+            operators,
+        })
+    }
+}
+
+/// The server's TLS certificate chain and key: what it presents on its ports
+/// and to the peers and consent authority it calls.
+struct TlsIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl TlsIdentity {
+    /// Reads the certificate chain and key the `tls` section names.
+    fn load(config: &ServerConfig) -> Result<Self, ServerError> {
+        Ok(Self {
+            chain: load_certs(&config.tls.cert)?,
+            key: load_key(&config.tls.key)?,
+        })
+    }
+
+    /// The TLS of a port that asks its callers for a client certificate as
+    /// `auth` says.
+    fn acceptor(&self, auth: ClientAuth) -> Result<TlsAcceptor, ServerError> {
+        let tls = server_config(self.chain.clone(), self.key.clone_key(), auth)?;
+        Ok(TlsAcceptor::from(Arc::new(tls)))
+    }
+}
+
+/// The global configuration, accepted only if the governance authority's
+/// anchors verify it, and checked for a new version every `refresh_secs`.
+async fn global_conf(config: &ServerConfig) -> Result<GlobalConfHandle, ServerError> {
     let anchors = config
         .globalconf
         .anchor_keys()
@@ -257,6 +365,14 @@ pub async fn start(
         &config.data_dir,
     )
     .await?;
+    Ok(conf)
+}
+
+/// The information systems allowed on the client port, by the client
+/// certificate registered for each.
+fn registered_clients(
+    config: &ServerConfig,
+) -> Result<HashMap<SubsystemId, RegisteredClient>, ServerError> {
     let mut clients = HashMap::new();
     for c in &config.clients {
         clients.insert(
@@ -264,6 +380,12 @@ pub async fn start(
             RegisteredClient::of(load_certs(&c.cert)?[0].as_ref())?,
         );
     }
+    Ok(clients)
+}
+
+/// The registries this server provides, by service; an endpoint that is not
+/// a usable address is a configuration error.
+fn registries(config: &ServerConfig) -> Result<HashMap<SubsystemId, Registry>, ServerError> {
     let mut services = HashMap::new();
     for s in &config.services {
         let registry = Registry::new(
@@ -276,100 +398,74 @@ pub async fn start(
         })?;
         services.insert(s.id.clone(), registry);
     }
+    Ok(services)
+}
+
+/// True if the client port is plaintext. Its callers are then not
+/// authenticated, so that is refused unless it listens on loopback.
+fn plaintext_client(config: &ServerConfig, client: &TcpListener) -> Result<bool, ServerError> {
     let plaintext = config.listen.plaintext_client;
-    if plaintext
-        && !listeners
-            .client
-            .local_addr()
-            .map(|a| a.ip().is_loopback())
-            .unwrap_or(false)
-    {
+    if plaintext && !client.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
         return Err(ServerError::Config(
             "listen.plaintext_client is for development and needs a loopback client address".into(),
         ));
     }
+    Ok(plaintext)
+}
+
+/// The fingerprints of the client certificates `operators` lists: the only
+/// callers the admin port's `AuditService` answers.
+fn operator_fingerprints(config: &ServerConfig) -> Result<Vec<Fingerprint>, ServerError> {
     let operators = config
         .operators
         .iter()
         .map(|p| cert_fingerprint(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let audit_service = AuditServiceImpl::new(audit.clone()).with_conf(conf.clone());
-    // Consent: revocations pushed by the consent authority the global
-    // configuration names (the feed waits while it names none), and use counts
-    // in the same store family as the audit log.
+        .collect::<Result<_, _>>()?;
+    Ok(operators)
+}
+
+/// Consent: use counts in the same store family as the audit log, and
+/// revocations pushed by the consent authority the global configuration
+/// names (the feed waits while it names none).
+async fn consent(
+    config: &ServerConfig,
+    conf: &GlobalConfHandle,
+    identity: &TlsIdentity,
+) -> Result<(ConsentVerifier, RevocationFeed), ServerError> {
     let uses =
         kopir_consent::store::open(&config.data_dir, config.audit.database.as_deref()).await?;
     let revocations = RevocationFeed::spawn(
         conf.clone(),
-        (chain.clone(), key.clone_key()),
+        (identity.chain.clone(), identity.key.clone_key()),
         RevocationSet::new(DEFAULT_MAX_SILENCE),
         FeedOptions {
             connect_timeout: config.limits.connect_timeout(),
             ..FeedOptions::default()
         },
     );
-    let report_service = ReportService::new(
-        audit.clone(),
-        conf.clone(),
-        config.server_id.clone(),
-        config.limits.max_clock_skew_ms,
-    );
-    let gw = Arc::new(Gateway {
-        server_id: config.server_id.clone(),
-        conf: conf.clone(),
-        signer: BatchSigner::start(signer),
-        verified: VerifiedRoots::new(VERIFIED_ROOTS),
-        audit: audit as Arc<dyn AuditLog>,
-        replay: ReplayGuard::new(
-            config.limits.max_clock_skew_ms,
-            config.limits.replay_capacity,
-        ),
-        peers: Peers::new(
-            chain.clone(),
-            key.clone_key(),
-            config.limits.connect_timeout(),
-            config.limits.max_body_bytes + ENVELOPE_ALLOWANCE,
-        ),
-        limits: config.limits.clone(),
-        clients,
-        plaintext_clients: plaintext,
-        services,
-        policy: AccessPolicy::new(config.access.clone()),
-        consent: ConsentVerifier::new(revocations.set().clone(), uses),
-        store_bodies: config.audit.store_bodies,
-        client_calls: CallBudget::for_port(&config.limits),
-        unknown: Arc::default(),
-    });
-    // Every caller of the peer and admin ports holds a certificate; an
-    // information system's is checked in the request path, which names what is
-    // wrong with it.
-    let acceptor = |auth| -> Result<TlsAcceptor, ServerError> {
-        Ok(TlsAcceptor::from(Arc::new(server_config(
-            chain.clone(),
-            key.clone_key(),
-            auth,
-        )?)))
-    };
-    let (client_tls, peer_tls) = (
-        acceptor(ClientAuth::Requested)?,
-        acceptor(ClientAuth::Required)?,
-    );
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let stop = move || {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let ports = 2 + usize::from(listeners.admin.is_some());
-    let edge = EdgeLimits {
-        max_connections: kopir_edge::fds::connections_per_port(
-            kopir_edge::fds::raise_nofile_limit(),
-            ports,
-            config.edge.max_connections,
-        ),
-        ..config.edge.clone()
-    };
+    let verifier = ConsentVerifier::new(revocations.set().clone(), uses);
+    Ok((verifier, revocations))
+}
+
+/// Serves the client, peer and admin ports on their listeners, each behind
+/// its TLS, the edge limits and its own call budget, with the tasks that run
+/// beside them: the health status and the summaries of refused unknown
+/// callers. All of them stop when the returned server shuts down.
+fn serve_ports(
+    config: &ServerConfig,
+    listeners: Listeners,
+    parts: Parts,
+) -> Result<RunningServer, ServerError> {
+    let Parts {
+        gw,
+        audit,
+        revocations,
+        operators,
+        client_tls,
+        peer_tls,
+    } = parts;
+    let (shutdown, _) = watch::channel(false);
+    let edge = edge_limits(config, 2 + usize::from(listeners.admin.is_some()));
     let serve = |listener, tls, service| {
         tokio::spawn(kopir_edge::serve(
             listener,
@@ -379,34 +475,77 @@ pub async fn start(
             shutdown.subscribe(),
         ))
     };
-
     let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(health, conf.clone(), stop()));
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServerError::Config(format!("reflection: {e}")))
-    };
-
-    let client_addr = listeners
-        .client
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen.client,
-            source,
-        })?;
-    let peer_addr = listeners
-        .peer
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen.peer,
-            source,
-        })?;
+    let mut stop = shutdown.subscribe();
+    tokio::spawn(report_health(health, gw.conf.clone(), async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    let client_addr = local_addr(&listeners.client, config.listen.client)?;
+    let peer_addr = local_addr(&listeners.peer, config.listen.peer)?;
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
-    let mut tasks = Vec::new();
 
-    // Client port: health, reflection, and the pass-through for everything else.
+    let client_tls = (!gw.plaintext_clients).then_some(client_tls);
+    let client = client_port(&gw, open_routes(&health_service)?);
+    let mut tasks = vec![serve(listeners.client, client_tls, client)];
+    let peer = peer_port(&gw, open_routes(&health_service)?, audit.clone());
+    tasks.push(serve(listeners.peer, Some(peer_tls.clone()), peer));
+    if let Some(listener) = listeners.admin {
+        let admin = admin_port(&gw, open_routes(&health_service)?, audit, operators);
+        tasks.push(serve(listener, Some(peer_tls), admin));
+    }
+    // Refused unknown callers, summed up (and written once more at shutdown).
+    tasks.push(tokio::spawn(write_summaries(
+        gw.unknown.clone(),
+        gw.audit.clone(),
+        gw.limits.unknown_caller_summary(),
+        shutdown.subscribe(),
+    )));
+    tracing::info!(server = %gw.server_id, %client_addr, %peer_addr, ?admin_addr, "security server started");
+    Ok(RunningServer {
+        client_addr,
+        peer_addr,
+        admin_addr,
+        shutdown,
+        tasks,
+        revocations,
+    })
+}
+
+/// The configured edge limits, with the connections per port cut to what the
+/// process's open-files limit (raised to its hard limit first) allows across
+/// `ports` ports.
+fn edge_limits(config: &ServerConfig, ports: usize) -> EdgeLimits {
+    EdgeLimits {
+        max_connections: kopir_edge::fds::connections_per_port(
+            kopir_edge::fds::raise_nofile_limit(),
+            ports,
+            config.edge.max_connections,
+        ),
+        ..config.edge.clone()
+    }
+}
+
+/// Where `listener` listens; a failure to say is reported against the
+/// configured address `addr`.
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+    listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// The routes every port opens to any caller ([`open_route`]): health and
+/// reflection.
+fn open_routes(health: &HealthServer<impl Health>) -> Result<Routes, ServerError> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
+    Ok(Routes::new(health.clone()).add_service(reflection))
+}
+
+/// Client port: the open routes, and the pass-through to
+/// [`consumer::handle`] for every other path.
+fn client_port(gw: &Arc<Gateway>, open: Routes) -> PortGate<Routes> {
     let passthrough = {
         let gw = gw.clone();
         tower::service_fn(move |req| {
@@ -421,23 +560,18 @@ pub async fn start(
             }
         })
     };
-    let router = Routes::new(health_service.clone())
-        .add_service(reflection()?)
-        .into_axum_router()
-        .fallback_service(passthrough);
-    let client = port_service(
-        &gw,
+    let router = open.into_axum_router().fallback_service(passthrough);
+    port_service(
+        gw,
         gw.client_calls.clone(),
         Routes::from(router),
         client_admission(),
-    );
-    tasks.push(serve(
-        listeners.client,
-        (!plaintext).then_some(client_tls),
-        client,
-    ));
+    )
+}
 
-    // Peer port: the exchange protocol behind its door, mutual TLS only.
+/// Peer port: the open routes, the exchange protocol behind its door
+/// ([`PeerGate`]), and the access report.
+fn peer_port(gw: &Arc<Gateway>, open: Routes, audit: Arc<AuditHandle>) -> PortGate<Routes> {
     let peer_calls = CallBudget::for_port(&gw.limits);
     let exchange = PeerGate::new(
         ExchangeServer::new(Provider::new(gw.clone()))
@@ -446,50 +580,37 @@ pub async fn start(
         gw.clone(),
         peer_calls.clone(),
     );
-    let peer = Routes::new(health_service.clone())
-        .add_service(reflection()?)
-        .add_service(exchange)
-        .add_service(report_service.into_server());
-    tasks.push(serve(
-        listeners.peer,
-        Some(peer_tls.clone()),
-        port_service(&gw, peer_calls, peer, peer_admission(conf.clone())),
-    ));
+    let report = ReportService::new(
+        audit,
+        gw.conf.clone(),
+        gw.server_id.clone(),
+        gw.limits.max_clock_skew_ms,
+    );
+    let routes = open.add_service(exchange).add_service(report.into_server());
+    port_service(gw, peer_calls, routes, peer_admission(gw.conf.clone()))
+}
 
-    // Admin port: the audit log for operators (health stays open to probes).
-    if let Some(admin) = listeners.admin {
-        let operators = Arc::new(operators);
-        let audit = tonic::service::interceptor::InterceptedService::new(
-            audit_service.into_server(),
-            operator_check(operators.clone()),
-        );
-        let routes = Routes::new(health_service)
-            .add_service(reflection()?)
-            .add_service(audit);
-        let admin_service = port_service(
-            &gw,
-            CallBudget::for_port(&gw.limits),
-            routes,
-            admin_admission(operators),
-        );
-        tasks.push(serve(admin, Some(peer_tls), admin_service));
-    }
-    // Refused unknown callers, summed up (and written once more at shutdown).
-    tasks.push(tokio::spawn(write_summaries(
-        gw.unknown.clone(),
-        gw.audit.clone(),
-        gw.limits.unknown_caller_summary(),
-        shutdown.subscribe(),
-    )));
-    tracing::info!(server = %config.server_id, %client_addr, %peer_addr, ?admin_addr, "security server started");
-    Ok(RunningServer {
-        client_addr,
-        peer_addr,
-        admin_addr,
-        shutdown,
-        tasks,
-        revocations,
-    })
+/// Admin port: the open routes (health stays open to probes), and the audit
+/// log for operators only.
+fn admin_port(
+    gw: &Gateway,
+    open: Routes,
+    audit: Arc<AuditHandle>,
+    operators: Vec<Fingerprint>,
+) -> PortGate<Routes> {
+    let operators = Arc::new(operators);
+    let audit = tonic::service::interceptor::InterceptedService::new(
+        AuditServiceImpl::new(audit)
+            .with_conf(gw.conf.clone())
+            .into_server(),
+        operator_check(operators.clone()),
+    );
+    port_service(
+        gw,
+        CallBudget::for_port(&gw.limits),
+        open.add_service(audit),
+        admin_admission(operators),
+    )
 }
 
 /// Keeps the health status in line with the global configuration: a server

@@ -179,8 +179,13 @@ async fn exchange(
         body,
     };
     // 7. Forward to a server of the provider and verify its signed answer.
-    let outcome =
-        forward_and_verify(gw, &view, &meta, entry, forward, &request_hash, &deadline).await;
+    let call = Outgoing {
+        meta: &meta,
+        entry,
+        forward,
+        request_hash,
+    };
+    let outcome = forward_and_verify(gw, &view, call, &deadline).await;
     let Verified {
         response,
         response_hash,
@@ -276,6 +281,20 @@ struct Verified {
     peer: String,
 }
 
+/// A signed request on its way to the servers that provide its service.
+struct Outgoing<'a> {
+    /// The call's metadata: the provider is the member of its service.
+    meta: &'a CallMeta,
+    /// The service's entry in the global configuration, with the endpoints of
+    /// the servers that provide it.
+    entry: &'a kopir_core::globalconf::view::ServiceEntry,
+    /// The signed request.
+    forward: ForwardRequest,
+    /// The hash the request's signature covers, which the provider's signed
+    /// answer must name.
+    request_hash: [u8; 32],
+}
+
 /// Sends the request to the provider's servers in turn (moving on only when a
 /// connection could not be made, so a request is never delivered twice) and
 /// verifies the answer. A deadline that passes says whether the request had
@@ -283,12 +302,15 @@ struct Verified {
 async fn forward_and_verify(
     gw: &Gateway,
     view: &ConfView,
-    meta: &CallMeta,
-    entry: &kopir_core::globalconf::view::ServiceEntry,
-    forward: ForwardRequest,
-    request_hash: &[u8; 32],
+    call: Outgoing<'_>,
     deadline: &Deadline,
 ) -> Result<Verified, Refusal> {
+    let Outgoing {
+        meta,
+        entry,
+        forward,
+        request_hash,
+    } = call;
     let mut last = None;
     for endpoint in &entry.endpoints {
         let remaining = deadline.remaining();
@@ -320,7 +342,7 @@ async fn forward_and_verify(
                     &h,
                     response.signature.as_ref(),
                     meta.service.member(),
-                    request_hash,
+                    &request_hash,
                     now_ms() / 1000,
                 )?;
                 let body_hash = sha256(&response.body);
