@@ -12,7 +12,7 @@ use serde::Serialize;
 /// How one call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Answered.
+    /// Answered by the registry through both servers.
     Served,
     /// Refused at once because the server was at capacity (`server.overloaded`).
     Shed,

@@ -23,7 +23,7 @@ use kopir_core::pki::{
 };
 
 /// The tag that starts a checkpoint's signed bytes.
-pub const CHECKPOINT_TAG: &str = "kopir-audit-checkpoint/1";
+pub(crate) const CHECKPOINT_TAG: &str = "kopir-audit-checkpoint/1";
 
 /// A signed statement of the log's size, head and Merkle root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +54,7 @@ pub struct Checkpoint {
 /// Why a checkpoint's signature is not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum CheckpointError {
+pub(crate) enum CheckpointError {
     /// The stored certificate is not the one the key id names.
     #[error("the stored certificate does not match the key id")]
     CertificateMismatch,
@@ -83,7 +83,7 @@ fn field(out: &mut Vec<u8>, b: &[u8]) {
 
 impl Checkpoint {
     /// The bytes the signature covers.
-    pub fn signed_bytes(&self) -> Vec<u8> {
+    pub(crate) fn signed_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(200);
         field(&mut out, CHECKPOINT_TAG.as_bytes());
         field(&mut out, &self.seq.to_be_bytes());
@@ -120,13 +120,13 @@ impl Checkpoint {
     }
 
     /// The signer's key id.
-    pub fn key_id(&self) -> Fingerprint {
+    pub(crate) fn key_id(&self) -> Fingerprint {
         Fingerprint(self.key_id)
     }
 
     /// Checks the signature with the stored certificate; with `expected`, also
     /// that the certificate is that one.
-    pub fn verify(&self, expected: Option<&Fingerprint>) -> Result<(), CheckpointError> {
+    pub(crate) fn verify(&self, expected: Option<&Fingerprint>) -> Result<(), CheckpointError> {
         if Fingerprint::of(&self.cert_der).0 != self.key_id {
             return Err(CheckpointError::CertificateMismatch);
         }

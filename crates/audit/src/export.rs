@@ -32,10 +32,10 @@ use super::{
 use kopir_core::pki::Fingerprint;
 
 /// The format tag of an archive.
-pub const ARCHIVE_FORMAT: &str = "kopir-audit-archive/1";
+pub(crate) const ARCHIVE_FORMAT: &str = "kopir-audit-archive/1";
 
 /// The most records one archive may hold.
-pub const MAX_ARCHIVE_RECORDS: u64 = 1_000_000;
+pub(crate) const MAX_ARCHIVE_RECORDS: u64 = 1_000_000;
 
 /// The highest sequence number a record can have (the stores keep them as
 /// `BIGINT`).
@@ -91,11 +91,11 @@ impl Archive {
 }
 
 /// Serde helpers: a list of hashes as hex strings.
-pub mod hex_list {
+pub(crate) mod hex_list {
     use serde::{Deserialize, Deserializer, Serializer, de::Error, ser::SerializeSeq};
 
     /// Serializes as a list of hex strings.
-    pub fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(v.len()))?;
         for h in v {
             seq.serialize_element(&hex::encode(h))?;
@@ -104,7 +104,7 @@ pub mod hex_list {
     }
 
     /// Parses a list of hex strings.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
         Vec::<String>::deserialize(d)?
             .into_iter()
             .map(|t| {
@@ -118,7 +118,7 @@ pub mod hex_list {
 }
 
 /// Reads records `from..=to` and checks they are contiguous and well formed.
-pub async fn read_range(
+pub(crate) async fn read_range(
     store: &dyn AuditStore,
     from: u64,
     to: u64,

@@ -43,11 +43,11 @@ use kopir_core::clock::now_ms;
 use kopir_core::pki::sign::SigningKey;
 
 /// Default interval between periodic checkpoints.
-pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 /// Default largest number of records written in one transaction.
-pub const DEFAULT_MAX_BATCH: usize = 1024;
+pub(crate) const DEFAULT_MAX_BATCH: usize = 1024;
 /// Default capacity of the append queue.
-pub const DEFAULT_QUEUE: usize = 8192;
+pub(crate) const DEFAULT_QUEUE: usize = 8192;
 /// A batch at least this large means concurrent appenders: gather a little.
 const GATHER_THRESHOLD: usize = 8;
 /// How many times the writer yields to gather a batch under load.
@@ -131,7 +131,7 @@ const DURATION_UNITS: [&str; 5] = ["ms", "s", "m", "min", "h"];
 /// syntax with the units `ms`, `s`, `m` (or `min`) and `h`: `"90s"`,
 /// `"250ms"`, `"5min"`, `"1h 30m"`. Other units, as in `"7 weeks"`, are
 /// refused.
-pub fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     // humantime wants a unit; a bare number is a number of seconds.
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
@@ -204,7 +204,6 @@ pub struct AuditHandle {
     stats: Arc<WriterStats>,
     store: Arc<dyn AuditStore>,
     pseudonyms: PseudonymKey,
-    signer: Arc<SigningKey>,
     node: String,
     tx: mpsc::Sender<Command>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -249,7 +248,7 @@ impl AuditHandle {
         let seed = WriterSeed {
             stats: stats.clone(),
             store: store.clone(),
-            signer: signer.clone(),
+            signer,
             node: node.to_owned(),
             max_batch: options.max_batch.max(1),
         };
@@ -260,7 +259,6 @@ impl AuditHandle {
             stats,
             store,
             pseudonyms,
-            signer,
             node: node.to_owned(),
             tx,
             writer: tokio::sync::Mutex::new(Some(task)),
@@ -280,16 +278,6 @@ impl AuditHandle {
     /// The pseudonym key (to query by subject).
     pub fn pseudonyms(&self) -> &PseudonymKey {
         &self.pseudonyms
-    }
-
-    /// The key checkpoints are signed with.
-    pub fn signer(&self) -> &Arc<SigningKey> {
-        &self.signer
-    }
-
-    /// This node's name.
-    pub fn node(&self) -> &str {
-        &self.node
     }
 
     /// Every record, oldest first (reads the whole log: for tests and small
@@ -348,7 +336,7 @@ impl AuditHandle {
 
     /// The latest checkpoint covering at least `seq` records, signing a fresh
     /// one first if none does yet.
-    pub async fn checkpoint_covering(&self, seq: u64) -> Result<Checkpoint, AuditError> {
+    pub(crate) async fn checkpoint_covering(&self, seq: u64) -> Result<Checkpoint, AuditError> {
         if let Some(latest) = self.store.latest_checkpoint().await?
             && latest.checkpoint.seq >= seq
         {

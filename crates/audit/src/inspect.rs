@@ -36,7 +36,7 @@ pub struct ShownRecord {
 
 /// A record with the proof that it is in a signed checkpoint's tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InclusionProof {
+pub(crate) struct InclusionProof {
     /// The record.
     pub record: StoredRecord,
     /// The checkpoint (tree size `checkpoint.seq`, root `checkpoint.root`).
@@ -48,7 +48,8 @@ pub struct InclusionProof {
 
 impl InclusionProof {
     /// Checks the proof, the record's own hash and the checkpoint's signature.
-    pub fn verify(&self, expected: Option<&Fingerprint>) -> bool {
+    #[cfg(test)]
+    pub(crate) fn verify(&self, expected: Option<&Fingerprint>) -> bool {
         self.record.recompute() == self.record.hash
             && self.checkpoint.verify(expected).is_ok()
             && self.record.seq >= 1
@@ -64,7 +65,7 @@ impl InclusionProof {
 
 /// Proof that one checkpoint's tree is a prefix of another's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConsistencyProof {
+pub(crate) struct ConsistencyProof {
     /// The older checkpoint.
     pub from: Checkpoint,
     /// The newer checkpoint.
@@ -76,7 +77,8 @@ pub struct ConsistencyProof {
 
 impl ConsistencyProof {
     /// Checks both signatures and the proof.
-    pub fn verify(&self, expected: Option<&Fingerprint>) -> bool {
+    #[cfg(test)]
+    pub(crate) fn verify(&self, expected: Option<&Fingerprint>) -> bool {
         self.from.verify(expected).is_ok()
             && self.to.verify(expected).is_ok()
             && merkle::verify_consistency(
@@ -169,7 +171,7 @@ pub async fn show(
 }
 
 /// The inclusion proof of record `seq` in the latest valid checkpoint.
-pub async fn inclusion(
+pub(crate) async fn inclusion(
     store: &Arc<dyn AuditStore>,
     seq: u64,
     expected: Option<&Fingerprint>,
@@ -207,7 +209,7 @@ pub async fn inclusion(
 
 /// The consistency proof between the valid checkpoints of `from` and `to`
 /// records (`to = None`: the latest).
-pub async fn consistency(
+pub(crate) async fn consistency(
     store: &Arc<dyn AuditStore>,
     from: u64,
     to: Option<u64>,

@@ -32,12 +32,12 @@ pub mod checkpoint;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod handle;
+pub(crate) mod handle;
 pub mod inspect;
-pub mod merkle;
+pub(crate) mod merkle;
 pub mod pseudonym;
 pub mod record;
-pub mod service;
+pub(crate) mod service;
 pub mod signatures;
 pub mod store;
 #[cfg(test)]

@@ -20,14 +20,14 @@ use super::record::Hash;
 use kopir_core::pki::sha256;
 
 /// `SHA-256(0x00 || record_hash)`: the leaf of one record.
-pub fn leaf_hash(record_hash: &Hash) -> Hash {
+pub(crate) fn leaf_hash(record_hash: &Hash) -> Hash {
     let mut buf = [0u8; 33];
     buf[1..].copy_from_slice(record_hash);
     sha256(&buf)
 }
 
 /// `SHA-256(0x01 || left || right)`: an inner node.
-pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+pub(crate) fn node_hash(left: &Hash, right: &Hash) -> Hash {
     let mut buf = [0u8; 65];
     buf[0] = 1;
     buf[1..33].copy_from_slice(left);
@@ -36,7 +36,7 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
 }
 
 /// The root of the empty tree, `SHA-256("")`.
-pub fn empty_root() -> Hash {
+pub(crate) fn empty_root() -> Hash {
     sha256(b"")
 }
 
@@ -47,7 +47,7 @@ fn split(n: usize) -> usize {
 }
 
 /// The root over `leaves` (leaf hashes, already passed through [`leaf_hash`]).
-pub fn root(leaves: &[Hash]) -> Hash {
+pub(crate) fn root(leaves: &[Hash]) -> Hash {
     match leaves.len() {
         0 => empty_root(),
         1 => leaves[0],
@@ -60,7 +60,7 @@ pub fn root(leaves: &[Hash]) -> Hash {
 
 /// The audit path of leaf `index` in the tree over `leaves` (RFC 6962 `PATH`),
 /// or `None` if `index` is outside the tree.
-pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
+pub(crate) fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
     if index >= leaves.len() {
         return None;
     }
@@ -86,7 +86,7 @@ fn path(m: usize, leaves: &[Hash], out: &mut Vec<Hash>) {
 
 /// The consistency proof between the tree of the first `m` leaves and the tree
 /// over all `leaves` (RFC 6962 `PROOF`), or `None` unless `0 < m <= n`.
-pub fn consistency_proof(leaves: &[Hash], m: usize) -> Option<Vec<Hash>> {
+pub(crate) fn consistency_proof(leaves: &[Hash], m: usize) -> Option<Vec<Hash>> {
     if m == 0 || m > leaves.len() {
         return None;
     }
@@ -115,7 +115,13 @@ fn subproof(m: usize, leaves: &[Hash], complete: bool, out: &mut Vec<Hash>) {
 
 /// Checks that `leaf` (a [`leaf_hash`]) is leaf `index` of the tree of `size`
 /// leaves with root `root`.
-pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root: &Hash) -> bool {
+pub(crate) fn verify_inclusion(
+    leaf: &Hash,
+    index: u64,
+    size: u64,
+    proof: &[Hash],
+    root: &Hash,
+) -> bool {
     if index >= size {
         return false;
     }
@@ -142,7 +148,13 @@ pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root
 
 /// Checks that the tree of `m` leaves with root `root_m` is a prefix of the
 /// tree of `n` leaves with root `root_n`.
-pub fn verify_consistency(m: u64, n: u64, root_m: &Hash, root_n: &Hash, proof: &[Hash]) -> bool {
+pub(crate) fn verify_consistency(
+    m: u64,
+    n: u64,
+    root_m: &Hash,
+    root_n: &Hash,
+    proof: &[Hash],
+) -> bool {
     if m > n {
         return false;
     }
@@ -192,13 +204,13 @@ pub fn verify_consistency(m: u64, n: u64, root_m: &Hash, root_n: &Hash, proof: &
 /// to right and a last odd node is carried up unchanged, which builds the
 /// same tree as RFC 6962's split at the largest power of two.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Levels {
+pub(crate) struct Levels {
     levels: Vec<Vec<Hash>>,
 }
 
 impl Levels {
     /// Builds every level over `leaves` (leaf hashes).
-    pub fn build(leaves: Vec<Hash>) -> Self {
+    pub(crate) fn build(leaves: Vec<Hash>) -> Self {
         let mut levels = vec![leaves];
         while let Some(last) = levels.last().filter(|l| l.len() > 1) {
             let next = last
@@ -215,12 +227,12 @@ impl Levels {
     }
 
     /// Number of leaves.
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.levels.first().map(|l| l.len() as u64).unwrap_or(0)
     }
 
     /// The root.
-    pub fn root(&self) -> Hash {
+    pub(crate) fn root(&self) -> Hash {
         match self.levels.last() {
             Some(top) if top.len() == 1 => top[0],
             _ => empty_root(),
@@ -228,7 +240,7 @@ impl Levels {
     }
 
     /// The inclusion proof of leaf `index` (the same as [`inclusion_proof`]).
-    pub fn inclusion_proof(&self, index: usize) -> Option<Vec<Hash>> {
+    pub(crate) fn inclusion_proof(&self, index: usize) -> Option<Vec<Hash>> {
         if index as u64 >= self.size() {
             return None;
         }
@@ -250,24 +262,24 @@ impl Levels {
 /// The right edge of a growing tree: the roots of its perfect subtrees, from
 /// the largest (leftmost) to the smallest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Frontier {
+pub(crate) struct Frontier {
     size: u64,
     peaks: Vec<Hash>,
 }
 
 impl Frontier {
     /// The empty tree.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// How many leaves the tree has.
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
     /// Adds a leaf (a [`leaf_hash`]).
-    pub fn push(&mut self, leaf: Hash) {
+    pub(crate) fn push(&mut self, leaf: Hash) {
         let mut h = leaf;
         let mut s = self.size;
         while s & 1 == 1 {
@@ -283,12 +295,12 @@ impl Frontier {
     }
 
     /// Adds the leaf of a record with hash `record_hash`.
-    pub fn push_record(&mut self, record_hash: &Hash) {
+    pub(crate) fn push_record(&mut self, record_hash: &Hash) {
         self.push(leaf_hash(record_hash));
     }
 
     /// The root of the tree so far.
-    pub fn root(&self) -> Hash {
+    pub(crate) fn root(&self) -> Hash {
         let mut iter = self.peaks.iter().rev();
         match iter.next() {
             None => empty_root(),
@@ -297,7 +309,7 @@ impl Frontier {
     }
 
     /// Serialises as the size (8 bytes, big-endian) and the peaks.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 32 * self.peaks.len());
         out.extend_from_slice(&self.size.to_be_bytes());
         for p in &self.peaks {
@@ -307,7 +319,7 @@ impl Frontier {
     }
 
     /// Parses [`Frontier::encode`]'s output, checking the number of peaks.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
         let (size, rest) = bytes.split_first_chunk::<8>()?;
         let size = u64::from_be_bytes(*size);
         if rest.len() % 32 != 0 || rest.len() / 32 != size.count_ones() as usize {

@@ -17,7 +17,7 @@ use ring::{hmac, rand::SecureRandom};
 use super::{AuditError, record::Hash};
 
 /// Length of a pseudonym key, bytes.
-pub const KEY_LEN: usize = 32;
+pub(crate) const KEY_LEN: usize = 32;
 
 /// Domain separation for subject pseudonyms.
 const DOMAIN: &[u8] = b"kopir-subject/1\0";
@@ -129,13 +129,14 @@ impl PseudonymKey {
     }
 
     /// A non-secret fingerprint of the key.
-    pub fn id(&self) -> Hash {
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> Hash {
         self.id
     }
 }
 
 /// Where the pseudonym key lives by default: `<data_dir>/pseudonym.key`.
-pub fn default_path(data_dir: &Path) -> PathBuf {
+pub(crate) fn default_path(data_dir: &Path) -> PathBuf {
     data_dir.join("pseudonym.key")
 }
 

@@ -52,13 +52,13 @@ use super::{Side, Step, pseudonym::PseudonymKey};
 pub type Hash = [u8; 32];
 
 /// The `prev_hash` of the first record of a log.
-pub const GENESIS: Hash = [0u8; 32];
+pub(crate) const GENESIS: Hash = [0u8; 32];
 
 /// The tag that starts the canonical bytes of a record with any of fields 25–27.
-pub const RECORD_TAG: &str = "kopir-audit/2";
+pub(crate) const RECORD_TAG: &str = "kopir-audit/2";
 
 /// The tag of a record with none of fields 25–27 (the first form).
-pub const RECORD_TAG_V1: &str = "kopir-audit/1";
+pub(crate) const RECORD_TAG_V1: &str = "kopir-audit/1";
 
 /// One step of one exchange: the single definition of an audit record's
 /// fields, in the order of the canonical bytes.
@@ -187,7 +187,7 @@ impl<S> Record<S> {
 
 /// How a form of the subject is written in JSON (export archives, the
 /// `kopir audit` output).
-pub trait SubjectForm: Sized {
+pub(crate) trait SubjectForm: Sized {
     /// Writes an optional subject.
     fn serialize_opt<Ser: serde::Serializer>(
         value: &Option<Self>,
@@ -311,7 +311,7 @@ impl Entry {
     }
 
     /// Appends this entry's canonical bytes at position `seq` after `prev` to `out`.
-    pub fn canonical_into(&self, seq: u64, prev: &Hash, out: &mut Vec<u8>) {
+    pub(crate) fn canonical_into(&self, seq: u64, prev: &Hash, out: &mut Vec<u8>) {
         let mut c = Canon(out);
         let v2 = self.has_report_fields();
         c.bytes(if v2 { RECORD_TAG } else { RECORD_TAG_V1 }.as_bytes());
@@ -359,14 +359,14 @@ impl Entry {
 
     /// The chain hash of this entry at position `seq` after `prev`, reusing
     /// `scratch` for the canonical bytes.
-    pub fn hash_with(&self, seq: u64, prev: &Hash, scratch: &mut Vec<u8>) -> Hash {
+    pub(crate) fn hash_with(&self, seq: u64, prev: &Hash, scratch: &mut Vec<u8>) -> Hash {
         scratch.clear();
         self.canonical_into(seq, prev, scratch);
         kopir_core::pki::sha256(scratch)
     }
 
     /// The chain hash of this entry at position `seq` after `prev`.
-    pub fn hash(&self, seq: u64, prev: &Hash) -> Hash {
+    pub(crate) fn hash(&self, seq: u64, prev: &Hash) -> Hash {
         self.hash_with(seq, prev, &mut Vec::with_capacity(384))
     }
 }
@@ -515,7 +515,7 @@ impl StoredRecord {
     }
 
     /// Recomputes the hash into a caller's scratch buffer (for long walks).
-    pub fn recompute_with(&self, scratch: &mut Vec<u8>) -> Hash {
+    pub(crate) fn recompute_with(&self, scratch: &mut Vec<u8>) -> Hash {
         self.entry.hash_with(self.seq, &self.prev_hash, scratch)
     }
 
@@ -537,7 +537,7 @@ pub struct Link {
 /// Chains `entries` after `head` (the last stored record, or `None` for an
 /// empty log): the sequence numbers, previous hashes and hashes a store must
 /// write, in order.
-pub fn chain(head: Option<Link>, entries: &[Entry]) -> Vec<(u64, Hash, Hash)> {
+pub(crate) fn chain(head: Option<Link>, entries: &[Entry]) -> Vec<(u64, Hash, Hash)> {
     let (mut seq, mut prev) = head.map(|l| (l.seq, l.hash)).unwrap_or((0, GENESIS));
     let mut scratch = Vec::with_capacity(512);
     entries
@@ -553,21 +553,21 @@ pub fn chain(head: Option<Link>, entries: &[Entry]) -> Vec<(u64, Hash, Hash)> {
 }
 
 /// Converts a stored 32-byte column.
-pub fn hash_from_slice(bytes: &[u8]) -> Option<Hash> {
+pub(crate) fn hash_from_slice(bytes: &[u8]) -> Option<Hash> {
     bytes.try_into().ok()
 }
 
 /// Serde helpers: a 32-byte hash as hex.
-pub mod hex32 {
+pub(crate) mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
     /// Serializes as 64 hex digits.
-    pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(h))
     }
 
     /// Parses 64 hex digits.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let text = String::deserialize(d)?;
         let bytes = hex::decode(&text).map_err(D::Error::custom)?;
         bytes
@@ -577,11 +577,11 @@ pub mod hex32 {
 }
 
 /// Serde helpers: an optional 32-byte hash as hex or null.
-pub mod opt_hex32 {
+pub(crate) mod opt_hex32 {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
     /// Serializes as 64 hex digits or null.
-    pub fn serialize<S: Serializer>(h: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(h: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
         match h {
             Some(h) => s.serialize_some(&hex::encode(h)),
             None => s.serialize_none(),
@@ -589,7 +589,9 @@ pub mod opt_hex32 {
     }
 
     /// Parses 64 hex digits or null.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<[u8; 32]>, D::Error> {
         match Option::<String>::deserialize(d)? {
             None => Ok(None),
             Some(text) => {
@@ -605,11 +607,11 @@ pub mod opt_hex32 {
 }
 
 /// Serde helpers: optional bytes as hex or null.
-pub mod opt_hex {
+pub(crate) mod opt_hex {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
     /// Serializes as hex or null.
-    pub fn serialize<S: Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
         match b {
             Some(b) => s.serialize_some(&hex::encode(b)),
             None => s.serialize_none(),
@@ -617,7 +619,9 @@ pub mod opt_hex {
     }
 
     /// Parses hex or null.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|t| hex::decode(t).map_err(D::Error::custom))
             .transpose()
@@ -625,17 +629,17 @@ pub mod opt_hex {
 }
 
 /// Serde helpers: bytes as base64.
-pub mod b64 {
+pub(crate) mod b64 {
     use base64::Engine;
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
     /// Serializes as standard base64.
-    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
     }
 
     /// Parses standard base64.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text = String::deserialize(d)?;
         base64::engine::general_purpose::STANDARD
             .decode(text)

@@ -56,7 +56,7 @@ impl AuditServiceImpl {
 }
 
 /// Maps a log error to a gRPC status.
-pub fn status(e: AuditError) -> Status {
+pub(crate) fn status(e: AuditError) -> Status {
     match e {
         AuditError::Invalid(m) => Status::invalid_argument(m),
         AuditError::NotFound(m) => Status::not_found(m),
@@ -69,7 +69,7 @@ fn bytes_of(h: &[u8]) -> Bytes {
 }
 
 /// A stored record as a protobuf message.
-pub fn entry_to_proto(r: &StoredRecord) -> AuditEntry {
+pub(crate) fn entry_to_proto(r: &StoredRecord) -> AuditEntry {
     let e = &r.entry;
     AuditEntry {
         seq: r.seq,
@@ -104,7 +104,7 @@ pub fn entry_to_proto(r: &StoredRecord) -> AuditEntry {
 }
 
 /// A checkpoint as a protobuf message.
-pub fn checkpoint_to_proto(c: &Checkpoint) -> AuditCheckpoint {
+pub(crate) fn checkpoint_to_proto(c: &Checkpoint) -> AuditCheckpoint {
     AuditCheckpoint {
         seq: c.seq,
         head: bytes_of(&c.head),
@@ -118,7 +118,7 @@ pub fn checkpoint_to_proto(c: &Checkpoint) -> AuditCheckpoint {
 }
 
 /// A verification report as a protobuf message.
-pub fn report_to_proto(r: &VerifyReport) -> AuditVerifyResponse {
+pub(crate) fn report_to_proto(r: &VerifyReport) -> AuditVerifyResponse {
     AuditVerifyResponse {
         ok: r.ok(),
         records: r.records,

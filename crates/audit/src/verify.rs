@@ -172,7 +172,7 @@ pub fn check_checkpoints(
 
 /// The chain walk, fed one row at a time in sequence order.
 #[derive(Debug)]
-pub struct Walker {
+pub(crate) struct Walker {
     expected: u64,
     prev: Hash,
     tree: Option<Frontier>,
@@ -188,14 +188,14 @@ pub struct Walker {
 impl Walker {
     /// A walk from the start of a log, checking the Merkle roots of
     /// `checkpoints` (trusted, sorted by sequence number).
-    pub fn new(checkpoints: Vec<Checkpoint>) -> Self {
+    pub(crate) fn new(checkpoints: Vec<Checkpoint>) -> Self {
         Self::starting_at(1, GENESIS, Some(Frontier::new()), checkpoints)
     }
 
     /// A walk from record `seq`, whose `prev_hash` must be `prev`; with
     /// `tree`, the Merkle frontier of the records before it, else roots are
     /// not checked (only heads).
-    pub fn starting_at(
+    pub(crate) fn starting_at(
         seq: u64,
         prev: Hash,
         tree: Option<Frontier>,
@@ -220,18 +220,13 @@ impl Walker {
     }
 
     /// The problem found, if any (the walk ignores rows after it).
-    pub fn problem(&self) -> Option<&Problem> {
+    pub(crate) fn problem(&self) -> Option<&Problem> {
         self.problem.as_ref()
     }
 
     /// Records checked so far.
-    pub fn checked(&self) -> u64 {
+    pub(crate) fn checked(&self) -> u64 {
         self.checked
-    }
-
-    /// The hash of the last record checked.
-    pub fn head(&self) -> Hash {
-        self.prev
     }
 
     fn fail(&mut self, kind: ProblemKind, seq: u64, detail: String) {
@@ -246,7 +241,7 @@ impl Walker {
     }
 
     /// Checks one row; false once a problem was found.
-    pub fn feed(&mut self, row: Scanned) -> bool {
+    pub(crate) fn feed(&mut self, row: Scanned) -> bool {
         if self.problem.is_some() {
             return false;
         }
@@ -446,7 +441,7 @@ impl Walker {
     }
 
     /// Ends the walk: a problem if the log stops before a signed checkpoint.
-    pub fn finish(mut self) -> Result<Hash, Problem> {
+    pub(crate) fn finish(mut self) -> Result<Hash, Problem> {
         if let Some(p) = self.problem.take() {
             return Err(p);
         }

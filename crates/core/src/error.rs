@@ -102,7 +102,7 @@ impl fmt::Display for Reason {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct Refusal {
-    /// Why.
+    /// The `kopir-error` reason: what the caller can act on.
     pub reason: Reason,
     /// What happened and what to do, in words.
     pub message: String,

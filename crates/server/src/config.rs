@@ -75,7 +75,7 @@ pub struct ServerConfig {
     pub signing: KeyFiles,
     /// Where the global configuration comes from.
     pub globalconf: GlobalConfSource,
-    /// Limits.
+    /// Sizes, timeouts and windows of the security path (`[limits]`).
     #[serde(default)]
     pub limits: Limits,
     /// Limits on connections at each port's edge.
@@ -150,7 +150,7 @@ impl ServerConfig {
     }
 
     /// Makes relative paths relative to `base`.
-    pub fn rebase(&mut self, base: &Path) {
+    pub(crate) fn rebase(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| rebase_path(base, p);
         fix(&mut self.data_dir);
         self.tls.rebase(base);

@@ -10,6 +10,6 @@
 
 pub mod config;
 pub mod exchange;
-pub mod policy;
+pub(crate) mod policy;
 pub mod report;
 pub mod server;

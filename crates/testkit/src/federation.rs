@@ -43,13 +43,13 @@ use kopir_server::{
 /// The authority's description of the demo federation.
 pub const FEDERATION_TOML: &str = include_str!("../../../deploy/federation.toml");
 /// The demo's security servers: (name, configuration).
-pub const SERVER_TOMLS: [(&str, &str); 3] = [
+pub(crate) const SERVER_TOMLS: [(&str, &str); 3] = [
     ("mlspp", include_str!("../../../deploy/mlspp.toml")),
     ("moj", include_str!("../../../deploy/moj.toml")),
     ("src", include_str!("../../../deploy/src.toml")),
 ];
 /// The demo's consent authority.
-pub const CONSENT_TOML: &str = include_str!("../../../deploy/consent.toml");
+pub(crate) const CONSENT_TOML: &str = include_str!("../../../deploy/consent.toml");
 /// The information system of the demo's life event.
 pub const BENEFITS: &str = "KZ/GOV/MLSPP/benefits";
 
@@ -208,7 +208,7 @@ impl LocalFederation {
 
     /// Waits until every server has heard from the consent authority, so that
     /// consent-based calls are not refused as unverifiable right after start.
-    pub async fn await_revocation_feeds(&self) -> anyhow::Result<()> {
+    pub(crate) async fn await_revocation_feeds(&self) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !self
             .nodes

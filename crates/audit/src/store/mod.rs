@@ -68,7 +68,7 @@ pub struct Query {
 
 impl Query {
     /// The page size to use.
-    pub fn page_size(&self) -> usize {
+    pub(crate) fn page_size(&self) -> usize {
         match self.limit {
             0 => 50,
             n => n.min(MAX_PAGE),
@@ -87,7 +87,7 @@ pub struct Page {
 
 impl Page {
     /// Builds a page from a result of at most `limit` rows.
-    pub fn from_rows(records: Vec<StoredRecord>, limit: usize) -> Self {
+    pub(crate) fn from_rows(records: Vec<StoredRecord>, limit: usize) -> Self {
         let next = if records.len() == limit {
             records.last().map(|r| r.seq)
         } else {
@@ -98,7 +98,7 @@ impl Page {
 }
 
 /// One row of [`AuditStore::scan`].
-pub type Scanned = Result<StoredRecord, Malformed>;
+pub(crate) type Scanned = Result<StoredRecord, Malformed>;
 
 /// A stored row that is not a well-formed record.
 #[derive(Debug, Clone, PartialEq, Eq)]

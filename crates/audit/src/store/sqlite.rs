@@ -34,7 +34,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
 };
 
@@ -55,10 +55,10 @@ use crate::{
 };
 
 /// The file name of the embedded store under the data directory.
-pub const DB_FILE: &str = "audit.db";
+pub(crate) const DB_FILE: &str = "audit.db";
 
 /// `<data_dir>/audit.db`.
-pub fn db_path(data_dir: &Path) -> PathBuf {
+pub(crate) fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DB_FILE)
 }
 
@@ -129,8 +129,6 @@ struct Inner {
     fold_failed: AtomicBool,
     /// True while the last durable append committed within [`QUICK_COMMIT`].
     quick: AtomicBool,
-    /// Rounds of the upkeep thread that panicked.
-    upkeep_failures: AtomicU64,
 }
 
 impl Inner {
@@ -149,7 +147,6 @@ impl Inner {
             folding: Mutex::new(()),
             fold_failed: AtomicBool::new(false),
             quick: AtomicBool::new(false),
-            upkeep_failures: AtomicU64::new(0),
         }
     }
 }
@@ -172,7 +169,7 @@ enum Opened {
 }
 
 /// How long [`SqliteStore::open`] waits for another writer to let go.
-pub const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The key of a database file in [`OPEN`]: its folder resolved (links and
 /// `..`), so that two spellings of one path name one store.
@@ -265,8 +262,7 @@ const WAL_FOLD_EVERY: u32 = 10;
 /// its own (nothing else writes meanwhile, so it catches up and the next
 /// fold starts the WAL over), and prepares the key index's next chunk
 /// ([`keys::prepare`]). SQLite's automatic checkpoint remains as a
-/// backstop. It ends with the store. A round that panics is counted
-/// ([`SqliteStore::upkeep_failures`]) and logged, and the next round goes
+/// backstop. It ends with the store. A round that panics is logged, and the next round goes
 /// on with a fresh connection: the thread never stops while the store is
 /// open.
 fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
@@ -284,7 +280,6 @@ fn upkeep_in_background(path: &Path, store: std::sync::Weak<Inner>) {
                     upkeep_round(&path, &inner, &mut conn, round)
                 }));
                 if let Err(panic) = turn {
-                    inner.upkeep_failures.fetch_add(1, Ordering::Relaxed);
                     conn = None;
                     tracing::error!(
                         panic = kopir_core::logging::panic_message(&*panic),
@@ -381,7 +376,7 @@ impl SqliteStore {
     /// this one may only read it. Appends then fail, and records that process
     /// has not yet folded into SQLite (at most about [`FOLD_EVERY`] of them)
     /// are not seen.
-    pub async fn open_to_inspect(path: &Path) -> Result<Self, AuditError> {
+    pub(crate) async fn open_to_inspect(path: &Path) -> Result<Self, AuditError> {
         Self::open_as(path, Access::Inspect).await
     }
 
@@ -473,28 +468,17 @@ impl SqliteStore {
 
     /// Sets how many records go into one sorted chunk of the key index (for
     /// tests that want the indexed path on short logs).
-    #[doc(hidden)]
-    pub fn set_key_chunk(&self, records: u64) {
+    #[cfg(test)]
+    pub(crate) fn set_key_chunk(&self, records: u64) {
         if let Ok(mut k) = keys::lock(&self.inner.keys) {
             k.set_chunk(records);
         }
     }
 
     /// How far the key index reaches (records `1..=n` are in it).
-    pub fn keys_indexed(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn keys_indexed(&self) -> u64 {
         keys::lock(&self.inner.keys).map(|k| k.upto).unwrap_or(0)
-    }
-
-    /// How many rounds of the upkeep thread (folds, WAL checkpoints) failed
-    /// with a panic since the store was opened; the thread went on after
-    /// each.
-    pub fn upkeep_failures(&self) -> u64 {
-        self.inner.upkeep_failures.load(Ordering::Relaxed)
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     /// Runs `f` on a read connection in the blocking pool, once every

@@ -70,10 +70,10 @@ pub struct Federation {
     /// Trusted CA certificate files; default: the development layout's CA.
     #[serde(default)]
     pub trusted_cas: Vec<PathBuf>,
-    /// Purposes.
+    /// The purposes a request may name, each with its legal act or consent.
     #[serde(default)]
     pub purposes: Vec<PurposeDesc>,
-    /// Members.
+    /// The members, with their servers and subsystems.
     #[serde(default)]
     pub members: Vec<MemberDesc>,
     /// The consent authority, if any.
@@ -152,7 +152,7 @@ pub struct MemberDesc {
     /// Signing certificate file; default: the development layout's.
     #[serde(default)]
     pub signing_cert: Option<PathBuf>,
-    /// Subsystems.
+    /// The member's subsystems: its information systems and registries.
     #[serde(default)]
     pub subsystems: Vec<Subsystem>,
     /// Security servers.

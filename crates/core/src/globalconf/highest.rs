@@ -116,7 +116,7 @@ pub enum HighestError {
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// What the read failed with.
         source: std::io::Error,
     },
     /// The file is not a valid record.
@@ -134,7 +134,7 @@ pub enum HighestError {
     Write {
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// What the write failed with.
         source: std::io::Error,
     },
 }

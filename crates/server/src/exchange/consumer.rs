@@ -39,7 +39,7 @@ pub(crate) fn conf_refusal(e: ConfError) -> Refusal {
 
 /// Handles one call on the client port. Never fails: every refusal becomes a
 /// gRPC status with its `kopir-error` trailer.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Body> {
+pub(crate) async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Body> {
     let deadline = Deadline::from_headers(req.headers(), gw.limits.timeout());
     let method = req.uri().path().to_owned();
     // A caller whose certificate no information system here is registered

@@ -130,7 +130,7 @@ pub fn sign_request(
 
 /// Signs a request header in the server's next batch; returns the signature
 /// and the request hash.
-pub async fn sign_request_batched(
+pub(crate) async fn sign_request_batched(
     h: &RequestHeader,
     member: &MemberId,
     signer: &BatchSigner,

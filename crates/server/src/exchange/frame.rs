@@ -13,7 +13,7 @@ use kopir_core::error::{REQUEST_ID_KEY, Reason, Refusal};
 const PREFIX: usize = 5;
 
 /// Reads a unary gRPC request body and returns the one message it holds.
-pub async fn read_unary<B>(body: B, limit: usize) -> Result<Bytes, Refusal>
+pub(crate) async fn read_unary<B>(body: B, limit: usize) -> Result<Bytes, Refusal>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -81,7 +81,7 @@ pub fn frame(message: &[u8]) -> Bytes {
 
 /// A successful unary response: the framed message, then `grpc-status: 0` and
 /// the request id in the trailers.
-pub fn ok_response(message: &[u8], request_id: &str) -> Response<axum::body::Body> {
+pub(crate) fn ok_response(message: &[u8], request_id: &str) -> Response<axum::body::Body> {
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -101,7 +101,7 @@ pub fn ok_response(message: &[u8], request_id: &str) -> Response<axum::body::Bod
 }
 
 /// An error response (trailers-only) for `status`.
-pub fn status_response(status: tonic::Status) -> Response<axum::body::Body> {
+pub(crate) fn status_response(status: tonic::Status) -> Response<axum::body::Body> {
     status.into_http::<axum::body::Body>()
 }
 

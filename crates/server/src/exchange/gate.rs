@@ -28,11 +28,11 @@ use kopir_core::{
 use kopir_edge::overload::{CallBudget, Caller, peer_fingerprint};
 
 /// Room for the envelope around a message of the largest body allowed.
-pub const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+pub(crate) const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
 /// [`crate::exchange::provider::Provider`]'s service behind the door.
 #[derive(Clone)]
-pub struct PeerGate<S> {
+pub(crate) struct PeerGate<S> {
     inner: S,
     gw: Arc<Gateway>,
     budget: CallBudget,
@@ -41,7 +41,7 @@ pub struct PeerGate<S> {
 impl<S> PeerGate<S> {
     /// `inner` (the exchange service) behind the door, with the peer port's
     /// call budget.
-    pub fn new(inner: S, gw: Arc<Gateway>, budget: CallBudget) -> Self {
+    pub(crate) fn new(inner: S, gw: Arc<Gateway>, budget: CallBudget) -> Self {
         Self { inner, gw, budget }
     }
 }

@@ -21,15 +21,15 @@
 //!   refusals of callers that are nobody instead of auditing each;
 //!   [`deadline`] carries the call's deadline through every stage.
 
-pub mod consumer;
+pub(crate) mod consumer;
 pub mod envelope;
 pub mod frame;
-pub mod gate;
-pub mod peers;
-pub mod provider;
-pub mod replay;
-pub mod unknown;
-pub mod upstream;
+pub(crate) mod gate;
+pub(crate) mod peers;
+pub(crate) mod provider;
+pub(crate) mod replay;
+pub(crate) mod unknown;
+pub(crate) mod upstream;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -53,7 +53,7 @@ use kopir_proto::v1::Signature;
 
 /// The client certificate an information system must present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegisteredClient {
+pub(crate) struct RegisteredClient {
     /// SHA-256 of the certificate.
     pub fingerprint: Fingerprint,
     /// Its validity (Unix seconds, inclusive), read once: a certificate that
@@ -63,7 +63,7 @@ pub struct RegisteredClient {
 
 impl RegisteredClient {
     /// The registration of a certificate (DER).
-    pub fn of(der: &[u8]) -> Result<Self, kopir_core::pki::PkiError> {
+    pub(crate) fn of(der: &[u8]) -> Result<Self, kopir_core::pki::PkiError> {
         Ok(Self {
             fingerprint: Fingerprint::of(der),
             valid: kopir_core::pki::validity(der)?,
@@ -72,7 +72,7 @@ impl RegisteredClient {
 }
 
 /// Everything the security path of one server needs, shared by its ports.
-pub struct Gateway {
+pub(crate) struct Gateway {
     /// This server's id.
     pub server_id: ServerId,
     /// The global configuration.
@@ -83,7 +83,7 @@ pub struct Gateway {
     pub verified: VerifiedRoots,
     /// Where audit records are made durable.
     pub audit: Arc<dyn AuditLog>,
-    /// Limits.
+    /// Sizes, timeouts and windows the security path enforces.
     pub limits: Limits,
     /// Local information systems allowed on the client port, by the client
     /// certificate registered for each.

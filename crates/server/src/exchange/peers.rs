@@ -24,7 +24,7 @@ use kopir_proto::v1::exchange_client::ExchangeClient;
 /// another server of the provider may be tried.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to {address} failed: {source}")]
-pub struct ConnectFailed {
+pub(crate) struct ConnectFailed {
     address: String,
     /// True if the peer's certificate is not the one the configuration pins.
     pub untrusted: bool,
@@ -32,7 +32,7 @@ pub struct ConnectFailed {
 }
 
 /// Finds a [`ConnectFailed`] in an error's source chain.
-pub fn connect_failure<'a>(
+pub(crate) fn connect_failure<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a ConnectFailed> {
     let mut cur = Some(err);
@@ -52,7 +52,7 @@ fn is_pin_failure(err: &std::io::Error) -> bool {
 }
 
 /// A pool of channels to peer servers, keyed by address and pinned certificate.
-pub struct Peers {
+pub(crate) struct Peers {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     connect_timeout: Duration,
@@ -68,7 +68,7 @@ impl std::fmt::Debug for Peers {
 
 impl Peers {
     /// A pool that authenticates with this server's TLS certificate and key.
-    pub fn new(
+    pub(crate) fn new(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
         connect_timeout: Duration,
@@ -84,7 +84,10 @@ impl Peers {
     }
 
     /// A client for the peer at `endpoint`, reusing its connection.
-    pub fn client(&self, endpoint: &PeerEndpoint) -> Result<ExchangeClient<Channel>, PkiError> {
+    pub(crate) fn client(
+        &self,
+        endpoint: &PeerEndpoint,
+    ) -> Result<ExchangeClient<Channel>, PkiError> {
         let key = (endpoint.address.clone(), endpoint.tls);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(&key) {

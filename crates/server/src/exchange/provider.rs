@@ -22,13 +22,13 @@ use kopir_proto::v1::{ForwardRequest, ForwardResponse, ResponseHeader, exchange_
 
 /// The peer port's `kopir.v1.Exchange` service.
 #[derive(Debug, Clone)]
-pub struct Provider {
+pub(crate) struct Provider {
     gw: Arc<Gateway>,
 }
 
 impl Provider {
     /// The service over a server's gateway state.
-    pub fn new(gw: Arc<Gateway>) -> Self {
+    pub(crate) fn new(gw: Arc<Gateway>) -> Self {
         Self { gw }
     }
 }

@@ -14,7 +14,7 @@ use kopir_core::error::{Reason, Refusal};
 
 /// Remembers accepted (client, request id) pairs until their window passes.
 #[derive(Debug)]
-pub struct ReplayGuard {
+pub(crate) struct ReplayGuard {
     window_ms: i64,
     capacity: usize,
     seen: Mutex<Seen>,
@@ -48,7 +48,7 @@ fn seconds_up(ms: i64) -> u32 {
 impl ReplayGuard {
     /// A guard for a timestamp window of `window_ms` either side, holding at
     /// most `capacity` entries.
-    pub fn new(window_ms: i64, capacity: usize) -> Self {
+    pub(crate) fn new(window_ms: i64, capacity: usize) -> Self {
         Self {
             window_ms,
             capacity,
@@ -57,7 +57,7 @@ impl ReplayGuard {
     }
 
     /// Records the pair, or refuses it if already seen within the window.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         client: &str,
         request_id: &str,

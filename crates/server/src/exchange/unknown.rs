@@ -36,7 +36,7 @@ const MAX_LOGGED: usize = 16;
 
 /// Where refused calls of an unknown caller came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
+pub(crate) enum Source {
     /// The TLS client certificate it presented.
     Certificate(Fingerprint),
     /// No certificate; its address.
@@ -57,7 +57,7 @@ impl std::fmt::Display for Source {
 
 impl Source {
     /// The source of a request: its certificate, else its address.
-    pub fn of<B>(request: &http::Request<B>) -> Self {
+    pub(crate) fn of<B>(request: &http::Request<B>) -> Self {
         use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
         if let Some(fp) = kopir_edge::overload::peer_fingerprint(request) {
             return Source::Certificate(fp);
@@ -88,13 +88,13 @@ struct Table {
 
 /// The counts of one server's unknown callers since the last summary.
 #[derive(Debug, Default)]
-pub struct UnknownCallers {
+pub(crate) struct UnknownCallers {
     table: Mutex<Table>,
 }
 
 impl UnknownCallers {
     /// Counts one refusal of an unknown caller from `source`, on `side`.
-    pub fn refused(&self, side: Side, source: Source, refusal: &Refusal) {
+    pub(crate) fn refused(&self, side: Side, source: Source, refusal: &Refusal) {
         let now = now_ms();
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         let source =
@@ -135,7 +135,7 @@ impl UnknownCallers {
     }
 
     /// The summary records of the counts so far, which start again from zero.
-    pub fn take_summaries(&self) -> Vec<AuditRecord> {
+    pub(crate) fn take_summaries(&self) -> Vec<AuditRecord> {
         let table = std::mem::take(&mut *self.table.lock().unwrap_or_else(PoisonError::into_inner));
         if table.unlogged > 0 {
             tracing::warn!(
@@ -177,7 +177,7 @@ fn summary(side: Side, source: Source, mut tally: Tally) -> AuditRecord {
 
 /// Writes the summaries every `interval`, and once more when `stop` turns
 /// true, so that none is lost at shutdown.
-pub async fn write_summaries(
+pub(crate) async fn write_summaries(
     callers: Arc<UnknownCallers>,
     audit: Arc<dyn AuditLog>,
     interval: Duration,

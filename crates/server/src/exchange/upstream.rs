@@ -17,7 +17,7 @@ use kopir_core::error::{Reason, Refusal};
 
 /// A codec whose messages are their own encoded bytes.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
+pub(crate) struct RawCodec;
 
 impl Codec for RawCodec {
     type Encode = Bytes;
@@ -51,7 +51,7 @@ impl Decoder for RawCodec {
 
 /// The outcome of calling a registry: its status and, when OK, its message.
 #[derive(Debug, Clone)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// gRPC code (0 = OK).
     pub code: i32,
     /// Status message.
@@ -63,7 +63,7 @@ pub struct Answer {
 /// A connection to one registry (plain HTTP/2; the registry sits beside its
 /// security server, as X-Road's information systems do).
 #[derive(Debug, Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     channel: Channel,
     address: String,
     max_message: usize,
@@ -71,7 +71,7 @@ pub struct Registry {
 
 impl Registry {
     /// Prepares a lazily connected channel to `url` (e.g. `http://127.0.0.1:7001`).
-    pub fn new(
+    pub(crate) fn new(
         url: &str,
         connect_timeout: Duration,
         max_message: usize,
@@ -91,7 +91,7 @@ impl Registry {
     /// cannot be reached is `registry.unavailable`; one that is too slow is
     /// `deadline.exceeded`; any status the registry itself returns is an
     /// [`Answer`].
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         body: Bytes,

@@ -20,7 +20,7 @@ const DAY_MS: i64 = 86_400_000;
 /// Allows the request's hiding, if any, at `now_ms`; refuses with
 /// `hiding.not_allowed` when the purpose does not allow it or not that long,
 /// and `metadata.invalid` when the date has already passed.
-pub fn check(view: &ConfView, meta: &CallMeta, now_ms: i64) -> Result<(), Refusal> {
+pub(crate) fn check(view: &ConfView, meta: &CallMeta, now_ms: i64) -> Result<(), Refusal> {
     let Some(hidden) = &meta.tracker.hidden else {
         return Ok(());
     };

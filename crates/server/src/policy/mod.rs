@@ -2,7 +2,7 @@
 //! purpose allows a pull, as X-Road keeps access rights on the provider's own
 //! server rather than in the global configuration.
 
-pub mod hiding;
+pub(crate) mod hiding;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,19 +49,19 @@ fn method_matches(pattern: &str, method: &str) -> bool {
 
 /// The set of rules of one server.
 #[derive(Debug, Clone, Default)]
-pub struct AccessPolicy {
+pub(crate) struct AccessPolicy {
     rules: Vec<AccessRule>,
 }
 
 impl AccessPolicy {
     /// A policy from its rules.
-    pub fn new(rules: Vec<AccessRule>) -> Self {
+    pub(crate) fn new(rules: Vec<AccessRule>) -> Self {
         Self { rules }
     }
 
     /// Allows the call if some rule covers its client, service, method and
     /// purpose; refuses with `access.denied` otherwise.
-    pub fn check(&self, meta: &CallMeta) -> Result<(), Refusal> {
+    pub(crate) fn check(&self, meta: &CallMeta) -> Result<(), Refusal> {
         let allowed = self.rules.iter().any(|r| {
             r.service == meta.service
                 && r.client == meta.client
@@ -85,7 +85,7 @@ impl AccessPolicy {
 /// Checks what the call states about its purpose and subject against the
 /// global configuration: the purpose exists, and a service that returns
 /// personal data is told whose.
-pub fn check_purpose_and_subject(
+pub(crate) fn check_purpose_and_subject(
     view: &ConfView,
     meta: &CallMeta,
     personal_data: bool,
@@ -121,7 +121,7 @@ pub fn check_purpose_and_subject(
 /// What the global configuration says allows a pull for the call's purpose:
 /// a legal act, or the subject's consent (which the provider then checks with
 /// its [`kopir_consent::ConsentVerifier`]).
-pub fn basis<'v>(view: &'v ConfView, meta: &CallMeta) -> Result<&'v Basis, Refusal> {
+pub(crate) fn basis<'v>(view: &'v ConfView, meta: &CallMeta) -> Result<&'v Basis, Refusal> {
     view.purpose(meta.purpose.as_str())
         .map(|p| &p.basis)
         .ok_or_else(|| {
@@ -133,7 +133,7 @@ pub fn basis<'v>(view: &'v ConfView, meta: &CallMeta) -> Result<&'v Basis, Refus
 }
 
 /// The basis of a pull permitted by law, as the audit trail records it.
-pub fn legal_basis(act: &str) -> String {
+pub(crate) fn legal_basis(act: &str) -> String {
     format!("legal:{act}")
 }
 

@@ -16,13 +16,13 @@ use super::ReportEntry;
 use kopir_consent::channel::{Identity, pinned_channel};
 use kopir_core::{
     clock::now_ms,
-    error::{Reason, Refusal},
+    error::Refusal,
     globalconf::{ConfView, view::Endpoint},
 };
 use kopir_proto::v1::{ReportRequest, access_report_client::AccessReportClient};
 
 /// The largest report message accepted from one server.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What one server answered.
 #[derive(Debug, Clone, Serialize)]
@@ -53,13 +53,6 @@ pub struct SourceError {
 
 fn code_name<S: serde::Serializer>(code: &Code, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{code:?}"))
-}
-
-impl SourceError {
-    /// The refusal, if the server refused with a `kopir-error` reason.
-    pub fn refusal(&self) -> Option<Reason> {
-        self.reason.as_deref().and_then(Reason::parse)
-    }
 }
 
 impl std::fmt::Display for SourceError {

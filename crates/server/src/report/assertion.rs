@@ -29,11 +29,11 @@ use kopir_core::{
 /// The `typ` of an assertion.
 pub const TYP: &str = "kopir-report+jwt";
 /// The `aud` of an assertion.
-pub const AUDIENCE: &str = "kopir-access-report";
+pub(crate) const AUDIENCE: &str = "kopir-access-report";
 /// The longest an assertion may live (`exp - iat`), seconds.
-pub const MAX_LIFETIME_SECS: i64 = 300;
+pub(crate) const MAX_LIFETIME_SECS: i64 = 300;
 /// The largest assertion accepted, bytes.
-pub const MAX_BYTES: usize = 2048;
+pub(crate) const MAX_BYTES: usize = 2048;
 
 /// What an assertion says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,7 +26,7 @@ use kopir_audit::{
 use kopir_core::{globalconf::ConfView, id::SubsystemId};
 
 /// The most provider records one report reads; beyond them it is truncated.
-pub const MAX_RECORDS: usize = 20_000;
+pub(crate) const MAX_RECORDS: usize = 20_000;
 
 /// What to collect.
 #[derive(Debug, Clone, Copy)]

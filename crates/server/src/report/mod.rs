@@ -20,7 +20,7 @@
 pub mod assemble;
 pub mod assertion;
 pub mod collect;
-pub mod service;
+pub(crate) mod service;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +34,7 @@ use kopir_proto::v1 as pb;
 pub const REPORT_METHOD: &str = "/kopir.v1.AccessReport/Report";
 
 /// The purpose report requests are recorded under.
-pub const REPORT_PURPOSE: &str = "access-report";
+pub(crate) const REPORT_PURPOSE: &str = "access-report";
 
 /// What became of a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,7 +62,7 @@ impl Outcome {
     }
 
     /// The outcome named by [`Outcome::as_str`].
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         [
             Outcome::Answered,
             Outcome::Failed,
@@ -134,7 +134,7 @@ pub struct ReportEntry {
 
 /// Splits an audit record's basis (`legal:<act>` or `consent:<id>`) into a
 /// legal act and a consent id.
-pub fn split_basis(basis: Option<&str>) -> (Option<String>, Option<String>) {
+pub(crate) fn split_basis(basis: Option<&str>) -> (Option<String>, Option<String>) {
     match basis {
         None => (None, None),
         Some(b) => match (b.strip_prefix("legal:"), b.strip_prefix("consent:")) {
@@ -147,7 +147,7 @@ pub fn split_basis(basis: Option<&str>) -> (Option<String>, Option<String>) {
 
 impl ReportEntry {
     /// As a protobuf message.
-    pub fn to_proto(&self) -> pb::ReportEntry {
+    pub(crate) fn to_proto(&self) -> pb::ReportEntry {
         pb::ReportEntry {
             query_id: self.query_id.clone(),
             at_ms: self.at_ms,
@@ -174,7 +174,7 @@ impl ReportEntry {
     }
 
     /// From a protobuf message; `None` if its outcome is unknown.
-    pub fn from_proto(e: pb::ReportEntry) -> Option<Self> {
+    pub(crate) fn from_proto(e: pb::ReportEntry) -> Option<Self> {
         Some(Self {
             outcome: Outcome::parse(&e.outcome)?,
             query_id: e.query_id,

@@ -84,7 +84,7 @@ pub struct Person {
     pub patronymic: String,
     /// Date of birth.
     pub birth_date: Date,
-    /// Sex.
+    /// Sex as recorded in the register.
     pub sex: Sex,
     /// ISO 3166-1 alpha-3 citizenship, almost always "KAZ".
     pub citizenship: String,
@@ -100,7 +100,7 @@ pub struct Person {
 
 impl Person {
     /// Age in whole years on `on`.
-    pub fn age_on(&self, on: Date) -> i32 {
+    pub(crate) fn age_on(&self, on: Date) -> i32 {
         let had_birthday = (u8::from(on.month()), on.day())
             >= (u8::from(self.birth_date.month()), self.birth_date.day());
         on.year() - self.birth_date.year() - i32::from(!had_birthday)
@@ -153,7 +153,7 @@ pub struct Declaration {
 
 impl Declaration {
     /// A declaration whose total is the sum of `sources`.
-    pub fn new(iin: Iin, year: i32, sources: Vec<IncomeSource>, filed_on: Date) -> Self {
+    pub(crate) fn new(iin: Iin, year: i32, sources: Vec<IncomeSource>, filed_on: Date) -> Self {
         let total_tiyn = sources.iter().map(|s| s.amount_tiyn).sum();
         Self {
             iin,
@@ -198,7 +198,7 @@ pub struct Ownership {
 pub struct Property {
     /// Cadastral number, `RR-DDD-QQQ-PPP`, unique in the data set.
     pub cadastral_number: String,
-    /// Kind.
+    /// What kind of property it is.
     pub kind: PropertyKind,
     /// Address as one line.
     pub address: String,
@@ -265,12 +265,13 @@ impl Dataset {
     }
 
     /// The demo data set: [`DEFAULT_SEED`] and [`DEFAULT_FAMILIES`].
-    pub fn demo() -> Self {
+    pub(crate) fn demo() -> Self {
         Self::generate(DEFAULT_SEED, DEFAULT_FAMILIES)
     }
 
     /// The seed this data set was generated from.
-    pub fn seed(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn seed(&self) -> u64 {
         self.seed
     }
 
@@ -280,12 +281,12 @@ impl Dataset {
     }
 
     /// One person by IIN.
-    pub fn person(&self, iin: &Iin) -> Option<&Person> {
+    pub(crate) fn person(&self, iin: &Iin) -> Option<&Person> {
         self.by_iin.get(iin).and_then(|&i| self.persons.get(i))
     }
 
     /// The children of a person, youngest first; `None` if the person is unknown.
-    pub fn children(&self, iin: &Iin) -> Option<Vec<&Person>> {
+    pub(crate) fn children(&self, iin: &Iin) -> Option<Vec<&Person>> {
         let parent = self.person(iin)?;
         Some(
             parent
@@ -297,23 +298,25 @@ impl Dataset {
     }
 
     /// The declaration of a person for a tax year.
-    pub fn declaration(&self, iin: &Iin, year: i32) -> Option<&Declaration> {
+    pub(crate) fn declaration(&self, iin: &Iin, year: i32) -> Option<&Declaration> {
         self.declarations.get(&(*iin, year))
     }
 
     /// Every declaration, ordered by IIN then year.
-    pub fn declarations(&self) -> impl Iterator<Item = &Declaration> {
+    #[cfg(test)]
+    pub(crate) fn declarations(&self) -> impl Iterator<Item = &Declaration> {
         self.declarations.values()
     }
 
     /// Every property.
-    pub fn properties(&self) -> &[Property] {
+    #[cfg(test)]
+    pub(crate) fn properties(&self) -> &[Property] {
         &self.properties
     }
 
     /// The properties in which a person holds a share, with that share; empty if
     /// none (or if the person is unknown).
-    pub fn holdings(&self, iin: &Iin) -> Vec<(&Property, &Ownership)> {
+    pub(crate) fn holdings(&self, iin: &Iin) -> Vec<(&Property, &Ownership)> {
         let Some(indexes) = self.holdings.get(iin) else {
             return Vec::new();
         };
@@ -327,7 +330,7 @@ impl Dataset {
     /// True if `iin` suits the child-birth-benefit demo: a parent with a child
     /// born on or after [`YOUNG_CHILD_BORN_FROM`], a declaration with non-zero
     /// income for [`LAST_TAX_YEAR`], and at least one property.
-    pub fn is_demo_parent(&self, iin: &Iin) -> bool {
+    pub(crate) fn is_demo_parent(&self, iin: &Iin) -> bool {
         let Some(children) = self.children(iin) else {
             return false;
         };

@@ -23,10 +23,10 @@ pub struct UnknownRegistryKind(pub String);
 
 impl RegistryKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [RegistryKind; 3] = [Self::Population, Self::Income, Self::Realty];
+    pub(crate) const ALL: [RegistryKind; 3] = [Self::Population, Self::Income, Self::Realty];
 
     /// The lower-case name: `population`, `income`, `realty`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Population => "population",
             Self::Income => "income",
@@ -46,7 +46,7 @@ impl RegistryKind {
 
     /// The fully qualified gRPC service name, e.g.
     /// `kz.population.v1.PopulationRegistry`.
-    pub fn grpc_service_name(self) -> &'static str {
+    pub(crate) fn grpc_service_name(self) -> &'static str {
         match self {
             Self::Population => population::population_registry_server::SERVICE_NAME,
             Self::Income => income::income_registry_server::SERVICE_NAME,
@@ -55,7 +55,8 @@ impl RegistryKind {
     }
 
     /// The service's method names (all of them concern personal data).
-    pub fn methods(self) -> &'static [&'static str] {
+    #[cfg(test)]
+    pub(crate) fn methods(self) -> &'static [&'static str] {
         match self {
             Self::Population => &["GetPerson", "ListChildren"],
             Self::Income => &["GetDeclaredIncome"],
@@ -65,7 +66,8 @@ impl RegistryKind {
 
     /// The gRPC paths of the service's methods, e.g.
     /// `/kz.population.v1.PopulationRegistry/GetPerson`.
-    pub fn method_paths(self) -> Vec<String> {
+    #[cfg(test)]
+    pub(crate) fn method_paths(self) -> Vec<String> {
         self.methods()
             .iter()
             .map(|m| format!("/{}/{m}", self.grpc_service_name()))

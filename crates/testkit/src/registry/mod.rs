@@ -152,7 +152,7 @@ pub struct RegistryHandle {
 impl RegistryHandle {
     /// Binds `addr` (port 0 for any free port, e.g. `127.0.0.1:0`) and serves
     /// `kind` from `dataset` on a spawned task.
-    pub async fn spawn(
+    pub(crate) async fn spawn(
         kind: RegistryKind,
         dataset: Arc<Dataset>,
         addr: SocketAddr,
@@ -176,7 +176,7 @@ impl RegistryHandle {
     }
 
     /// Which registry this is.
-    pub fn kind(&self) -> RegistryKind {
+    pub(crate) fn kind(&self) -> RegistryKind {
         self.kind
     }
 
@@ -186,7 +186,8 @@ impl RegistryHandle {
     }
 
     /// The address actually bound.
-    pub fn addr(&self) -> SocketAddr {
+    #[cfg(test)]
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 

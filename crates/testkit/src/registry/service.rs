@@ -127,12 +127,12 @@ pub struct PopulationRegistry {
 
 impl PopulationRegistry {
     /// A register answering from `data`.
-    pub fn new(data: Arc<Dataset>) -> Self {
+    pub(crate) fn new(data: Arc<Dataset>) -> Self {
         Self { data }
     }
 
     /// The tonic service to add to a server.
-    pub fn into_server(
+    pub(crate) fn into_server(
         self,
     ) -> population::population_registry_server::PopulationRegistryServer<Self> {
         population::population_registry_server::PopulationRegistryServer::new(self)
@@ -176,12 +176,12 @@ pub struct IncomeRegistry {
 
 impl IncomeRegistry {
     /// A register answering from `data`.
-    pub fn new(data: Arc<Dataset>) -> Self {
+    pub(crate) fn new(data: Arc<Dataset>) -> Self {
         Self { data }
     }
 
     /// The tonic service to add to a server.
-    pub fn into_server(self) -> income::income_registry_server::IncomeRegistryServer<Self> {
+    pub(crate) fn into_server(self) -> income::income_registry_server::IncomeRegistryServer<Self> {
         income::income_registry_server::IncomeRegistryServer::new(self)
     }
 }
@@ -220,12 +220,12 @@ pub struct RealtyRegistry {
 
 impl RealtyRegistry {
     /// A register answering from `data`.
-    pub fn new(data: Arc<Dataset>) -> Self {
+    pub(crate) fn new(data: Arc<Dataset>) -> Self {
         Self { data }
     }
 
     /// The tonic service to add to a server.
-    pub fn into_server(self) -> realty::realty_registry_server::RealtyRegistryServer<Self> {
+    pub(crate) fn into_server(self) -> realty::realty_registry_server::RealtyRegistryServer<Self> {
         realty::realty_registry_server::RealtyRegistryServer::new(self)
     }
 }

@@ -191,6 +191,7 @@ impl Keys {
     }
 
     /// Sets how many records go into one chunk (at least one).
+    #[cfg(test)]
     pub(super) fn set_chunk(&mut self, records: u64) {
         self.chunk = records.max(1);
     }
