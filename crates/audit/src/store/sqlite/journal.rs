@@ -305,7 +305,7 @@ fn chain_in(bytes: &[u8]) -> Vec<Journaled> {
 }
 
 /// The records recovery reads from a journal file holding `bytes`, as
-/// stored records (for the fuzz targets, [`crate::fuzzing`]).
+/// stored records (what the journal fuzz target checks).
 pub(crate) fn records_in(bytes: &[u8]) -> Vec<StoredRecord> {
     chain_in(bytes)
         .into_iter()
