@@ -4,7 +4,7 @@
 //! systems, signs and forwards their gRPC calls over mutual TLS to the provider's
 //! security server, which checks identity, signature, access rules and basis,
 //! calls the registry and signs the answer ([`exchange`]). A governance authority
-//! signs the global configuration that every server trusts ([`globalconf`]).
+//! signs the global configuration that every server trusts ([`kopir_core::globalconf`]).
 //! Citizens (through the portal) and auditors read who read a person's data
 //! from every provider's server ([`report`]).
 

@@ -12,14 +12,14 @@
 //! ```
 //!
 //! - [`consumer`] and [`provider`] hold the two halves, each reading top to bottom.
-//! - [`meta`] parses the request metadata; [`envelope`] signs and verifies.
+//! - [`kopir_core::meta`] parses the request metadata; [`envelope`] signs and verifies.
 //! - [`frame`] and [`upstream`] pass message bytes through untouched.
 //! - [`peers`] keeps pinned mutual-TLS connections to other servers;
 //!   [`replay`] refuses a request id seen before.
 //! - [`gate`] is the peer port's door: the peer must be pinned before it may
 //!   hold a share of the call budget or send a body; [`unknown`] counts the
 //!   refusals of callers that are nobody instead of auditing each;
-//!   [`deadline`] carries the call's deadline through every stage.
+//!   [`kopir_core::deadline`] carries the call's deadline through every stage.
 
 pub(crate) mod consumer;
 pub mod envelope;

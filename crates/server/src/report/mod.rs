@@ -12,8 +12,8 @@
 //! built from a server's provider-side audit records ([`collect`]), who may
 //! ask and how the portal proves whom it acts for ([`assertion`], [`service`]),
 //! the federation-wide report assembled from every provider's server
-//! ([`mod@assemble`]), and `kopir audit subject` ([`cli`]). It reads what the
-//! security path already records (`src/audit`): one entry per exchange the
+//! ([`mod@assemble`]), and `kopir audit subject` (in the binary). It reads what
+//! the security path already records (`kopir-audit`): one entry per exchange the
 //! provider accepted, never the subject in clear (the store keeps a keyed
 //! pseudonym; the server computes it from the subject asked for).
 
