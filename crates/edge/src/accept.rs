@@ -30,7 +30,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
-use super::{EdgeLimits, conn};
+use super::{
+    EdgeLimits,
+    conn::{self, Protocols},
+};
 
 /// Open connections and handshakes of one port, in all and per source.
 #[derive(Debug, Default)]
@@ -261,16 +264,44 @@ impl Sampled {
     }
 }
 
-/// Serves `service` on `listener` until `stop` turns true: with TLS when
-/// `tls` is given (plaintext only for a development client port), under
-/// `limits`. Returns once the listener is closed and every connection has
-/// ended, which takes at most the drain timeout after `stop`.
+/// Serves `service` on `listener` over HTTP/2 until `stop` turns true: with
+/// TLS when `tls` is given (plaintext only for a development client port),
+/// under `limits`. Returns once the listener is closed and every connection
+/// has ended, which takes at most the drain timeout after `stop`.
 pub async fn serve<S>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
     limits: EdgeLimits,
+    stop: watch::Receiver<bool>,
+) where
+    S: conn::PortService,
+{
+    serve_as(listener, tls, service, limits, stop, Protocols::Http2).await;
+}
+
+/// Like [`serve`], for a web endpoint that any HTTP client and mirror must
+/// reach: HTTP/1.1 as well as HTTP/2, with a header read timeout of the
+/// handshake timeout on HTTP/1.1.
+pub async fn serve_web<S>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    service: S,
+    limits: EdgeLimits,
+    stop: watch::Receiver<bool>,
+) where
+    S: conn::PortService,
+{
+    serve_as(listener, tls, service, limits, stop, Protocols::Http1And2).await;
+}
+
+async fn serve_as<S>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    service: S,
+    limits: EdgeLimits,
     mut stop: watch::Receiver<bool>,
+    protocols: Protocols,
 ) where
     S: conn::PortService,
 {
@@ -281,7 +312,7 @@ pub async fn serve<S>(
         limits: limits.clone(),
         counts: Mutex::default(),
     });
-    let limits = Arc::new(limits);
+    let settings = Arc::new(conn::Settings { limits, protocols });
     let mut over_connections =
         Sampled::new("connections refused: the port's or the source's cap is reached");
     let mut over_handshakes =
@@ -320,12 +351,13 @@ pub async fn serve<S>(
         let place = taken.held;
         let _ = tcp.set_nodelay(true);
         let info = tcp.connect_info();
-        let (service, limits, mut stop) = (service.clone(), limits.clone(), stop.clone());
+        let (service, settings, mut stop) = (service.clone(), settings.clone(), stop.clone());
         match &tls {
             None => {
                 connections.spawn(async move {
                     let activity = place.activity.clone();
-                    conn::serve(tcp, info, service, &limits, stop, activity, place.evicted()).await;
+                    let evicted = place.evicted();
+                    conn::serve(tcp, info, service, &settings, stop, activity, evicted).await;
                     drop(place);
                 });
             }
@@ -340,7 +372,7 @@ pub async fn serve<S>(
                 let handshake = taken.held;
                 let acceptor = acceptor.clone();
                 connections.spawn(async move {
-                    let timeout = limits.handshake_timeout();
+                    let timeout = settings.limits.handshake_timeout();
                     let tls = tokio::select! {
                         r = tokio::time::timeout(timeout, acceptor.accept(tcp)) => r,
                         _ = handshake.evicted() => {
@@ -367,7 +399,8 @@ pub async fn serve<S>(
                     };
                     let info = tls.connect_info();
                     let activity = place.activity.clone();
-                    conn::serve(tls, info, service, &limits, stop, activity, place.evicted()).await;
+                    let evicted = place.evicted();
+                    conn::serve(tls, info, service, &settings, stop, activity, evicted).await;
                     drop(place);
                 });
             }

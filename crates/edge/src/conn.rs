@@ -1,6 +1,6 @@
-//! One HTTP/2 connection: hyper's server with the port's limits, the
-//! connection's identity added to every request, an idle timeout, and a
-//! bounded drain when the server stops.
+//! One connection: hyper's server (HTTP/2, or HTTP/1.1 and HTTP/2 on a web
+//! endpoint) with the port's limits, the connection's identity added to
+//! every request, an idle timeout, and a bounded drain when the server stops.
 
 use std::{
     convert::Infallible,
@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use hyper::{body::Incoming, server::conn::http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulConnection},
     service::TowerToHyperService,
 };
 use tokio::{
@@ -143,6 +144,39 @@ where
     }
 }
 
+/// Sets the port's HTTP/2 limits on hyper's HTTP/2 builder or on the HTTP/2
+/// half of its automatic one (two types with the same methods).
+macro_rules! http2_limits {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams($limits.max_concurrent_streams)
+            .max_header_list_size($limits.max_header_list_bytes)
+            .max_pending_accept_reset_streams($limits.max_pending_reset_streams)
+            .keep_alive_interval(Duration::from_millis($limits.keepalive_interval_ms.max(1)))
+            .keep_alive_timeout(Duration::from_millis($limits.keepalive_timeout_ms.max(1)))
+    };
+}
+
+/// The HTTP versions a port speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocols {
+    /// HTTP/2 only: gRPC ports.
+    Http2,
+    /// HTTP/1.1 and HTTP/2, told apart by the connection preface: web
+    /// endpoints that plain HTTP clients and mirrors fetch from.
+    Http1And2,
+}
+
+/// How a port serves each of its connections.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    /// The port's limits.
+    pub(crate) limits: EdgeLimits,
+    /// The HTTP versions it speaks.
+    pub(crate) protocols: Protocols,
+}
+
 /// Serves one connection until the client closes it, it has been idle for the
 /// idle timeout, `give_way` resolves (the port is full and a newer connection
 /// takes the place of this idle one) or `stop` turns true; all but the first
@@ -152,8 +186,8 @@ pub(crate) async fn serve<I, C, S>(
     io: I,
     info: C,
     service: S,
-    limits: &EdgeLimits,
-    mut stop: watch::Receiver<bool>,
+    settings: &Settings,
+    stop: watch::Receiver<bool>,
     activity: Arc<Activity>,
     give_way: impl std::future::Future<Output = ()>,
 ) where
@@ -161,20 +195,48 @@ pub(crate) async fn serve<I, C, S>(
     C: Clone + Send + Sync + 'static,
     S: PortService,
 {
-    let service = OnConnection {
+    let service = TowerToHyperService::new(OnConnection {
         inner: service,
         info,
         activity: activity.clone(),
-    };
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_list_bytes)
-        .max_pending_accept_reset_streams(limits.max_pending_reset_streams)
-        .keep_alive_interval(Duration::from_millis(limits.keepalive_interval_ms.max(1)))
-        .keep_alive_timeout(Duration::from_millis(limits.keepalive_timeout_ms.max(1)));
-    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    });
+    let io = TokioIo::new(io);
+    let limits = &settings.limits;
+    match settings.protocols {
+        Protocols::Http2 => {
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            http2_limits!(builder, limits);
+            let connection = builder.serve_connection(io, service);
+            drive(connection, limits, stop, &activity, give_way).await;
+        }
+        Protocols::Http1And2 => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.handshake_timeout())
+                .max_buf_size(
+                    usize::try_from(limits.max_header_list_bytes.max(8192)).unwrap_or(8192),
+                );
+            http2_limits!(builder.http2(), limits);
+            let connection = builder.serve_connection(io, service);
+            drive(connection, limits, stop, &activity, give_way).await;
+        }
+    }
+}
+
+/// Runs `connection` until it ends, or until it is idle, must give way or the
+/// server stops; then closes it gracefully within the drain timeout.
+async fn drive<G>(
+    connection: G,
+    limits: &EdgeLimits,
+    mut stop: watch::Receiver<bool>,
+    activity: &Activity,
+    give_way: impl std::future::Future<Output = ()>,
+) where
+    G: GracefulConnection,
+    G::Error: std::fmt::Debug + std::fmt::Display,
+{
     tokio::pin!(connection);
     let why = tokio::select! {
         ended = connection.as_mut() => {

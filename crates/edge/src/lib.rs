@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use accept::serve;
+pub use accept::{serve, serve_web};
 
 /// Limits at a port's edge (`[edge]` in a server's configuration); each
 /// applies to every port of the server separately.

@@ -114,6 +114,21 @@ pub fn server_config(
     Ok(config)
 }
 
+/// Server side of a public web endpoint (the authority's publication):
+/// presents `chain`, asks no client certificate, speaks HTTP/2 and
+/// HTTP/1.1, so that any HTTP client and mirror can fetch from it.
+pub fn web_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, PkiError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// Accepts a server certificate only if its fingerprint is one of `pins`.
 #[derive(Debug)]
 struct PinnedServer {
