@@ -522,6 +522,61 @@ async fn forged_global_configuration_is_refused() {
     h.fed.shutdown().await;
 }
 
+/// A provider's server announced in maintenance is not called: the consumer
+/// refuses with `provider.maintenance` before anything is signed or sent,
+/// and calls it again once a configuration without the announcement arrives.
+#[tokio::test]
+async fn a_server_in_maintenance_is_not_called() {
+    let mut h = launch(&|_, _| {}).await;
+    let set_maintenance = |h: &mut Harness, on: bool| {
+        let moj = h
+            .fed
+            .description
+            .members
+            .iter_mut()
+            .find(|m| m.id.to_string() == "KZ/GOV/MOJ")
+            .unwrap();
+        moj.servers.iter_mut().for_each(|s| s.maintenance = on);
+        h.fed.publish(time::Duration::hours(1)).unwrap();
+    };
+    set_maintenance(&mut h, true);
+    eventually_refused(&h, Code::Unavailable, "provider.maintenance").await;
+    let calls = h.fed.registries[&RegistryKind::Population].calls();
+    let status = get_person_status(&h, h.benefits().await, h.get_person()).await;
+    assert_refused(&status, Code::Unavailable, "provider.maintenance");
+    assert_eq!(
+        h.fed.registries[&RegistryKind::Population].calls(),
+        calls,
+        "the registry was called"
+    );
+    assert!(
+        status.message().contains("KZ/GOV/MOJ/population"),
+        "{status:?}"
+    );
+    let id = status
+        .metadata()
+        .get("kopir-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let records = h.fed.records("mlspp", id).await.unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].step, kopir_audit::Step::Refused);
+    assert_eq!(records[0].reason.as_deref(), Some("provider.maintenance"));
+
+    set_maintenance(&mut h, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while PopulationRegistryClient::new(h.benefits().await)
+        .get_person(h.get_person())
+        .await
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "never called again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.fed.shutdown().await;
+}
+
 #[tokio::test]
 async fn expired_global_configuration_is_refused() {
     let h = launch(&|_, _| {}).await;

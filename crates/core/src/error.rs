@@ -77,6 +77,7 @@ reasons! {
     GlobalconfInvalid = "globalconf.invalid" => FailedPrecondition, "The server's global configuration is forged, malformed or missing.";
     GlobalconfStale = "globalconf.stale" => FailedPrecondition, "The server's global configuration has expired.";
     ProviderUnavailable = "provider.unavailable" => Unavailable, "No server of the provider could be reached.";
+    ProviderMaintenance = "provider.maintenance" => Unavailable, "Every server of the provider is announced in maintenance.";
     ProviderUntrusted = "provider.untrusted" => Unavailable, "The provider's server did not present the certificate the global configuration lists.";
     ResponseSignatureInvalid = "response.signature_invalid" => Internal, "The provider's response signature does not verify; the answer was withheld.";
     RegistryUnavailable = "registry.unavailable" => Unavailable, "The provider's registry could not be reached.";

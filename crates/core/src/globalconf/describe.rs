@@ -177,6 +177,10 @@ pub struct ServerDesc {
     /// Codes of the subsystems it provides.
     #[serde(default)]
     pub subsystems: Vec<String>,
+    /// In maintenance: consumers do not call it until the next configuration
+    /// without it (announce it one publication before the work starts).
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// Why a description cannot be published.
@@ -335,6 +339,7 @@ impl Federation {
                     address: s.address.clone(),
                     tls_cert: checked(&tls, format!("TLS certificate of {id}"))?,
                     subsystems: s.subsystems.clone(),
+                    maintenance: s.maintenance,
                 });
             }
             members.push(Member {

@@ -117,6 +117,11 @@ pub struct Server {
     pub tls_cert: String,
     /// Codes of the member's subsystems whose services this server provides.
     pub subsystems: Vec<String>,
+    /// Announced in maintenance: consumers do not call it (they use another
+    /// server of the service, or refuse with `provider.maintenance`). Written
+    /// only when true, so documents without maintenance read as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
 }
 
 /// A subsystem of a member.

@@ -22,6 +22,8 @@ pub struct Endpoint {
     pub address: String,
     /// Fingerprint of its TLS certificate.
     pub tls: Fingerprint,
+    /// Announced in maintenance: not to be called.
+    pub maintenance: bool,
 }
 
 /// A provider subsystem as the security path sees it.
@@ -154,6 +156,7 @@ impl ConfView {
                     server: id.clone(),
                     address: server.address.clone(),
                     tls: Fingerprint::of(&der),
+                    maintenance: server.maintenance,
                 };
                 view.server_certs
                     .entry(member.id.clone())

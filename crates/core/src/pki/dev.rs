@@ -81,7 +81,18 @@ impl Ca {
         params.extended_key_usages = usage.to_vec();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        Ok((cert.pem(), key_pem(&key)))
+    }
+}
+
+/// A private key as PEM in the form standard tools read: an Ed25519 key as
+/// PKCS#8 v1 (RFC 8410: the seed alone; `openssl pkey` and pyca/cryptography
+/// refuse the v2 form with the public key that ring makes), others as made.
+fn key_pem(key: &KeyPair) -> String {
+    let der = key.serialize_der();
+    match super::sign::ed25519_pkcs8_v1(&der) {
+        Some(v1) => super::pem_block("PRIVATE KEY", &v1),
+        None => key.serialize_pem(),
     }
 }
 
@@ -213,7 +224,11 @@ pub fn self_signed_tls(cn: &str) -> Result<(String, String), PkiError> {
 pub fn signing_pair(cn: &str) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
     let cert = named(cn, vec![])?.self_signed(&key)?;
-    Ok((cert.der().to_vec(), key.serialize_der()))
+    let der = key.serialize_der();
+    Ok((
+        cert.der().to_vec(),
+        super::sign::ed25519_pkcs8_v1(&der).unwrap_or(der),
+    ))
 }
 
 #[cfg(test)]

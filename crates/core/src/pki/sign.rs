@@ -115,9 +115,103 @@ impl VerifyingKey {
     }
 }
 
+/// The start of an Ed25519 private key in PKCS#8 v1 (RFC 8410, section 7):
+/// a SEQUENCE of version 0, the algorithm id-Ed25519 and the 32-byte seed as
+/// an OCTET STRING in an OCTET STRING.
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// The same start in PKCS#8 v2 (RFC 5958), as ring writes it: version 1,
+/// and the public key after the seed.
+const PKCS8_V2_PREFIX: [u8; 16] = [
+    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// The PKCS#8 v1 DER of the Ed25519 key `pkcs8` holds in either version,
+/// the form `openssl pkey` and pyca/cryptography read (they refuse ring's
+/// v2); `None` if `pkcs8` is not an Ed25519 key ring accepts.
+pub fn ed25519_pkcs8_v1(pkcs8: &[u8]) -> Option<Vec<u8>> {
+    Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).ok()?;
+    let seed = match pkcs8.len() {
+        48 if pkcs8.starts_with(&PKCS8_V1_PREFIX) => &pkcs8[16..],
+        83 if pkcs8.starts_with(&PKCS8_V2_PREFIX) => &pkcs8[16..48],
+        _ => return None,
+    };
+    Some([&PKCS8_V1_PREFIX[..], seed].concat())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `openssl` with `args`; true if it succeeded.
+    fn openssl(args: &[&std::ffi::OsStr]) -> bool {
+        std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (Debian package openssl) is needed by this test")
+            .success()
+    }
+
+    /// The dev PKI's signing keys are PKCS#8 v1, which openssl reads, and
+    /// they still sign for their certificate.
+    #[test]
+    fn signing_keys_are_written_as_openssl_reads_them() {
+        let (cert, key) = crate::pki::dev::signing_pair("v1").unwrap();
+        assert!(key.starts_with(&PKCS8_V1_PREFIX) && key.len() == 48);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signing.key");
+        std::fs::write(&path, crate::pki::pem_block("PRIVATE KEY", &key)).unwrap();
+        assert!(openssl(&[
+            "pkey".as_ref(),
+            "-noout".as_ref(),
+            "-in".as_ref(),
+            path.as_os_str()
+        ]));
+        SigningKey::from_pkcs8(&key, &cert).unwrap();
+        // A v2 key converts to the same key.
+        let pair = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let v1 = ed25519_pkcs8_v1(pair.as_ref()).unwrap();
+        let (a, b) = (
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(pair.as_ref()).unwrap(),
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(&v1).unwrap(),
+        );
+        assert_eq!(a.public_key().as_ref(), b.public_key().as_ref());
+        assert_eq!(ed25519_pkcs8_v1(b"not a key"), None);
+    }
+
+    /// A key and certificate an operator made with openssl sign and verify.
+    #[test]
+    fn keys_made_with_openssl_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+        let arg = |s: &'static str| std::ffi::OsStr::new(s);
+        assert!(openssl(&[
+            arg("genpkey"),
+            arg("-algorithm"),
+            arg("ed25519"),
+            arg("-out"),
+            key.as_os_str()
+        ]));
+        assert!(openssl(&[
+            arg("req"),
+            arg("-new"),
+            arg("-x509"),
+            arg("-subj"),
+            arg("/CN=operator-made"),
+            arg("-days"),
+            arg("1"),
+            arg("-key"),
+            key.as_os_str(),
+            arg("-out"),
+            cert.as_os_str(),
+        ]));
+        let signer = SigningKey::load(&cert, &key).unwrap();
+        let verifier = VerifyingKey::load(&cert).unwrap();
+        assert!(verifier.verify(b"m", &signer.sign(b"m")));
+    }
 
     #[test]
     fn sign_verify_and_tamper() {

@@ -20,7 +20,10 @@ use kopir_core::{
 };
 use kopir_core::{
     error::{Reason, Refusal},
-    globalconf::{ConfError, ConfView},
+    globalconf::{
+        ConfError, ConfView,
+        view::{Endpoint, ServiceEntry},
+    },
     pki::sha256,
 };
 use kopir_edge::overload::{Caller, peer_fingerprint};
@@ -145,6 +148,7 @@ async fn exchange(
                 ),
             ))
         })?;
+    let endpoints = in_service(&view, &meta, entry).map_err(refused)?;
     policy::check_purpose_and_subject(&view, &meta, entry.personal_data).map_err(refused)?;
     policy::hiding::check(&view, &meta, now_ms()).map_err(refused)?;
     deadline
@@ -181,7 +185,7 @@ async fn exchange(
     // 7. Forward to a server of the provider and verify its signed answer.
     let call = Outgoing {
         meta: &meta,
-        entry,
+        endpoints,
         forward,
         request_hash,
     };
@@ -224,6 +228,26 @@ async fn exchange(
             &meta.request_id,
         )))
     }
+}
+
+/// The servers of `entry` to call: those not announced in maintenance.
+fn in_service<'v>(
+    view: &ConfView,
+    meta: &CallMeta,
+    entry: &'v ServiceEntry,
+) -> Result<Vec<&'v Endpoint>, Refusal> {
+    let endpoints: Vec<_> = entry.endpoints.iter().filter(|e| !e.maintenance).collect();
+    if endpoints.is_empty() {
+        return Err(Refusal::new(
+            Reason::ProviderMaintenance,
+            format!(
+                "every security server of {} is in maintenance in global configuration {}; nothing was sent, retry after the maintenance",
+                meta.service,
+                view.serial()
+            ),
+        ));
+    }
+    Ok(endpoints)
 }
 
 fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<(), Refusal> {
@@ -285,9 +309,9 @@ struct Verified {
 struct Outgoing<'a> {
     /// The call's metadata: the provider is the member of its service.
     meta: &'a CallMeta,
-    /// The service's entry in the global configuration, with the endpoints of
-    /// the servers that provide it.
-    entry: &'a kopir_core::globalconf::view::ServiceEntry,
+    /// The servers that provide the service and are not in maintenance, in
+    /// the order the global configuration lists them.
+    endpoints: Vec<&'a Endpoint>,
     /// The signed request.
     forward: ForwardRequest,
     /// The hash the request's signature covers, which the provider's signed
@@ -307,12 +331,12 @@ async fn forward_and_verify(
 ) -> Result<Verified, Refusal> {
     let Outgoing {
         meta,
-        entry,
+        endpoints,
         forward,
         request_hash,
     } = call;
     let mut last = None;
-    for endpoint in &entry.endpoints {
+    for endpoint in endpoints {
         let remaining = deadline.remaining();
         if remaining.is_zero() {
             return Err(deadline.exceeded(&format!(
