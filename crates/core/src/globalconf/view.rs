@@ -248,6 +248,12 @@ impl ConfView {
             .is_some_and(|p| matches!(p.basis, Basis::Consent))
     }
 
+    /// Every security server the configuration lists, with its address and
+    /// pinned certificate.
+    pub fn servers(&self) -> impl Iterator<Item = &Endpoint> {
+        self.servers.values()
+    }
+
     /// The security server (of any member) whose TLS certificate has this
     /// fingerprint.
     pub fn server_by_tls(&self, tls: &Fingerprint) -> Option<&ServerId> {

@@ -348,7 +348,7 @@ async fn forward_and_verify(
             || deadline.exceeded(&format!("waiting for the answer of {}", endpoint.server));
         let mut client = gw
             .peers
-            .client(endpoint)
+            .client(view, endpoint)
             .map_err(|e| Refusal::new(Reason::Internal, e.to_string()))?;
         let mut request = tonic::Request::new(forward.clone());
         // Leave the provider a little less time than we wait, so that its own
