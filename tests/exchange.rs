@@ -577,6 +577,58 @@ async fn a_server_in_maintenance_is_not_called() {
     h.fed.shutdown().await;
 }
 
+/// A reload takes the new information systems and access rules for the
+/// next call, and a configuration that does not check is refused whole,
+/// leaving the running one in place.
+#[tokio::test]
+async fn a_reload_takes_new_clients_and_rules_and_refuses_a_bad_file() {
+    let h = launch(&|_, _| {}).await;
+    let (consumer, provider) = (h.fed.node("mlspp"), h.fed.node("moj"));
+    let ok = || async {
+        PopulationRegistryClient::new(h.benefits().await)
+            .get_person(h.get_person())
+            .await
+    };
+    ok().await.unwrap();
+
+    // A client certificate that does not load: refused, nothing changes.
+    let mut broken = consumer.config.clone();
+    broken.clients[0].cert = h.fed.dir.join("no-such-certificate.pem");
+    let error = consumer.server.reload(broken).await.unwrap_err();
+    assert!(
+        error.to_string().contains("no-such-certificate.pem"),
+        "{error}"
+    );
+    ok().await.unwrap();
+
+    // Without the benefits system registered, it is nobody.
+    let mut without = consumer.config.clone();
+    without.clients.retain(|c| c.id.to_string() != BENEFITS);
+    consumer.server.reload(without).await.unwrap();
+    let status = get_person_status(&h, h.benefits().await, h.get_person()).await;
+    assert_refused(&status, Code::Unauthenticated, "client.unknown");
+    consumer
+        .server
+        .reload(consumer.config.clone())
+        .await
+        .unwrap();
+    ok().await.unwrap();
+
+    // The provider without access rules denies; with them again, allows.
+    let mut closed = provider.config.clone();
+    closed.access.clear();
+    provider.server.reload(closed).await.unwrap();
+    let status = get_person_status(&h, h.benefits().await, h.get_person()).await;
+    assert_refused(&status, Code::PermissionDenied, "access.denied");
+    provider
+        .server
+        .reload(provider.config.clone())
+        .await
+        .unwrap();
+    ok().await.unwrap();
+    h.fed.shutdown().await;
+}
+
 #[tokio::test]
 async fn expired_global_configuration_is_refused() {
     let h = launch(&|_, _| {}).await;

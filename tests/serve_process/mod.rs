@@ -60,6 +60,11 @@ impl ServeProcess {
         panic!("the server did not accept connections within 10 s");
     }
 
+    /// Its process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Panics if the process has exited.
     #[track_caller]
     pub fn assert_running(&mut self) {

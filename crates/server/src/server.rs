@@ -25,7 +25,7 @@ use tower::Layer;
 use crate::{
     config::ServerConfig,
     exchange::{
-        Gateway, RegisteredClient, consumer,
+        Gateway, Local, LocalHandle, RegisteredClient, consumer,
         gate::{ENVELOPE_ALLOWANCE, PeerGate},
         peers::Peers,
         provider::Provider,
@@ -125,6 +125,7 @@ pub struct RunningServer {
     pub peer_addr: SocketAddr,
     /// Where the admin port listens.
     pub admin_addr: Option<SocketAddr>,
+    gw: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     revocations: RevocationFeed,
@@ -135,6 +136,24 @@ impl RunningServer {
     /// the consent authority.
     pub fn revocations(&self) -> &RevocationSet {
         self.revocations.set()
+    }
+
+    /// Takes the information systems, registries and access rules of
+    /// `config` for the calls that start from now on, once all of them are
+    /// checked; on an error the running ones stay. Every other key takes
+    /// effect at the next start.
+    pub async fn reload(&self, config: ServerConfig) -> Result<(), ServerError> {
+        let gw = self.gw.clone();
+        // Certificate files are read: off the async runtime.
+        tokio::task::spawn_blocking(move || {
+            let local = local_of(&config)?;
+            let (clients, services, rules) = local.counts();
+            gw.local.replace(local);
+            tracing::info!(clients, services, rules, "local configuration reloaded");
+            Ok(())
+        })
+        .await
+        .map_err(|e| ServerError::Config(format!("reload: {e}")))?
     }
 
     /// Stops accepting, closes idle connections, gives calls in flight the
@@ -287,8 +306,7 @@ impl Parts {
         let identity = TlsIdentity::load(config)?;
         let signer = SigningKey::load(&config.signing.cert, &config.signing.key)?;
         let conf = global_conf(config).await?;
-        let clients = registered_clients(config)?;
-        let services = registries(config)?;
+        let local = local_of(config)?;
         let plaintext_clients = plaintext_client(config, &listeners.client)?;
         let operators = operator_fingerprints(config)?;
         let (consent, revocations) = consent(config, &conf, &identity).await?;
@@ -307,10 +325,8 @@ impl Parts {
                 limits.max_body_bytes + ENVELOPE_ALLOWANCE,
             ),
             limits: limits.clone(),
-            clients,
+            local: LocalHandle::new(local),
             plaintext_clients,
-            services,
-            policy: AccessPolicy::new(config.access.clone()),
             consent,
             store_bodies: config.audit.store_bodies,
             client_calls: CallBudget::for_port(limits),
@@ -366,6 +382,17 @@ async fn global_conf(config: &ServerConfig) -> Result<GlobalConfHandle, ServerEr
     )
     .await?;
     Ok(conf)
+}
+
+/// What the configuration says of the member's own systems: its
+/// information systems, registries and access rules, each checked (a
+/// certificate that does not load, an endpoint that is no address).
+fn local_of(config: &ServerConfig) -> Result<Local, ServerError> {
+    Ok(Local {
+        clients: registered_clients(config)?,
+        services: registries(config)?,
+        policy: AccessPolicy::new(config.access.clone()),
+    })
 }
 
 /// The information systems allowed on the client port, by the client
@@ -505,6 +532,7 @@ fn serve_ports(
         client_addr,
         peer_addr,
         admin_addr,
+        gw,
         shutdown,
         tasks,
         revocations,

@@ -87,7 +87,8 @@ fn is_registered(gw: &Gateway, req: &Request<Body>) -> bool {
     if gw.plaintext_clients {
         return true;
     }
-    peer_fingerprint(req).is_some_and(|fp| gw.clients.values().any(|c| c.fingerprint == fp))
+    let local = gw.local.current();
+    peer_fingerprint(req).is_some_and(|fp| local.clients.values().any(|c| c.fingerprint == fp))
 }
 
 /// The raw header values of a request whose metadata did not parse.
@@ -251,7 +252,8 @@ fn in_service<'v>(
 }
 
 fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<(), Refusal> {
-    let expected = gw.clients.get(&meta.client).ok_or_else(|| {
+    let local = gw.local.current();
+    let expected = local.clients.get(&meta.client).ok_or_else(|| {
         Refusal::new(
             Reason::ClientUnknown,
             format!(

@@ -85,16 +85,12 @@ pub(crate) struct Gateway {
     pub audit: Arc<dyn AuditLog>,
     /// Sizes, timeouts and windows the security path enforces.
     pub limits: Limits,
-    /// Local information systems allowed on the client port, by the client
-    /// certificate registered for each.
-    pub clients: HashMap<SubsystemId, RegisteredClient>,
+    /// What the member configures locally and may change without a restart:
+    /// its information systems, registries and access rules.
+    pub(crate) local: LocalHandle,
     /// True if the client port accepts plaintext (development, loopback only):
     /// then clients are not authenticated.
     pub plaintext_clients: bool,
-    /// Registries this server provides.
-    pub services: HashMap<SubsystemId, upstream::Registry>,
-    /// Access rules for them.
-    pub policy: AccessPolicy,
     /// Checks consent tokens for purposes that rest on consent.
     pub consent: ConsentVerifier,
     /// Connections to peer servers.
@@ -107,6 +103,48 @@ pub(crate) struct Gateway {
     pub client_calls: CallBudget,
     /// Refusals of callers that are nobody, counted for summary records.
     pub unknown: Arc<unknown::UnknownCallers>,
+}
+
+/// The part of a server's configuration that is reloaded while it runs
+/// (`RunningServer::reload`): a call takes one snapshot and uses it
+/// throughout, so it never sees half of an old and half of a new one.
+#[derive(Debug)]
+pub(crate) struct Local {
+    /// Local information systems allowed on the client port, by the client
+    /// certificate registered for each.
+    pub(crate) clients: HashMap<SubsystemId, RegisteredClient>,
+    /// Registries this server provides.
+    pub(crate) services: HashMap<SubsystemId, upstream::Registry>,
+    /// Access rules for them.
+    pub(crate) policy: AccessPolicy,
+}
+
+impl Local {
+    /// How many of each it holds, for the log of a reload.
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        (self.clients.len(), self.services.len(), self.policy.len())
+    }
+}
+
+/// The current [`Local`], replaced whole by a reload.
+#[derive(Debug)]
+pub(crate) struct LocalHandle(std::sync::RwLock<Arc<Local>>);
+
+impl LocalHandle {
+    /// A handle holding `local`.
+    pub(crate) fn new(local: Local) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(local)))
+    }
+
+    /// The snapshot a call uses.
+    pub(crate) fn current(&self) -> Arc<Local> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `local` in place for the calls that start from now on.
+    pub(crate) fn replace(&self, local: Local) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(local);
+    }
 }
 
 impl std::fmt::Debug for Gateway {

@@ -163,7 +163,8 @@ async fn serve(
         .check(&header.client, &header.request_id, header.timestamp_ms, now)
         .map_err(refused)?;
     // 5. A service this server provides, for a known purpose, about a named subject.
-    let registry = gw.services.get(&meta.service).ok_or_else(|| {
+    let local = gw.local.current();
+    let registry = local.services.get(&meta.service).ok_or_else(|| {
         refused(Refusal::new(
             Reason::ServiceUnknown,
             format!(
@@ -177,7 +178,7 @@ async fn serve(
     policy::hiding::check(&view, meta, now).map_err(refused)?;
     // 6. The provider's access rules, then the basis of the pull: the legal
     //    act, or the subject's consent (checked, and a use counted, here).
-    gw.policy.check(meta).map_err(refused)?;
+    local.policy.check(meta).map_err(refused)?;
     let basis = match policy::basis(&view, meta).map_err(refused)? {
         Basis::LegalAct { act } => policy::legal_basis(act),
         Basis::Consent => {

@@ -59,6 +59,11 @@ impl AccessPolicy {
         Self { rules }
     }
 
+    /// How many rules it has.
+    pub(crate) fn len(&self) -> usize {
+        self.rules.len()
+    }
+
     /// Allows the call if some rule covers its client, service, method and
     /// purpose; refuses with `access.denied` otherwise.
     pub(crate) fn check(&self, meta: &CallMeta) -> Result<(), Refusal> {
