@@ -7,57 +7,10 @@
 mod common;
 mod serve_process;
 
-use std::time::{Duration, Instant};
-
-use common::{assert_refused, with_meta};
-use kopir_testkit::{
-    federation::{BENEFITS, LocalFederation, write_atomically},
-    proto::kz::population::v1::{
-        GetPersonRequest, population_registry_client::PopulationRegistryClient,
-    },
-};
+use common::{assert_refused, get_person, until};
+use kopir_testkit::federation::{LocalFederation, write_atomically};
 use serve_process::ServeProcess;
-use tonic::{Code, transport::Channel};
-
-async fn get_person(channel: &Channel, parent: &str, purpose: &str) -> Result<(), tonic::Status> {
-    let subject = format!("iin:{parent}");
-    let request = with_meta(
-        GetPersonRequest {
-            iin: parent.to_owned(),
-        },
-        &[
-            ("kopir-client", BENEFITS),
-            ("kopir-service", "KZ/GOV/MOJ/population"),
-            ("kopir-purpose", purpose),
-            ("kopir-subject", &subject),
-        ],
-    );
-    PopulationRegistryClient::new(channel.clone())
-        .get_person(request)
-        .await
-        .map(drop)
-}
-
-/// Calls until `done` says the outcome is the awaited one (within 15 s: the
-/// watcher re-reads the file every second); returns how long it took.
-async fn until(
-    channel: &Channel,
-    parent: &str,
-    done: impl Fn(&Result<(), tonic::Status>) -> bool,
-) -> Duration {
-    let started = Instant::now();
-    loop {
-        let outcome = get_person(channel, parent, "child-benefit").await;
-        if done(&outcome) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "still {outcome:?} after 15 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_logging_to_dev_full_keeps_exchanging_and_watching() {

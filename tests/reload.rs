@@ -5,53 +5,20 @@
 use std::{process::Command, time::Duration};
 
 use kopir_server::config::ServerConfig;
-use kopir_testkit::{
-    federation::{BENEFITS, LocalFederation},
-    proto::kz::population::v1::{
-        GetPersonRequest, population_registry_client::PopulationRegistryClient,
-    },
-};
-use tonic::{Code, transport::Channel};
+use kopir_testkit::federation::{BENEFITS, LocalFederation};
+use tonic::Code;
 
+mod common;
 mod serve_process;
 
+use common::until;
 use serve_process::ServeProcess;
 
-async fn get_person(channel: &Channel, parent: &str) -> Result<(), tonic::Status> {
-    let mut request = tonic::Request::new(GetPersonRequest { iin: parent.into() });
-    for (k, v) in [
-        ("kopir-client", BENEFITS),
-        ("kopir-service", "KZ/GOV/MOJ/population"),
-        ("kopir-purpose", "child-benefit"),
-        ("kopir-subject", &format!("iin:{parent}")),
-    ] {
-        request.metadata_mut().insert(k, v.parse().unwrap());
-    }
-    PopulationRegistryClient::new(channel.clone())
-        .get_person(request)
-        .await
-        .map(drop)
-}
-
-/// Waits (at most 10 s) until a call ends as `done` says.
-async fn until(
-    channel: &Channel,
+async fn get_person(
+    channel: &tonic::transport::Channel,
     parent: &str,
-    what: &str,
-    done: impl Fn(&Result<(), tonic::Status>) -> bool,
-) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let result = get_person(channel, parent).await;
-        if done(&result) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never {what}: {result:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+) -> Result<(), tonic::Status> {
+    common::get_person(channel, parent, "child-benefit").await
 }
 
 /// Waits (at most 10 s) until the server's log has `count` lines with `text`.
@@ -89,7 +56,7 @@ async fn a_running_server_reloads_its_file() {
     let mut without = good.clone();
     without.clients.retain(|c| c.id.to_string() != BENEFITS);
     without.save(&path).unwrap();
-    until(&channel, &parent, "refused", |r| {
+    until(&channel, &parent, |r| {
         r.as_ref().is_err_and(|s| {
             s.code() == Code::Unauthenticated
                 && s.metadata()
@@ -108,7 +75,7 @@ async fn a_running_server_reloads_its_file() {
 
     // The good file back, and a SIGHUP reloads it once more.
     good.save(&path).unwrap();
-    until(&channel, &parent, "served again", Result::is_ok).await;
+    until(&channel, &parent, Result::is_ok).await;
     let sent = Command::new("kill")
         .args(["-HUP", &server.pid().to_string()])
         .status()

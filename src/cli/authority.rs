@@ -127,6 +127,8 @@ async fn sign(args: SignArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let stop_signal = super::stop_signal();
+    tokio::pin!(stop_signal);
     let mut signer = args.signing.signer(args.valid_for)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(publish::tls(cert, key)?),
@@ -152,7 +154,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = super::stop_signal() => break,
+            _ = &mut stop_signal => break,
         }
         // A document that cannot be signed (a certificate expired, a file
         // unreadable) is logged; the last one stays published until it

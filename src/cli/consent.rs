@@ -203,12 +203,13 @@ impl Command {
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let stop = super::stop_signal();
     let config = ConsentConfig::load(&path)?;
     let store = server::open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let running = server::start(config, listener, store).await?;
     println!("consent authority on {}", running.addr);
-    super::stop_signal().await;
+    stop.await;
     tracing::info!("stopping");
     running.shutdown().await;
     Ok(())

@@ -223,6 +223,7 @@ impl Args {
                 temp.path().to_path_buf()
             }
         };
+        let stop = super::stop_signal();
         let started = Instant::now();
         let fed = LocalFederation::launch(&dir, &|_, _| {}).await?;
         println!(
@@ -233,7 +234,7 @@ impl Args {
         let channel = fed.client_channel("mlspp", BENEFITS).await?;
         if self.serve {
             print_how_to_call(&fed);
-            super::stop_signal().await;
+            stop.await;
             fed.shutdown().await;
             return Ok(());
         }

@@ -33,6 +33,7 @@ impl Command {
             seed,
             families,
         } = self;
+        let stop = super::stop_signal();
         let dataset = Arc::new(Dataset::generate(seed, families));
         let listener = tokio::net::TcpListener::bind(listen).await?;
         println!(
@@ -40,14 +41,7 @@ impl Command {
             listener.local_addr()?,
             dataset.persons().len()
         );
-        serve(
-            kind,
-            dataset,
-            listener,
-            Default::default(),
-            super::stop_signal(),
-        )
-        .await?;
+        serve(kind, dataset, listener, Default::default(), stop).await?;
         Ok(())
     }
 }

@@ -25,14 +25,14 @@ pub struct Args {
 impl Args {
     /// Runs the server until Ctrl-C or SIGTERM.
     pub async fn run(self) -> anyhow::Result<()> {
+        let stop = super::stop_signal();
+        tokio::pin!(stop);
         let config = ServerConfig::load(&self.config)?;
         let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
         let audit = kopir_audit::open(&config.audit_config(), signer).await?;
         let listeners = Listeners::bind(&config).await?;
         let mut seen = digest(&self.config).await;
         let server = start(config, listeners, audit.clone()).await?;
-        let stop = super::stop_signal();
-        tokio::pin!(stop);
         let mut hangups = hangups()?;
         let mut checks = tokio::time::interval(RELOAD_CHECK);
         loop {

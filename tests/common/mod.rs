@@ -6,7 +6,12 @@ use tonic::{Code, Request, Status, metadata::MetadataValue};
 
 use kopir_core::error::ERROR_KEY;
 use kopir_pgtest::TempPostgres;
-use kopir_testkit::federation::LocalFederation;
+use kopir_testkit::{
+    federation::{BENEFITS, LocalFederation},
+    proto::kz::population::v1::{
+        GetPersonRequest, population_registry_client::PopulationRegistryClient,
+    },
+};
 
 pub mod edge;
 
@@ -18,6 +23,54 @@ pub fn with_meta<T>(message: T, pairs: &[(&'static str, &str)]) -> Request<T> {
             .insert(*k, MetadataValue::try_from(*v).unwrap());
     }
     r
+}
+
+/// The benefits system's GetPerson for `parent` with `purpose`, through the
+/// security server at the other end of `channel`.
+#[allow(dead_code)] // not every test binary calls through a process
+pub async fn get_person(
+    channel: &tonic::transport::Channel,
+    parent: &str,
+    purpose: &str,
+) -> Result<(), Status> {
+    let subject = format!("iin:{parent}");
+    let request = with_meta(
+        GetPersonRequest {
+            iin: parent.to_owned(),
+        },
+        &[
+            ("kopir-client", BENEFITS),
+            ("kopir-service", "KZ/GOV/MOJ/population"),
+            ("kopir-purpose", purpose),
+            ("kopir-subject", &subject),
+        ],
+    );
+    PopulationRegistryClient::new(channel.clone())
+        .get_person(request)
+        .await
+        .map(drop)
+}
+
+/// Calls [`get_person`] (purpose `child-benefit`) until `done` says the
+/// outcome is the awaited one, within 15 s; returns how long it took.
+#[allow(dead_code)] // not every test binary waits for an outcome
+pub async fn until(
+    channel: &tonic::transport::Channel,
+    parent: &str,
+    done: impl Fn(&Result<(), Status>) -> bool,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let outcome = get_person(channel, parent, "child-benefit").await;
+        if done(&outcome) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "still {outcome:?} after 15 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Asserts a refusal's code, its `kopir-error` reason, and that it says why.
