@@ -27,11 +27,13 @@ impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let stop = super::stop_signal();
         tokio::pin!(stop);
+        // Taken before the file is read, so that a change made meanwhile is
+        // reloaded at the first check.
+        let mut seen = digest(&self.config).await;
         let config = ServerConfig::load(&self.config)?;
         let signer = Arc::new(SigningKey::load(&config.signing.cert, &config.signing.key)?);
         let audit = kopir_audit::open(&config.audit_config(), signer).await?;
         let listeners = Listeners::bind(&config).await?;
-        let mut seen = digest(&self.config).await;
         let server = start(config, listeners, audit.clone()).await?;
         let mut hangups = hangups()?;
         let mut checks = tokio::time::interval(RELOAD_CHECK);

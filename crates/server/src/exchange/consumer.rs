@@ -8,7 +8,7 @@ use axum::body::Body;
 use http::{Request, Response};
 
 use crate::exchange::{
-    Gateway, Known, durable, envelope, frame, peers, record_refusal, registry_status,
+    Gateway, Known, Local, durable, envelope, frame, peers, record_refusal, registry_status,
     unknown::Source, written,
 };
 use crate::policy;
@@ -45,9 +45,11 @@ pub(crate) fn conf_refusal(e: ConfError) -> Refusal {
 pub(crate) async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Body> {
     let deadline = Deadline::from_headers(req.headers(), gw.limits.timeout());
     let method = req.uri().path().to_owned();
+    // One snapshot of the local configuration for the whole call.
+    let local = gw.local.current();
     // A caller whose certificate no information system here is registered
     // with is nobody: its refusals are counted, not audited one by one.
-    let nobody = (!is_registered(&gw, &req)).then(|| Source::of(&req));
+    let nobody = (!is_registered(&gw, &local, &req)).then(|| Source::of(&req));
     let refused_here = |known: &Known, refusal: &Refusal| {
         let gw = gw.clone();
         let (known, refusal) = (known.clone(), refusal.clone());
@@ -70,7 +72,7 @@ pub(crate) async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Bod
     };
     let mut known = Known::of_call(Side::Consumer, &meta);
     let request_id = meta.request_id.clone();
-    match exchange(&gw, meta, &mut known, req, deadline).await {
+    match exchange(&gw, &local, meta, &mut known, req, deadline).await {
         Ok(response) => response,
         Err((step, refusal)) => {
             if step == Step::Refused {
@@ -83,11 +85,10 @@ pub(crate) async fn handle(gw: Arc<Gateway>, req: Request<Body>) -> Response<Bod
 
 /// True if the caller is some information system registered on this server
 /// (or the port is plaintext, where callers are not authenticated).
-fn is_registered(gw: &Gateway, req: &Request<Body>) -> bool {
+fn is_registered(gw: &Gateway, local: &Local, req: &Request<Body>) -> bool {
     if gw.plaintext_clients {
         return true;
     }
-    let local = gw.local.current();
     peer_fingerprint(req).is_some_and(|fp| local.clients.values().any(|c| c.fingerprint == fp))
 }
 
@@ -121,6 +122,7 @@ fn refused(r: Refusal) -> Failed {
 /// a refusal's or a failure's included, carries it.
 async fn exchange(
     gw: &Gateway,
+    local: &Local,
     meta: CallMeta,
     known: &mut Known,
     req: Request<Body>,
@@ -128,7 +130,7 @@ async fn exchange(
 ) -> Result<Response<Body>, Failed> {
     // 1. Authenticate the information system by its client certificate; only
     //    then may it hold a share of the port's call budget.
-    authenticate(gw, &meta, &req).map_err(refused)?;
+    authenticate(gw, local, &meta, &req).map_err(refused)?;
     let _permit = gw
         .client_calls
         .try_acquire(Caller::Known(format!("information system {}", meta.client)))
@@ -251,8 +253,12 @@ fn in_service<'v>(
     Ok(endpoints)
 }
 
-fn authenticate(gw: &Gateway, meta: &CallMeta, req: &Request<Body>) -> Result<(), Refusal> {
-    let local = gw.local.current();
+fn authenticate(
+    gw: &Gateway,
+    local: &Local,
+    meta: &CallMeta,
+    req: &Request<Body>,
+) -> Result<(), Refusal> {
     let expected = local.clients.get(&meta.client).ok_or_else(|| {
         Refusal::new(
             Reason::ClientUnknown,
