@@ -115,7 +115,7 @@ fn compose_file_matches_the_configurations_it_names() {
     assert_eq!(servers.len(), 3, "{:?}", servers.keys());
     for (name, config) in &servers {
         assert_eq!(
-            config.globalconf.path.to_str(),
+            config.globalconf.path.as_deref().and_then(|p| p.to_str()),
             Some(published.as_str()),
             "{name} reads the global configuration where the authority does not write it"
         );

@@ -130,7 +130,7 @@ impl LocalFederation {
         std::fs::write(&consent_path, CONSENT_TOML)?;
         let mut consent = ConsentConfig::load(&consent_path)?;
         consent.data_dir = dir.join("data").join("consent");
-        consent.globalconf.path = globalconf_path.clone();
+        consent.globalconf.path = Some(globalconf_path.clone());
         consent.globalconf.refresh_secs = 1;
         adjust_consent(&mut consent);
         let consent_listener = tokio::net::TcpListener::bind(loopback()).await?;
@@ -143,7 +143,7 @@ impl LocalFederation {
             std::fs::write(&path, text)?;
             let mut config = ServerConfig::load(&path)?;
             config.data_dir = dir.join("data").join(name);
-            config.globalconf.path = globalconf_path.clone();
+            config.globalconf.path = Some(globalconf_path.clone());
             config.globalconf.refresh_secs = 1;
             config.listen.client = loopback();
             config.listen.peer = loopback();
