@@ -652,7 +652,15 @@ async fn a_reload_takes_new_clients_and_rules_and_refuses_a_bad_file() {
 #[tokio::test]
 async fn expired_global_configuration_is_refused() {
     let h = launch(&|_, _| {}).await;
+    // A copy that is already expired is not taken; one that expires soon
+    // is, and is refused as stale once it has.
     h.fed.publish(time::Duration::seconds(-1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    PopulationRegistryClient::new(h.benefits().await)
+        .get_person(h.get_person())
+        .await
+        .unwrap();
+    h.fed.publish(time::Duration::seconds(3)).unwrap();
     eventually_refused(&h, Code::FailedPrecondition, "globalconf.stale").await;
     h.fed.shutdown().await;
 }

@@ -51,6 +51,7 @@ impl ServerStatus for StatusService {
             obtained_from: status.obtained_from.unwrap_or_default(),
             obtained_at: rfc3339(status.obtained_at),
             checked_at: rfc3339(status.checked_at),
+            checked_from: status.checked_from.unwrap_or_default(),
             sources: status
                 .sources
                 .into_iter()

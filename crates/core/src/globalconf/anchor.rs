@@ -293,7 +293,7 @@ mod tests {
         let (text, digest) = write(
             "KZ",
             &sources,
-            &[cert.clone()],
+            std::slice::from_ref(&cert),
             &[],
             OffsetDateTime::now_utc(),
         )

@@ -96,6 +96,8 @@ pub struct Status {
     /// When a source last confirmed or renewed it.
     #[serde(with = "time::serde::rfc3339::option")]
     pub checked_at: Option<OffsetDateTime>,
+    /// The source that did: the one the server last used.
+    pub checked_from: Option<String>,
     /// Every source, in the anchor's order.
     pub sources: Vec<SourceStatus>,
 }
@@ -333,7 +335,7 @@ impl Watcher {
                     self.checked_at = Some(now);
                     self.last_good = Some(i);
                     self.failures = 0;
-                    self.expiry_logged = false;
+                    self.note_expiry();
                     return true;
                 }
                 Err(why) => {
@@ -351,6 +353,7 @@ impl Watcher {
         }
         self.failures = self.failures.saturating_add(1);
         self.log_failed_round();
+        self.note_expiry();
         false
     }
 
@@ -399,29 +402,42 @@ impl Watcher {
         Ok(())
     }
 
-    fn log_failed_round(&mut self) {
+    fn log_failed_round(&self) {
+        if self.failures != 1 {
+            return;
+        }
         match &self.view {
-            None if self.failures == 1 => quietly(|| {
+            None => quietly(|| {
                 tracing::error!(
                     "no source gave a usable global configuration; exchanges are refused until one does"
                 )
             }),
-            Some(view) if OffsetDateTime::now_utc() > view.expires_at() => {
-                if !self.expiry_logged {
-                    self.expiry_logged = true;
-                    let (serial, expired) = (view.serial(), rfc3339(view.expires_at()));
-                    quietly(
-                        || tracing::error!(serial, %expired, "the global configuration expired and no source gave a newer one; exchanges are refused until one does"),
-                    );
-                }
-            }
-            Some(view) if self.failures == 1 => {
+            Some(view) => {
                 let (serial, expires) = (view.serial(), rfc3339(view.expires_at()));
                 quietly(
                     || tracing::warn!(serial, %expires, "no source answered; exchanges go on with the copy in use until it expires"),
                 );
             }
-            _ => {}
+        }
+    }
+
+    /// Logs once when the copy in use has expired (whether its sources are
+    /// down or still serve that copy).
+    fn note_expiry(&mut self) {
+        let expired = self
+            .view
+            .as_ref()
+            .filter(|v| OffsetDateTime::now_utc() > v.expires_at());
+        match expired {
+            Some(view) if !self.expiry_logged => {
+                let (serial, expired) = (view.serial(), rfc3339(view.expires_at()));
+                quietly(
+                    || tracing::error!(serial, %expired, "the global configuration expired and no source gave a newer one; exchanges are refused until one does"),
+                );
+                self.expiry_logged = true;
+            }
+            Some(_) => {}
+            None => self.expiry_logged = false,
         }
     }
 
@@ -465,6 +481,9 @@ impl Watcher {
                 obtained_from: self.obtained_from.clone(),
                 obtained_at: self.obtained_at,
                 checked_at: self.checked_at,
+                checked_from: self
+                    .last_good
+                    .map(|i| self.fixed.anchor.sources[i].to_string()),
                 sources: self.sources.iter().map(|m| m.status.clone()).collect(),
             },
         }
