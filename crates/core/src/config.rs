@@ -61,6 +61,21 @@ pub struct GlobalConfSource {
     pub max_bytes: usize,
 }
 
+impl Default for GlobalConfSource {
+    /// No source yet, and the defaults of every bound.
+    fn default() -> Self {
+        Self {
+            anchor: None,
+            path: None,
+            anchors: vec![],
+            refresh_secs: default_refresh(),
+            connect_timeout_secs: default_connect_timeout(),
+            read_timeout_secs: default_read_timeout(),
+            max_bytes: default_max_bytes(),
+        }
+    }
+}
+
 impl GlobalConfSource {
     /// The anchor to download with: the anchor file, or the one local file
     /// and its trust anchors. Blocking (reads the files).
