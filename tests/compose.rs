@@ -1,12 +1,13 @@
 //! docker-compose.yml checked against the files it names, as no Docker
 //! engine runs here: every command's configuration loads, every address in
 //! them names a service of the file on the port that service listens on,
-//! and what the servers read is what the authority writes.
+//! and the servers share no volume with the authority: their anchor trusts
+//! its certificate and names its container as the source.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use kopir_consent::config::ConsentConfig;
-use kopir_core::globalconf::describe::Federation;
+use kopir_core::globalconf::{anchor::Location, describe::Federation};
 use kopir_server::config::ServerConfig;
 
 /// Each service of the compose file with its command's arguments (the file
@@ -68,7 +69,7 @@ fn compose_file_matches_the_configurations_it_names() {
     // What each service listens on, by its command.
     let mut listens: BTreeMap<&str, Vec<u16>> = BTreeMap::new();
     let mut servers = BTreeMap::new();
-    let mut published = None;
+    let mut sources = vec![];
     let mut federation = None;
     for (name, args) in &services {
         match (args[0].as_str(), args.get(1).map(String::as_str)) {
@@ -85,19 +86,23 @@ fn compose_file_matches_the_configurations_it_names() {
             ("consent", Some("serve")) => {
                 let config = ConsentConfig::load(&root.join(arg(args, "--config"))).unwrap();
                 listens.insert(name, vec![config.listen.port()]);
+                sources.push((name.clone(), config.globalconf.clone()));
             }
             ("registry", Some("mock")) => {
                 listens.insert(name, vec![port(arg(args, "--listen"))]);
             }
-            ("authority", Some("sign" | "serve")) => {
+            ("authority", Some("serve")) => {
                 federation = Some(Federation::load(&root.join(arg(args, "--federation"))).unwrap());
-                published = Some(arg(args, "--out").to_owned());
+                listens.insert(name, vec![port(arg(args, "--listen"))]);
             }
             other => panic!("service {name} runs an unknown command {other:?}"),
         }
     }
-    let federation = federation.expect("an authority service");
-    let published = published.unwrap();
+    let federation = federation.expect("an authority service publishing over the network");
+    assert!(
+        !compose.contains("volumes:"),
+        "the containers share a volume: servers must download the configuration"
+    );
     let reaches = |what: &str, address: &str| {
         let (host, _) = address.rsplit_once(':').unwrap();
         let host = host
@@ -113,12 +118,31 @@ fn compose_file_matches_the_configurations_it_names() {
     };
 
     assert_eq!(servers.len(), 3, "{:?}", servers.keys());
-    for (name, config) in &servers {
-        assert_eq!(
-            config.globalconf.path.to_str(),
-            Some(published.as_str()),
-            "{name} reads the global configuration where the authority does not write it"
+    sources.extend(servers.iter().map(|(n, c)| (n.to_string(), c.globalconf.clone())));
+    let authority_cert = kopir_core::pki::sign::VerifyingKey::load(
+        &kopir_core::pki::layout::DevLayout::new(federation.certs.clone().unwrap()).authority_cert(),
+    )
+    .unwrap();
+    for (name, source) in &sources {
+        assert!(source.path.is_none(), "{name} reads a file, not the network");
+        let anchor = source.anchor().unwrap();
+        assert_eq!(anchor.instance.as_deref(), Some(federation.instance.as_str()));
+        assert!(
+            anchor.keys.iter().any(|k| k.key_id() == authority_cert.key_id()),
+            "{name}'s anchor does not trust the authority's certificate"
         );
+        for location in &anchor.sources {
+            let Location::Web(uri) = location else {
+                panic!("{name}: {location} is no network source");
+            };
+            assert_eq!(uri.path(), "/globalconf/v1/globalconf.json");
+            reaches(
+                &format!("{name}: global configuration source"),
+                &format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap_or(80)),
+            );
+        }
+    }
+    for (name, config) in &servers {
         for service in &config.services {
             reaches(
                 &format!("{name}: registry of {}", service.id),

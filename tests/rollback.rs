@@ -1,8 +1,12 @@
-//! Rollback of the global configuration, against real servers of the demo
-//! federation on 127.0.0.1:0: an older, validly signed configuration is refused
-//! (`globalconf.invalid`, naming the rollback) after a malformed file, after a
-//! restart, and with the same serial but other content; a corrupt record of
-//! the highest accepted version stops the server from starting.
+//! Refused copies of the global configuration, against real servers of the
+//! demo federation on 127.0.0.1:0: a malformed copy, an older validly signed
+//! one (a rollback) and the same serial with other content are refused and
+//! logged, and exchanges go on with the copy in use, as the server's status
+//! on its admin port says; a restart starts from the copy kept in the data
+//! directory even with no source; a new server whose only source is forged
+//! refuses exchanges (`globalconf.invalid`) until a valid copy arrives; a
+//! corrupt record of the highest accepted version stops the server from
+//! starting.
 
 mod common;
 
@@ -12,6 +16,9 @@ use common::{assert_refused, edge::get_person};
 use kopir_core::{
     globalconf::{highest, signed, watch},
     pki::sign::{SigningKey, VerifyingKey},
+};
+use kopir_proto::v1::{
+    GlobalConfStatus, GlobalConfStatusRequest, server_status_client::ServerStatusClient,
 };
 use kopir_server::{
     config::ServerConfig,
@@ -39,24 +46,7 @@ impl Harness {
         get_person(&self.fed).await
     }
 
-    /// Waits (at most 10 s) until an exchange is refused with
-    /// `globalconf.invalid` and a message containing `text`; returns it.
-    async fn eventually_invalid(&self, text: &str) -> Status {
-        let mut last = None;
-        for _ in 0..100 {
-            match self.exchange().await {
-                Err(s) if s.message().contains(text) => {
-                    assert_refused(&s, Code::FailedPrecondition, "globalconf.invalid");
-                    return s;
-                }
-                other => last = Some(other),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("never refused with {text:?}; last {last:?}");
-    }
-
-    /// Waits (at most 10 s) until exchanges succeed again.
+    /// Waits (at most 10 s) until exchanges succeed.
     async fn eventually_served(&self) {
         let mut last = None;
         for _ in 0..100 {
@@ -67,6 +57,50 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("exchanges never resumed; last {last:?}");
+    }
+
+    /// What node `name` says of its global configuration.
+    async fn status(&self, name: &str) -> GlobalConfStatus {
+        ServerStatusClient::new(self.fed.admin_channel(name).await.unwrap())
+            .global_conf(GlobalConfStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits (at most 10 s) until node `name`'s status holds.
+    async fn until_status(
+        &self,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&GlobalConfStatus) -> bool,
+    ) -> GlobalConfStatus {
+        let mut last = None;
+        for _ in 0..100 {
+            let status = self.status(name).await;
+            if ok(&status) {
+                return status;
+            }
+            last = Some(status);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{name} never {what}; last {last:?}");
+    }
+
+    /// Waits until node `name`'s source last failed naming `text`.
+    async fn refused_by(&self, name: &str, text: &str) -> GlobalConfStatus {
+        self.until_status(name, &format!("refused with {text:?}"), |s| {
+            s.sources[0].last_error.contains(text)
+        })
+        .await
+    }
+
+    /// Waits until node `name` uses serial `serial`.
+    async fn until_serial(&self, name: &str, serial: u64) -> GlobalConfStatus {
+        self.until_status(name, &format!("took serial {serial}"), |s| {
+            s.usable && s.serial == serial
+        })
+        .await
     }
 
     /// The serial of the published file.
@@ -136,34 +170,39 @@ impl Harness {
 }
 
 #[tokio::test]
-async fn an_older_configuration_after_a_malformed_one_is_refused() {
+async fn a_malformed_or_older_configuration_is_refused_and_exchanges_go_on() {
     let h = launch().await;
     h.exchange().await.unwrap();
     let newest = h.published_serial();
     h.publish_malformed();
-    h.eventually_invalid("not a signed global configuration")
+    h.refused_by("mlspp", "not a signed global configuration")
         .await;
+    h.exchange().await.unwrap();
     h.publish_serial(newest - 1, 0);
-    let refused = h
-        .eventually_invalid(&format!(
-            "serial {} is lower than the highest accepted {newest}",
-            newest - 1
-        ))
+    let status = h
+        .refused_by(
+            "mlspp",
+            &format!(
+                "rollback refused: serial {} is lower than the highest accepted {newest}",
+                newest - 1
+            ),
+        )
         .await;
-    assert!(refused.message().contains("rollback"), "{refused:?}");
-    // It stays refused at later refreshes.
+    assert!(status.usable, "{status:?}");
+    assert_eq!(status.serial, newest, "the copy in use changed: {status:?}");
+    // It stays refused at later refreshes, and exchanges go on.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let again = h.exchange().await.unwrap_err();
-    assert_refused(&again, Code::FailedPrecondition, "globalconf.invalid");
-    assert!(again.message().contains("rollback refused"), "{again:?}");
-    // A newer one restores service.
+    assert_eq!(h.status("mlspp").await.serial, newest);
+    h.exchange().await.unwrap();
+    // A newer one is taken.
     h.publish_serial(newest + 1, 0);
-    h.eventually_served().await;
+    h.until_serial("mlspp", newest + 1).await;
+    h.exchange().await.unwrap();
     h.fed.shutdown().await;
 }
 
 #[tokio::test]
-async fn an_older_configuration_is_refused_after_a_restart() {
+async fn a_restart_starts_from_the_kept_copy_and_refuses_an_older_one() {
     let mut h = launch().await;
     h.exchange().await.unwrap();
     let newest = h.published_serial();
@@ -177,21 +216,58 @@ async fn an_older_configuration_is_refused_after_a_restart() {
     // The older file is in place before the server starts.
     h.publish_serial(newest - 1, 0);
     h.start_node("mlspp").await.unwrap();
+    h.exchange().await.unwrap();
+    let status = h
+        .refused_by(
+            "mlspp",
+            &format!(
+                "serial {} is lower than the highest accepted {newest}",
+                newest - 1
+            ),
+        )
+        .await;
+    assert_eq!(status.serial, newest);
+    assert!(status.obtained_from.starts_with("kept copy"), "{status:?}");
+    // With no source at all, a restart still starts from the kept copy.
+    h.fed.stop_node("mlspp").await.unwrap();
+    std::fs::remove_file(&h.fed.globalconf_path).unwrap();
+    h.start_node("mlspp").await.unwrap();
+    h.exchange().await.unwrap();
+    h.refused_by("mlspp", "cannot read the file").await;
+    h.publish_serial(newest + 1, 0);
+    h.until_serial("mlspp", newest + 1).await;
+    h.fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_first_start_on_a_forged_configuration_refuses_exchanges() {
+    let mut h = launch().await;
+    h.exchange().await.unwrap();
+    h.fed.stop_node("mlspp").await.unwrap();
+    // A new server: nothing kept, nothing recorded.
+    std::fs::remove_dir_all(h.fed.dir.join("data/mlspp")).unwrap();
+    let good = std::fs::read(&h.fed.globalconf_path).unwrap();
+    let forged = String::from_utf8(good.clone())
+        .unwrap()
+        .replace("\"signature\": \"", "\"signature\": \"AAAA");
+    write_atomically(&h.fed.globalconf_path, forged.as_bytes()).unwrap();
+    h.start_node("mlspp").await.unwrap();
     let refused = h.exchange().await.unwrap_err();
     assert_refused(&refused, Code::FailedPrecondition, "globalconf.invalid");
     assert!(
-        refused.message().contains(&format!(
-            "serial {} is lower than the highest accepted {newest}",
-            newest - 1
-        )),
+        refused
+            .message()
+            .contains("no usable copy has been obtained")
+            && refused.message().contains("signature"),
         "{refused:?}"
     );
-    h.publish_serial(newest + 1, 0);
+    let status = h.status("mlspp").await;
+    assert!(
+        !status.usable && status.reason == "globalconf.invalid",
+        "{status:?}"
+    );
+    write_atomically(&h.fed.globalconf_path, &good).unwrap();
     h.eventually_served().await;
-    // The highest version itself is no rollback: a restart on it serves.
-    h.fed.stop_node("mlspp").await.unwrap();
-    h.start_node("mlspp").await.unwrap();
-    h.exchange().await.unwrap();
     h.fed.shutdown().await;
 }
 
@@ -201,12 +277,12 @@ async fn the_same_serial_with_other_content_is_refused() {
     h.exchange().await.unwrap();
     let newest = h.published_serial();
     h.publish_serial(newest, 60);
-    h.eventually_invalid(&format!(
-        "serial {newest} was accepted before with other content"
-    ))
+    h.refused_by(
+        "mlspp",
+        &format!("serial {newest} was accepted before with other content"),
+    )
     .await;
-    h.publish_serial(newest + 1, 0);
-    h.eventually_served().await;
+    h.exchange().await.unwrap();
     h.fed.shutdown().await;
 }
 

@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "kopir/v1/audit.proto",
     "kopir/v1/consent.proto",
     "kopir/v1/report.proto",
+    "kopir/v1/status.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

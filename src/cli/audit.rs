@@ -26,7 +26,7 @@ use kopir_audit::{
 };
 use kopir_core::{
     clock::rfc3339_ms,
-    globalconf::{ConfView, watch},
+    globalconf::ConfView,
     pki::{Fingerprint, cert_fingerprint},
 };
 use kopir_server::config::ServerConfig;
@@ -145,9 +145,10 @@ impl StoreArgs {
         let Some(config) = self.server_config()? else {
             return Ok(None);
         };
-        let source = &config.globalconf;
-        let view = watch::read(&source.path, &source.anchor_keys()?)
-            .with_context(|| format!("global configuration {}", source.path.display()))?;
+        let view = config
+            .globalconf
+            .read_now(&config.data_dir)
+            .context("the server's global configuration")?;
         Ok(Some(view))
     }
 }

@@ -1,6 +1,7 @@
 //! `kopir authority`: build the global configuration from the federation
 //! description and sign it, once or at an interval (`sign`), or sign it at
-//! an interval and publish it over HTTP(S) (`serve`).
+//! an interval and publish it over HTTP(S) (`serve`); write the anchor
+//! servers download it with (`anchor`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -10,8 +11,8 @@ use kopir_authority::{
 };
 use kopir_core::durable::write_atomically;
 use kopir_core::{
-    globalconf::describe::Federation,
-    pki::{layout::DevLayout, sign::SigningKey},
+    globalconf::{anchor, describe::Federation},
+    pki::{layout::DevLayout, load_certs, sign::SigningKey},
 };
 
 /// Authority commands.
@@ -22,6 +23,35 @@ pub enum Command {
     /// Sign the global configuration at an interval and publish it over
     /// HTTP(S) at /globalconf/v1/globalconf.json.
     Serve(ServeArgs),
+    /// Write the anchor servers download with: the instance, the sources and
+    /// the authority's certificates. Prints its SHA-256, for operators to
+    /// compare with what they install.
+    Anchor(AnchorArgs),
+}
+
+/// Arguments of `kopir authority anchor`.
+#[derive(Debug, clap::Args)]
+pub struct AnchorArgs {
+    /// The federation description (TOML): its instance, and its development
+    /// PKI when no --cert is given.
+    #[arg(long)]
+    pub federation: PathBuf,
+    /// A certificate whose key may sign the configuration; repeat it to
+    /// announce the next key beside the current one (default: the
+    /// description's development PKI's authority certificate).
+    #[arg(long = "cert")]
+    pub certs: Vec<PathBuf>,
+    /// Where the signed configuration can be downloaded: an http(s) URL or
+    /// file:PATH; repeat it for mirrors, which are tried in turn.
+    #[arg(long = "source", required = true)]
+    pub sources: Vec<String>,
+    /// A CA certificate (PEM) an https source's certificate must chain to;
+    /// repeatable (default: the system's trust store).
+    #[arg(long = "tls-root")]
+    pub tls_roots: Vec<PathBuf>,
+    /// Where to write the anchor.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// What both commands sign.
@@ -104,8 +134,44 @@ impl Command {
         match self {
             Command::Sign(args) => sign(args).await,
             Command::Serve(args) => serve(args).await,
+            Command::Anchor(args) => anchor(args),
         }
     }
+}
+
+fn anchor(args: AnchorArgs) -> anyhow::Result<()> {
+    let fed = Federation::load(&args.federation)?;
+    let mut cert_files = args.certs.clone();
+    if cert_files.is_empty() {
+        let layout = fed
+            .certs
+            .as_ref()
+            .map(DevLayout::new)
+            .ok_or_else(|| anyhow::anyhow!("give --cert, or `certs` in the description"))?;
+        cert_files.push(layout.authority_cert());
+    }
+    let mut certs = vec![];
+    for file in &cert_files {
+        certs.push(load_certs(file)?.swap_remove(0));
+    }
+    let mut roots = vec![];
+    for file in &args.tls_roots {
+        roots.extend(load_certs(file)?);
+    }
+    let (text, digest) = anchor::write(
+        &fed.instance,
+        &args.sources,
+        &certs,
+        &roots,
+        time::OffsetDateTime::now_utc(),
+    )?;
+    write_atomically(&args.out, text.as_bytes())?;
+    println!(
+        "wrote the anchor of instance {} to {}, SHA-256 {digest}",
+        fed.instance,
+        args.out.display()
+    );
+    Ok(())
 }
 
 async fn sign(args: SignArgs) -> anyhow::Result<()> {

@@ -36,9 +36,9 @@ pub struct Signed {
 }
 
 /// Signs the description's configuration again and again, each time with a
-/// serial above the one before: the Unix time in seconds, or one more than
-/// the last serial when signed again within the same second (servers refuse
-/// a second document with a serial they have seen).
+/// serial above the one before: the Unix time in microseconds, or one more
+/// than the last serial should the clock not have moved on (servers refuse
+/// a second document with a serial they have seen, and any lower one).
 #[derive(Debug)]
 pub struct Signer {
     federation: Federation,
@@ -61,7 +61,8 @@ impl Signer {
 
     /// Builds and signs the next configuration.
     pub fn sign(&mut self) -> Result<Signed, SignError> {
-        let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
+        let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000)
+            .unwrap_or(0);
         let serial = now.max(self.last + 1);
         let valid_for = time::Duration::try_from(self.valid_for)
             .map_err(|_| SignError::Validity(self.valid_for))?;

@@ -105,9 +105,9 @@ pub async fn start(
     let chain = load_certs(&config.tls.cert)?;
     let key = load_key(&config.tls.key)?;
     let signer = SigningKey::load(&config.signing.cert, &config.signing.key)?;
-    let anchors = config
+    let anchor = config
         .globalconf
-        .anchor_keys()
+        .anchor()
         .map_err(|e| StartError::Config(e.0))?;
     if config.portals.is_empty() {
         return Err(StartError::Config(
@@ -123,13 +123,7 @@ pub async fn start(
     for c in &config.consumers {
         consumers.insert(cert_fingerprint(&c.cert)?, c.id.clone());
     }
-    let conf = watch_conf(
-        config.globalconf.path.clone(),
-        anchors,
-        Duration::from_secs(config.globalconf.refresh_secs.max(1)),
-        &config.data_dir,
-    )
-    .await?;
+    let conf = watch_conf(anchor, config.globalconf.download(), &config.data_dir).await?;
     match conf.current() {
         Ok(view) if view.consent_key(&signer.key_id()).is_none() => tracing::warn!(
             key_id = %signer.key_id(),

@@ -131,15 +131,9 @@ fn revocation_msg(r: &Revocation) -> RevocationEvent {
 
 impl Authority {
     fn view(&self) -> Result<Arc<ConfView>, Refusal> {
-        self.conf.current().map_err(|e| {
-            Refusal::new(
-                match e {
-                    kopir_core::globalconf::ConfError::Invalid(_) => Reason::GlobalconfInvalid,
-                    kopir_core::globalconf::ConfError::Stale(_) => Reason::GlobalconfStale,
-                },
-                format!("the consent authority's {e}"),
-            )
-        })
+        self.conf
+            .current()
+            .map_err(|e| Refusal::new(e.reason(), format!("the consent authority's {e}")))
     }
 
     /// Names the caller of `request` by its TLS client certificate.

@@ -4,12 +4,23 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::{id::SubsystemId, pki::sign::VerifyingKey};
+use crate::{
+    globalconf::{
+        ConfView,
+        anchor::Anchor,
+        fetch::Bounds,
+        kept::KeptCopy,
+        watch::{self, Download},
+    },
+    id::SubsystemId,
+    pki::sign::VerifyingKey,
+};
 
 /// A certificate file and its private key file (PEM).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,22 +32,70 @@ pub struct KeyFiles {
     pub key: PathBuf,
 }
 
-/// Where the global configuration comes from.
+/// Where the global configuration comes from: an anchor file (its sources
+/// and the authority's certificates), or a single local file and the
+/// authority's certificates (air-gapped setups, tests).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GlobalConfSource {
-    /// The signed file the authority publishes.
-    pub path: PathBuf,
-    /// The authority's certificates whose keys may sign it.
+    /// The anchor the authority wrote (`kopir authority anchor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<PathBuf>,
+    /// Instead of an anchor: the signed file the authority publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// With `path`: the authority's certificates whose keys may sign it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anchors: Vec<PathBuf>,
-    /// How often to check the file for a new version, in seconds.
+    /// How often to ask the sources for a new version, in seconds.
     #[serde(default = "default_refresh")]
     pub refresh_secs: u64,
+    /// How long a connection to a source may take, in seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// How long a source may take to send the whole copy, in seconds.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_secs: u64,
+    /// The largest copy accepted, in bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+}
+
+impl Default for GlobalConfSource {
+    /// No source yet, and the defaults of every bound.
+    fn default() -> Self {
+        Self {
+            anchor: None,
+            path: None,
+            anchors: vec![],
+            refresh_secs: default_refresh(),
+            connect_timeout_secs: default_connect_timeout(),
+            read_timeout_secs: default_read_timeout(),
+            max_bytes: default_max_bytes(),
+        }
+    }
 }
 
 impl GlobalConfSource {
-    /// The authority's keys the file must be signed with (at least one).
-    pub fn anchor_keys(&self) -> Result<Vec<VerifyingKey>, ConfigError> {
+    /// The anchor to download with: the anchor file, or the one local file
+    /// and its trust anchors. Blocking (reads the files).
+    pub fn anchor(&self) -> Result<Anchor, ConfigError> {
+        match (&self.anchor, &self.path) {
+            (Some(anchor), None) if self.anchors.is_empty() => {
+                Anchor::load(anchor).map_err(|e| ConfigError(format!("globalconf.anchor: {e}")))
+            }
+            (None, Some(path)) => Ok(Anchor::of_file(path.clone(), self.anchor_keys()?)),
+            (Some(_), _) => Err(ConfigError(
+                "globalconf names an anchor and also a path or anchors: the anchor lists the sources and the authority's certificates; remove path and anchors".into(),
+            )),
+            (None, None) => Err(ConfigError(
+                "globalconf names neither an anchor (anchor = \"anchor.json\") nor a file (path and anchors)".into(),
+            )),
+        }
+    }
+
+    /// The authority's keys `anchors` names (at least one).
+    fn anchor_keys(&self) -> Result<Vec<VerifyingKey>, ConfigError> {
         let keys = self
             .anchors
             .iter()
@@ -51,9 +110,34 @@ impl GlobalConfSource {
         Ok(keys)
     }
 
+    /// How often and within which bounds the server downloads.
+    pub fn download(&self) -> Download {
+        Download {
+            refresh: Duration::from_secs(self.refresh_secs.max(1)),
+            bounds: Bounds {
+                connect_timeout: Duration::from_secs(self.connect_timeout_secs.max(1)),
+                read_timeout: Duration::from_secs(self.read_timeout_secs.max(1)),
+                max_bytes: self.max_bytes,
+            },
+        }
+    }
+
+    /// The configuration a server with this source uses, read once for a
+    /// tool: the file `path` names, or the copy the server kept in
+    /// `data_dir`. Blocking.
+    pub fn read_now(&self, data_dir: &Path) -> Result<Arc<ConfView>, ConfigError> {
+        let anchor = self.anchor()?;
+        let file = match &self.path {
+            Some(path) => path.clone(),
+            None => KeptCopy::in_dir(data_dir).path().to_path_buf(),
+        };
+        watch::read(&file, &anchor.keys).map_err(|e| ConfigError(e.to_string()))
+    }
+
     /// Makes its paths relative to `base`.
     pub fn rebase(&mut self, base: &Path) {
-        rebase_path(base, &mut self.path);
+        self.anchor.iter_mut().for_each(|p| rebase_path(base, p));
+        self.path.iter_mut().for_each(|p| rebase_path(base, p));
         self.anchors.iter_mut().for_each(|p| rebase_path(base, p));
     }
 }
@@ -74,7 +158,19 @@ pub fn rebase_path(base: &Path, path: &mut PathBuf) {
 }
 
 fn default_refresh() -> u64 {
-    5
+    60
+}
+
+fn default_connect_timeout() -> u64 {
+    Bounds::default().connect_timeout.as_secs()
+}
+
+fn default_read_timeout() -> u64 {
+    Bounds::default().read_timeout.as_secs()
+}
+
+fn default_max_bytes() -> usize {
+    Bounds::default().max_bytes
 }
 
 /// An information system allowed on the client port.

@@ -74,8 +74,8 @@ reasons! {
     ConsentCallerUnknown = "consent.caller_unknown" => PermissionDenied, "The consent authority does not accept the caller's TLS certificate for this call.";
     ConsentRequestInvalid = "consent.request_invalid" => InvalidArgument, "A request to the consent authority is malformed (bad id, empty methods, inverted window...).";
     ConsentStoreUnavailable = "consent.store_unavailable" => Unavailable, "The consent authority could not read or durably write its store.";
-    GlobalconfInvalid = "globalconf.invalid" => FailedPrecondition, "The server's global configuration is forged, malformed or missing.";
-    GlobalconfStale = "globalconf.stale" => FailedPrecondition, "The server's global configuration has expired.";
+    GlobalconfInvalid = "globalconf.invalid" => FailedPrecondition, "The server has no usable global configuration: none obtained yet, or every copy offered was forged, malformed or rolled back.";
+    GlobalconfStale = "globalconf.stale" => FailedPrecondition, "The server's copy of the global configuration has expired and no source gave a newer one.";
     ProviderUnavailable = "provider.unavailable" => Unavailable, "No server of the provider could be reached.";
     ProviderMaintenance = "provider.maintenance" => Unavailable, "Every server of the provider is announced in maintenance.";
     ProviderUntrusted = "provider.untrusted" => Unavailable, "The provider's server did not present the certificate the global configuration lists.";

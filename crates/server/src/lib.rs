@@ -13,3 +13,4 @@ pub mod exchange;
 pub(crate) mod policy;
 pub mod report;
 pub mod server;
+pub(crate) mod status;

@@ -35,6 +35,7 @@ use crate::{
     },
     policy::AccessPolicy,
     report::ReportService,
+    status::StatusService,
 };
 use kopir_audit::{AuditHandle, AuditServiceImpl};
 use kopir_consent::{
@@ -367,20 +368,16 @@ impl TlsIdentity {
     }
 }
 
-/// The global configuration, accepted only if the governance authority's
-/// anchors verify it, and checked for a new version every `refresh_secs`.
+/// The global configuration, downloaded from the sources the anchor names,
+/// accepted only if the governance authority's keys verify it, and asked for
+/// a new version every `refresh_secs`.
 async fn global_conf(config: &ServerConfig) -> Result<GlobalConfHandle, ServerError> {
-    let anchors = config
-        .globalconf
-        .anchor_keys()
+    let source = config.globalconf.clone();
+    let anchor = tokio::task::spawn_blocking(move || source.anchor())
+        .await
+        .map_err(|e| ServerError::Config(e.to_string()))?
         .map_err(|e| ServerError::Config(e.0))?;
-    let conf = watch_conf(
-        config.globalconf.path.clone(),
-        anchors,
-        Duration::from_secs(config.globalconf.refresh_secs.max(1)),
-        &config.data_dir,
-    )
-    .await?;
+    let conf = watch_conf(anchor, config.globalconf.download(), &config.data_dir).await?;
     Ok(conf)
 }
 
@@ -619,7 +616,7 @@ fn peer_port(gw: &Arc<Gateway>, open: Routes, audit: Arc<AuditHandle>) -> PortGa
 }
 
 /// Admin port: the open routes (health stays open to probes), and the audit
-/// log for operators only.
+/// log and the server's status for operators only.
 fn admin_port(
     gw: &Gateway,
     open: Routes,
@@ -633,10 +630,14 @@ fn admin_port(
             .into_server(),
         operator_check(operators.clone()),
     );
+    let status = tonic::service::interceptor::InterceptedService::new(
+        StatusService::new(gw.conf.clone()),
+        operator_check(operators.clone()),
+    );
     port_service(
         gw,
         CallBudget::for_port(&gw.limits),
-        open.add_service(audit),
+        open.add_service(audit).add_service(status),
         admin_admission(operators),
     )
 }

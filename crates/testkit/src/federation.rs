@@ -28,6 +28,7 @@ use kopir_consent::{
 };
 pub use kopir_core::durable::write_atomically;
 use kopir_core::{
+    config::GlobalConfSource,
     globalconf::{describe::Federation, signed},
     id::SubsystemId,
     pki::{dev, layout::DevLayout, load_certs, load_key, sign::SigningKey, tls::ca_client_config},
@@ -130,8 +131,7 @@ impl LocalFederation {
         std::fs::write(&consent_path, CONSENT_TOML)?;
         let mut consent = ConsentConfig::load(&consent_path)?;
         consent.data_dir = dir.join("data").join("consent");
-        consent.globalconf.path = globalconf_path.clone();
-        consent.globalconf.refresh_secs = 1;
+        consent.globalconf = file_source(&globalconf_path, &layout);
         adjust_consent(&mut consent);
         let consent_listener = tokio::net::TcpListener::bind(loopback()).await?;
         if let Some(ca) = description.consent_authority.as_mut() {
@@ -143,8 +143,7 @@ impl LocalFederation {
             std::fs::write(&path, text)?;
             let mut config = ServerConfig::load(&path)?;
             config.data_dir = dir.join("data").join(name);
-            config.globalconf.path = globalconf_path.clone();
-            config.globalconf.refresh_secs = 1;
+            config.globalconf = file_source(&globalconf_path, &layout);
             config.listen.client = loopback();
             config.listen.peer = loopback();
             config.listen.admin = Some(loopback());
@@ -370,6 +369,18 @@ impl LocalFederation {
 
 /// Signs `description` with the authority's key of `layout` and publishes it
 /// at `path`, valid for `valid_for` from now, with a new serial.
+/// The test federation's source: the one file it publishes to, checked
+/// every second, signed by the development PKI's authority.
+fn file_source(path: &Path, layout: &DevLayout) -> GlobalConfSource {
+    GlobalConfSource {
+        anchor: None,
+        path: Some(path.to_path_buf()),
+        anchors: vec![layout.authority_cert()],
+        refresh_secs: 1,
+        ..GlobalConfSource::default()
+    }
+}
+
 fn publish_to(
     path: &Path,
     description: &Federation,

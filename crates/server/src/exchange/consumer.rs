@@ -31,13 +31,13 @@ use kopir_proto::v1::{ForwardRequest, ForwardResponse};
 
 /// What the global configuration state means for an exchange.
 pub(crate) fn conf_refusal(e: ConfError) -> Refusal {
-    match e {
-        ConfError::Invalid(why) => Refusal::new(
-            Reason::GlobalconfInvalid,
-            format!("{why}; exchanges are refused until a valid one arrives"),
-        ),
-        ConfError::Stale(_) => Refusal::new(Reason::GlobalconfStale, e.to_string()),
-    }
+    let why = match &e {
+        ConfError::Invalid(why) => {
+            format!("{why}; exchanges are refused until a valid one arrives")
+        }
+        ConfError::Stale(_) => e.to_string(),
+    };
+    Refusal::new(e.reason(), why)
 }
 
 /// Handles one call on the client port. Never fails: every refusal becomes a
