@@ -10,6 +10,8 @@
 //!   use; a server restarted then starts from its kept copy; past the
 //!   expiry, `globalconf.stale`; the authority back: served again within a
 //!   refresh (the time it took is printed).
+//! - The authority's key rotated under continuous load: announced, then
+//!   used; no call fails (the calls made and failed are printed).
 
 use std::{
     io::{BufRead, BufReader},
@@ -17,6 +19,10 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -82,9 +88,15 @@ fn start_and_read<T>(mut command: Command, wanted: impl Fn(&str) -> Option<T>) -
 /// and writing each document to `DIR/globalconf.json` too (where the
 /// in-process servers of the federation read it); returns its address.
 fn authority(dir: &Path, listen: &str) -> (Process, SocketAddr) {
+    authority_with(dir, listen, &[])
+}
+
+/// [`authority`] with more arguments (another key, keys to announce).
+fn authority_with(dir: &Path, listen: &str, extra: &[&std::ffi::OsStr]) -> (Process, SocketAddr) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kopir"));
     command
         .args(["authority", "serve", "--every", "1s", "--listen", listen])
+        .args(extra)
         .arg("--valid-for")
         .arg(format!("{}s", VALID_FOR.as_secs()))
         .arg("--federation")
@@ -215,71 +227,117 @@ impl Server {
     }
 }
 
+/// The federation with the authority and the mirror as processes, and the
+/// consumer's and provider's servers downloading with an anchor made before
+/// anything else happened.
+struct Net {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    fed: LocalFederation,
+    parent: String,
+    addr: SocketAddr,
+    authority: Option<Process>,
+    _mirror: Process,
+    folder: PathBuf,
+    authority_url: String,
+    mirror_url: String,
+    moj: Server,
+    mlspp: Server,
+    channel: Channel,
+}
+
+impl Net {
+    async fn start() -> Net {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut fed = LocalFederation::launch(&dir, &|_, _| {}).await.unwrap();
+        let parent = fed.dataset.sample_parents(1)[0].to_string();
+        std::fs::write(
+            dir.join("authority.toml"),
+            toml::to_string(&fed.description).unwrap(),
+        )
+        .unwrap();
+        make_tls(&dir);
+        let (authority, addr) = authority(&dir, "127.0.0.1:0");
+        let folder = dir.join("mirror");
+        std::fs::create_dir(&folder).unwrap();
+        let (mirror, mirror_port) = mirror(&folder);
+        let authority_url = format!("https://{addr}{PATH}");
+        let mirror_url = format!("http://127.0.0.1:{mirror_port}/globalconf.json");
+
+        // The anchor, as an operator gets it.
+        let anchor = dir.join("anchor.json");
+        let wrote = Command::new(env!("CARGO_BIN_EXE_kopir"))
+            .args(["authority", "anchor", "--source", &authority_url])
+            .args(["--source", &mirror_url])
+            .arg("--federation")
+            .arg(dir.join("authority.toml"))
+            .arg("--tls-root")
+            .arg(dir.join("tls.crt"))
+            .arg("--out")
+            .arg(&anchor)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&wrote.stdout);
+        assert!(wrote.status.success() && said.contains("SHA-256"), "{said}");
+
+        let moj = Server::start(&mut fed, "moj", &anchor).await;
+        let mut mlspp = Server::start(&mut fed, "mlspp", &anchor).await;
+        let channel = mlspp.process.benefits_channel(&fed).await;
+        until(&channel, &parent, Result::is_ok).await;
+        Net {
+            _tmp: tmp,
+            dir,
+            fed,
+            parent,
+            addr,
+            authority: Some(authority),
+            _mirror: mirror,
+            folder,
+            authority_url,
+            mirror_url,
+            moj,
+            mlspp,
+            channel,
+        }
+    }
+
+    /// The authority stopped, then started again on its address with `extra`.
+    fn restart_authority(&mut self, extra: &[&std::ffi::OsStr]) {
+        drop(self.authority.take());
+        self.authority = Some(authority_with(&self.dir, &self.addr.to_string(), extra).0);
+    }
+
+    async fn exchange(&self) -> Result<(), tonic::Status> {
+        common::get_person(&self.channel, &self.parent, "child-benefit").await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_download_from_the_authority_and_a_plain_file_mirror() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let mut fed = LocalFederation::launch(dir, &|_, _| {}).await.unwrap();
-    let parent = fed.dataset.sample_parents(1)[0].to_string();
-    std::fs::write(
-        dir.join("authority.toml"),
-        toml::to_string(&fed.description).unwrap(),
-    )
-    .unwrap();
-    make_tls(dir);
-    let (auth, addr) = authority(dir, "127.0.0.1:0");
-    let mut authority_process = Some(auth);
-    let folder = dir.join("mirror");
-    std::fs::create_dir(&folder).unwrap();
-    let (_mirror, mirror_port) = mirror(&folder);
-    let authority_url = format!("https://{addr}{PATH}");
-    let mirror_url = format!("http://127.0.0.1:{mirror_port}/globalconf.json");
-
-    // The anchor, as an operator gets it.
-    let anchor = dir.join("anchor.json");
-    let wrote = Command::new(env!("CARGO_BIN_EXE_kopir"))
-        .args([
-            "authority",
-            "anchor",
-            "--source",
-            &authority_url,
-            "--source",
-            &mirror_url,
-        ])
-        .arg("--federation")
-        .arg(dir.join("authority.toml"))
-        .arg("--tls-root")
-        .arg(dir.join("tls.crt"))
-        .arg("--out")
-        .arg(&anchor)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&wrote.stdout);
-    assert!(wrote.status.success() && said.contains("SHA-256"), "{said}");
-
-    let moj = Server::start(&mut fed, "moj", &anchor).await;
-    let mut mlspp = Server::start(&mut fed, "mlspp", &anchor).await;
-    let channel = mlspp.process.benefits_channel(&fed).await;
-    until(&channel, &parent, Result::is_ok).await;
-    let status = mlspp
-        .until_status(&fed, "used the authority", |s| {
-            s.checked_from == authority_url
+    let mut net = Net::start().await;
+    let status = net
+        .mlspp
+        .until_status(&net.fed, "used the authority", |s| {
+            s.checked_from == net.authority_url
         })
         .await;
     assert!(
-        status.usable && status.obtained_from == authority_url,
+        status.usable && status.obtained_from == net.authority_url,
         "{status:#?}"
     );
-    let rolled_back = std::fs::read(dir.join("globalconf.json")).unwrap();
+    let published = net.dir.join("globalconf.json");
+    let mirrored = net.folder.join("globalconf.json");
+    let rolled_back = std::fs::read(&published).unwrap();
 
     // A mirror is tried once the authority is down; what it serves is
     // refused when bad, and the authority, back, is used instead.
     let oversized = [b' '; MAX_BYTES + 1].to_vec();
     let truncated = {
-        let good = std::fs::read(dir.join("globalconf.json")).unwrap();
+        let good = std::fs::read(&published).unwrap();
         good[..good.len() / 2].to_vec()
     };
-    let forged = String::from_utf8(std::fs::read(dir.join("globalconf.json")).unwrap())
+    let forged = String::from_utf8(std::fs::read(&published).unwrap())
         .unwrap()
         .replace("\"signature\": \"", "\"signature\": \"AAAA")
         .into_bytes();
@@ -289,48 +347,46 @@ async fn servers_download_from_the_authority_and_a_plain_file_mirror() {
         (oversized, "larger than the limit"),
         (rolled_back, "rollback refused"),
     ] {
-        let good = std::fs::read(dir.join("globalconf.json")).unwrap();
-        write_atomically(&folder.join("globalconf.json"), &good).unwrap();
-        drop(authority_process.take());
-        mlspp
-            .until_status(&fed, "used the mirror", |s| s.checked_from == mirror_url)
-            .await;
-        write_atomically(&folder.join("globalconf.json"), &bad).unwrap();
-        authority_process = Some(authority(dir, &addr.to_string()).0);
-        let status = mlspp
-            .until_status(&fed, &format!("refused the mirror's copy ({why})"), |s| {
-                s.sources[1].last_error.contains(why) && s.checked_from == authority_url
+        write_atomically(&mirrored, &std::fs::read(&published).unwrap()).unwrap();
+        drop(net.authority.take());
+        net.mlspp
+            .until_status(&net.fed, "used the mirror", |s| {
+                s.checked_from == net.mirror_url
             })
             .await;
+        write_atomically(&mirrored, &bad).unwrap();
+        net.restart_authority(&[]);
+        let status = net
+            .mlspp
+            .until_status(
+                &net.fed,
+                &format!("refused the mirror's copy ({why})"),
+                |s| s.sources[1].last_error.contains(why) && s.checked_from == net.authority_url,
+            )
+            .await;
         assert!(status.usable, "{status:#?}");
-        common::get_person(&channel, &parent, "child-benefit")
-            .await
-            .unwrap();
+        net.exchange().await.unwrap();
     }
 
     // No source at all: exchanges go on with the copy in use, and a server
     // restarted now starts from the copy it kept.
-    std::fs::remove_file(folder.join("globalconf.json")).unwrap();
-    drop(authority_process.take());
-    mlspp
-        .until_status(&fed, "found no source", |s| {
+    std::fs::remove_file(&mirrored).unwrap();
+    drop(net.authority.take());
+    net.mlspp
+        .until_status(&net.fed, "found no source", |s| {
             s.sources.iter().all(|source| !source.last_error.is_empty())
                 && s.sources[1].last_error.contains("HTTP 404")
         })
         .await;
-    common::get_person(&channel, &parent, "child-benefit")
-        .await
-        .unwrap();
-    mlspp.restart();
-    let channel = mlspp.process.benefits_channel(&fed).await;
-    common::get_person(&channel, &parent, "child-benefit")
-        .await
-        .unwrap();
-    let status = mlspp.status(&fed).await;
+    net.exchange().await.unwrap();
+    net.mlspp.restart();
+    net.channel = net.mlspp.process.benefits_channel(&net.fed).await;
+    net.exchange().await.unwrap();
+    let status = net.mlspp.status(&net.fed).await;
     assert!(status.obtained_from.starts_with("kept copy"), "{status:#?}");
 
     // Past the expiry: refused as stale. The authority back: served again.
-    until(&channel, &parent, |r| {
+    until(&net.channel, &net.parent, |r| {
         r.as_ref().is_err_and(|s| {
             s.metadata()
                 .get("kopir-error")
@@ -338,17 +394,133 @@ async fn servers_download_from_the_authority_and_a_plain_file_mirror() {
         })
     })
     .await;
-    let refused = common::get_person(&channel, &parent, "child-benefit")
-        .await
-        .unwrap_err();
+    let refused = net.exchange().await.unwrap_err();
     assert_refused(&refused, Code::FailedPrecondition, "globalconf.stale");
-    let (_back, _) = authority(dir, &addr.to_string());
-    let served_after = until(&channel, &parent, Result::is_ok).await;
+    net.restart_authority(&[]);
+    let served_after = until(&net.channel, &net.parent, Result::is_ok).await;
     println!("the authority back: exchanges served again after {served_after:?}");
     assert!(
         served_after < Duration::from_secs(4),
         "took {served_after:?} with a refresh of 1 s"
     );
-    drop(moj);
-    fed.shutdown().await;
+    net.fed.shutdown().await;
+}
+
+/// Calls through the consumer's server without pause, counted, until
+/// [`Load::finish`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Calls>,
+}
+
+/// What a [`Load`] did.
+#[derive(Debug, Default)]
+struct Calls {
+    made: u64,
+    failed: u64,
+    first_failure: Option<String>,
+}
+
+impl Load {
+    fn start(net: &Net) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (channel, parent) = (net.channel.clone(), net.parent.clone());
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut calls = Calls::default();
+            while !stopped.load(Ordering::Relaxed) {
+                calls.made += 1;
+                if let Err(e) = common::get_person(&channel, &parent, "child-benefit").await {
+                    calls.failed += 1;
+                    calls.first_failure.get_or_insert_with(|| format!("{e:?}"));
+                }
+            }
+            calls
+        });
+        Load { stop, task }
+    }
+
+    async fn finish(self) -> Calls {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// The authority's key rotated under continuous load with the anchor made
+/// before it: the next key (made with openssl) is announced, then signs;
+/// both servers follow, no call fails, and a server restarted afterwards
+/// starts from its kept copy, which the anchor's key did not sign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authority_key_rotates_under_load() {
+    let mut net = Net::start().await;
+    let (next_key, next_cert) = (net.dir.join("next.key"), net.dir.join("next.crt"));
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "genpkey".as_ref(),
+        "-algorithm".as_ref(),
+        "ed25519".as_ref(),
+        "-out".as_ref(),
+        next_key.as_os_str(),
+    ]);
+    openssl(&[
+        "req".as_ref(),
+        "-new".as_ref(),
+        "-x509".as_ref(),
+        "-days".as_ref(),
+        "30".as_ref(),
+        "-subj".as_ref(),
+        "/CN=kopir authority next".as_ref(),
+        "-key".as_ref(),
+        next_key.as_os_str(),
+        "-out".as_ref(),
+        next_cert.as_os_str(),
+    ]);
+    let next_id = hex::encode(kopir_core::pki::cert_fingerprint(&next_cert).unwrap().0);
+    let load = Load::start(&net);
+
+    // Announced: both servers trust both keys.
+    net.restart_authority(&["--announce".as_ref(), next_cert.as_os_str()]);
+    for server in [&net.mlspp, &net.moj] {
+        server
+            .until_status(&net.fed, "trusted the next key", |s| {
+                s.authority_keys.len() == 2 && s.authority_keys.contains(&next_id)
+            })
+            .await;
+    }
+    // Used: the next key signs, and announces only itself.
+    net.restart_authority(&[
+        "--cert".as_ref(),
+        next_cert.as_os_str(),
+        "--key".as_ref(),
+        next_key.as_os_str(),
+    ]);
+    for server in [&net.mlspp, &net.moj] {
+        server
+            .until_status(&net.fed, "took a copy the next key signed", |s| {
+                s.usable && s.authority_keys == [next_id.clone()]
+            })
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = load.finish().await;
+    println!(
+        "authority key rotation under load: {} calls made, {} failed",
+        calls.made, calls.failed
+    );
+    assert!(calls.made > 0 && calls.failed == 0, "{calls:?}");
+
+    // With no source, the restarted server can only use its kept copy.
+    drop(net.authority.take());
+    net.mlspp.restart();
+    net.channel = net.mlspp.process.benefits_channel(&net.fed).await;
+    net.exchange().await.unwrap();
+    let status = net.mlspp.status(&net.fed).await;
+    assert!(
+        status.obtained_from.starts_with("kept copy") && status.authority_keys == [next_id],
+        "{status:#?}"
+    );
+    net.fed.shutdown().await;
 }
