@@ -118,17 +118,31 @@ fn compose_file_matches_the_configurations_it_names() {
     };
 
     assert_eq!(servers.len(), 3, "{:?}", servers.keys());
-    sources.extend(servers.iter().map(|(n, c)| (n.to_string(), c.globalconf.clone())));
+    sources.extend(
+        servers
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.globalconf.clone())),
+    );
     let authority_cert = kopir_core::pki::sign::VerifyingKey::load(
-        &kopir_core::pki::layout::DevLayout::new(federation.certs.clone().unwrap()).authority_cert(),
+        &kopir_core::pki::layout::DevLayout::new(federation.certs.clone().unwrap())
+            .authority_cert(),
     )
     .unwrap();
     for (name, source) in &sources {
-        assert!(source.path.is_none(), "{name} reads a file, not the network");
-        let anchor = source.anchor().unwrap();
-        assert_eq!(anchor.instance.as_deref(), Some(federation.instance.as_str()));
         assert!(
-            anchor.keys.iter().any(|k| k.key_id() == authority_cert.key_id()),
+            source.path.is_none(),
+            "{name} reads a file, not the network"
+        );
+        let anchor = source.anchor().unwrap();
+        assert_eq!(
+            anchor.instance.as_deref(),
+            Some(federation.instance.as_str())
+        );
+        assert!(
+            anchor
+                .keys
+                .iter()
+                .any(|k| k.key_id() == authority_cert.key_id()),
             "{name}'s anchor does not trust the authority's certificate"
         );
         for location in &anchor.sources {

@@ -66,6 +66,11 @@ pub struct SigningArgs {
     /// The authority's signing key.
     #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Also announce the key of this certificate, so that servers trust it
+    /// before it signs (the next key of a rotation); repeatable. Every
+    /// document announces its own signing key too.
+    #[arg(long = "announce", value_name = "CERT")]
+    pub announce: Vec<PathBuf>,
 }
 
 /// Arguments of `kopir authority sign`.
@@ -124,7 +129,11 @@ impl SigningArgs {
             }
         };
         let key = SigningKey::load(&cert, &key)?;
-        Ok(Signer::new(fed, key, valid_for))
+        let mut announced = vec![];
+        for file in &self.announce {
+            announced.push(load_certs(file)?.swap_remove(0));
+        }
+        Ok(Signer::new(fed, key, valid_for).announcing(&announced))
     }
 }
 

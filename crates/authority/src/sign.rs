@@ -8,8 +8,9 @@ use kopir_core::{
         describe::{DescribeError, Federation},
         signed,
     },
-    pki::sign::SigningKey,
+    pki::{certs_to_pem, sign::SigningKey},
 };
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// Why the configuration could not be signed.
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +40,16 @@ pub struct Signed {
 /// serial above the one before: the Unix time in microseconds, or one more
 /// than the last serial should the clock not have moved on (servers refuse
 /// a second document with a serial they have seen, and any lower one).
+///
+/// Every document announces the authority's keys servers trust from then
+/// on: the signing key's certificate and any `announced` beside it (the next
+/// key before a rotation, see [`Signer::announcing`]).
 #[derive(Debug)]
 pub struct Signer {
     federation: Federation,
     key: SigningKey,
     valid_for: Duration,
+    announced: Vec<String>,
     last: u64,
 }
 
@@ -51,12 +57,26 @@ impl Signer {
     /// A signer of `federation` with the authority's `key`, each document
     /// valid for `valid_for`.
     pub fn new(federation: Federation, key: SigningKey, valid_for: Duration) -> Self {
+        let own = certs_to_pem(&[CertificateDer::from(key.cert_der().to_vec())]);
         Self {
             federation,
             key,
             valid_for,
+            announced: vec![own],
             last: 0,
         }
+    }
+
+    /// Also announces the keys of these certificates (PEM), so that servers
+    /// trust them before the authority signs with one.
+    pub fn announcing(mut self, certs: &[CertificateDer<'_>]) -> Self {
+        for cert in certs {
+            let pem = certs_to_pem(std::slice::from_ref(cert));
+            if !self.announced.contains(&pem) {
+                self.announced.push(pem);
+            }
+        }
+        self
     }
 
     /// Builds and signs the next configuration.
@@ -66,7 +86,8 @@ impl Signer {
         let serial = now.max(self.last + 1);
         let valid_for = time::Duration::try_from(self.valid_for)
             .map_err(|_| SignError::Validity(self.valid_for))?;
-        let conf = self.federation.build(serial, valid_for)?;
+        let mut conf = self.federation.build(serial, valid_for)?;
+        conf.authority_keys = self.announced.clone();
         self.last = serial;
         Ok(Signed {
             serial,
@@ -101,5 +122,26 @@ mod tests {
             let (conf, _) = verify_with_digest(&s.bytes, std::slice::from_ref(&anchor)).unwrap();
             assert_eq!(conf.serial, s.serial);
         }
+    }
+
+    /// Every document announces the signing key, and the announced ones
+    /// after it, once each.
+    #[test]
+    fn documents_announce_the_signing_key_and_the_next() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let federation = Federation::load(&root.join("deploy/federation.toml")).unwrap();
+        let layout = DevLayout::new(federation.certs.as_ref().unwrap());
+        let key = SigningKey::load(&layout.authority_cert(), &layout.authority_key()).unwrap();
+        let own = kopir_core::pki::load_certs(&layout.authority_cert()).unwrap();
+        let (next, _) = kopir_core::pki::dev::signing_pair("next").unwrap();
+        let next = CertificateDer::from(next);
+        let mut signer = Signer::new(federation, key, Duration::from_secs(600))
+            .announcing(&[next.clone(), own[0].clone()]);
+        let anchor = VerifyingKey::load(&layout.authority_cert()).unwrap();
+        let (conf, _) = verify_with_digest(&signer.sign().unwrap().bytes, &[anchor]).unwrap();
+        assert_eq!(
+            conf.authority_keys,
+            [certs_to_pem(&own[..1]), certs_to_pem(&[next])]
+        );
     }
 }

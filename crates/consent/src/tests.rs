@@ -63,6 +63,7 @@ fn conf(consent: Option<ConsentAuthority>) -> ConfView {
         ],
         consent_authority: consent,
         report_readers: vec![],
+        authority_keys: vec![],
     })
     .unwrap()
 }

@@ -52,6 +52,7 @@ impl ServerStatus for StatusService {
             obtained_at: rfc3339(status.obtained_at),
             checked_at: rfc3339(status.checked_at),
             checked_from: status.checked_from.unwrap_or_default(),
+            authority_keys: status.authority_keys,
             sources: status
                 .sources
                 .into_iter()

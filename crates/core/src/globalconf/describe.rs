@@ -444,6 +444,7 @@ impl Federation {
                 .collect(),
             members,
             purposes,
+            authority_keys: vec![],
         };
         ConfView::new(conf.clone()).map_err(|e| DescribeError(e.to_string()))?;
         Ok(conf)

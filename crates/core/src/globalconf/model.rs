@@ -34,6 +34,11 @@ pub struct GlobalConf {
     /// citizen portal (for the citizen it authenticated) and auditors.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub report_readers: Vec<ReportReader>,
+    /// The authority's signing certificates (PEM) servers trust from this
+    /// version on: the current key and, before a rotation, the next one.
+    /// Empty: servers keep the keys they trust.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authority_keys: Vec<String>,
 }
 
 /// A caller allowed on the peer ports' `kopir.v1.AccessReport`.

@@ -64,6 +64,38 @@ pub fn verify(text: &[u8], anchors: &[VerifyingKey]) -> Result<GlobalConf, Verif
     verify_with_digest(text, anchors).map(|(conf, _)| conf)
 }
 
+/// Verifies a copy the server itself accepted before (the one it kept), with
+/// the `anchors` and the authority keys the copy announces: after a key
+/// rotation the kept copy is signed by a key the anchor does not name, but
+/// that an earlier accepted copy announced. Only for a copy the server's
+/// own record of the highest version names.
+pub fn verify_kept(
+    text: &[u8],
+    anchors: &[VerifyingKey],
+) -> Result<(GlobalConf, Fingerprint), VerifyError> {
+    match verify_with_digest(text, anchors) {
+        Err(VerifyError::UnknownKey(_)) => {}
+        other => return other,
+    }
+    let envelope: Envelope =
+        serde_json::from_slice(text).map_err(|e| VerifyError::Format(e.to_string()))?;
+    let payload = B64
+        .decode(&envelope.payload)
+        .map_err(|e| VerifyError::Format(format!("payload: {e}")))?;
+    let conf: GlobalConf =
+        serde_json::from_slice(&payload).map_err(|e| VerifyError::Document(e.to_string()))?;
+    let mut keys = anchors.to_vec();
+    for pem in &conf.authority_keys {
+        let certs = crate::pki::certs_from_pem(pem.as_bytes(), "announced authority certificate")
+            .map_err(|e| VerifyError::Document(e.to_string()))?;
+        keys.push(
+            VerifyingKey::from_cert(certs[0].as_ref())
+                .map_err(|e| VerifyError::Document(e.to_string()))?,
+        );
+    }
+    verify_with_digest(text, &keys)
+}
+
 /// Verifies an envelope like [`verify`] and also returns the SHA-256 of the
 /// signed payload: what identifies a version of the document, whatever the
 /// envelope's layout.

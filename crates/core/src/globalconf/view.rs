@@ -80,6 +80,7 @@ pub struct ConfView {
     subsystems: HashMap<SubsystemId, ServiceEntry>,
     purposes: HashMap<String, Purpose>,
     report_readers: HashMap<Fingerprint, ReportReaderEntry>,
+    authority_keys: Vec<VerifyingKey>,
 }
 
 /// A document that verified but cannot be used.
@@ -90,6 +91,17 @@ pub struct ViewError(pub String);
 fn one_cert(pem: &str, what: &str) -> Result<Vec<u8>, ViewError> {
     let certs = certs_from_pem(pem.as_bytes(), what).map_err(|e| ViewError(e.to_string()))?;
     Ok(certs[0].as_ref().to_vec())
+}
+
+/// The authority keys a document announces.
+fn authority_keys(conf: &GlobalConf) -> Result<Vec<VerifyingKey>, ViewError> {
+    conf.authority_keys
+        .iter()
+        .map(|pem| {
+            let der = one_cert(pem, "announced authority certificate")?;
+            VerifyingKey::from_cert(&der).map_err(|e| ViewError(e.to_string()))
+        })
+        .collect()
 }
 
 impl ConfView {
@@ -104,6 +116,7 @@ impl ConfView {
             consent: None,
             report_readers: HashMap::new(),
             server_ids: HashMap::new(),
+            authority_keys: authority_keys(&conf)?,
             conf: conf.clone(),
         };
         if let Some(ca) = &conf.consent_authority {
@@ -212,6 +225,12 @@ impl ConfView {
     /// The serial number of the document.
     pub fn serial(&self) -> u64 {
         self.conf.serial
+    }
+
+    /// The authority keys servers trust from this version on; empty: the
+    /// document announces none, and the keys trusted so far stay.
+    pub fn authority_keys(&self) -> &[VerifyingKey] {
+        &self.authority_keys
     }
 
     /// When the document expires.

@@ -98,6 +98,9 @@ pub struct Status {
     pub checked_at: Option<OffsetDateTime>,
     /// The source that did: the one the server last used.
     pub checked_from: Option<String>,
+    /// The authority keys (certificate SHA-256, hex) copies must be signed
+    /// with: the anchor's, or those the copy in use announced.
+    pub authority_keys: Vec<String>,
     /// Every source, in the anchor's order.
     pub sources: Vec<SourceStatus>,
 }
@@ -167,13 +170,22 @@ pub fn read(path: &Path, anchors: &[VerifyingKey]) -> Result<Arc<ConfView>, Conf
         .map_err(ConfError::Invalid)
 }
 
-/// Verifies a copy's signature and instance and indexes it.
+/// Verifies a copy's signature with `keys`, and its instance, and indexes it.
 fn verify(
     bytes: &[u8],
     instance: Option<&str>,
-    anchors: &[VerifyingKey],
+    keys: &[VerifyingKey],
 ) -> Result<(Arc<ConfView>, Version), String> {
-    let (conf, digest) = signed::verify_with_digest(bytes, anchors).map_err(|e| e.to_string())?;
+    let (conf, digest) = signed::verify_with_digest(bytes, keys).map_err(|e| e.to_string())?;
+    index(conf, digest, instance)
+}
+
+/// Checks a document's instance and indexes it.
+fn index(
+    conf: super::GlobalConf,
+    digest: crate::pki::Fingerprint,
+    instance: Option<&str>,
+) -> Result<(Arc<ConfView>, Version), String> {
     if let Some(instance) = instance
         && conf.instance != instance
     {
@@ -201,11 +213,15 @@ struct Fixed {
 }
 
 impl Fixed {
-    /// Verifies a downloaded copy and, if newer, keeps it and records its
-    /// version. Blocking (fsync).
-    fn accept(&self, bytes: &[u8], highest: Option<Version>) -> Result<Accepted, String> {
-        let (view, version) =
-            (self.verify)(bytes, self.anchor.instance.as_deref(), &self.anchor.keys)?;
+    /// Verifies a downloaded copy with the `trusted` keys and, if newer,
+    /// keeps it and records its version. Blocking (fsync).
+    fn accept(
+        &self,
+        bytes: &[u8],
+        highest: Option<Version>,
+        trusted: &[VerifyingKey],
+    ) -> Result<Accepted, String> {
+        let (view, version) = (self.verify)(bytes, self.anchor.instance.as_deref(), trusted)?;
         if OffsetDateTime::now_utc() > view.expires_at() {
             return Err(format!(
                 "the copy (serial {}) expired at {}",
@@ -239,7 +255,9 @@ impl Fixed {
         }
     }
 
-    /// The kept copy, if it is the recorded highest version. Blocking.
+    /// The kept copy, if it is the recorded highest version: verified with
+    /// the anchor's keys and those it announces itself (after a rotation the
+    /// anchor may not name its signer, see [`signed::verify_kept`]). Blocking.
     fn kept_copy(&self, highest: Option<Version>) -> Option<Arc<ConfView>> {
         let bytes = match self.kept.load() {
             Ok(bytes) => bytes?,
@@ -250,7 +268,9 @@ impl Fixed {
                 return None;
             }
         };
-        let kept = (self.verify)(&bytes, self.anchor.instance.as_deref(), &self.anchor.keys);
+        let kept = signed::verify_kept(&bytes, &self.anchor.keys)
+            .map_err(|e| e.to_string())
+            .and_then(|(conf, digest)| index(conf, digest, self.anchor.instance.as_deref()));
         match kept {
             Ok((view, version)) if Some(version) == highest => Some(view),
             Ok(_) => {
@@ -292,6 +312,9 @@ struct SourceMemory {
 /// The download loop's state.
 struct Watcher {
     fixed: Arc<Fixed>,
+    /// The authority keys copies must be signed with: the anchor's, until a
+    /// copy announces others.
+    trusted: Vec<VerifyingKey>,
     highest: Option<Version>,
     view: Option<Arc<ConfView>>,
     sources: Vec<SourceMemory>,
@@ -359,13 +382,13 @@ impl Watcher {
 
     /// Asks source `i` once.
     async fn attempt(&mut self, i: usize) -> Result<(), String> {
+        let fixed = self.fixed.clone();
         let memory = &self.sources[i];
-        let location = &self.fixed.anchor.sources[i];
+        let location = &fixed.anchor.sources[i];
         let current =
             self.view.is_some() && memory.serial == self.view.as_ref().map(|v| v.serial());
         let etag = memory.etag.as_deref().filter(|_| current);
-        let fetched = self
-            .fixed
+        let fetched = fixed
             .fetcher
             .fetch(location, etag)
             .await
@@ -379,9 +402,10 @@ impl Watcher {
             return Ok(());
         }
         let accepted = {
-            let fixed = self.fixed.clone();
+            let fixed = fixed.clone();
             let highest = self.highest;
-            tokio::task::spawn_blocking(move || fixed.accept(&bytes, highest))
+            let trusted = self.trusted.clone();
+            tokio::task::spawn_blocking(move || fixed.accept(&bytes, highest, &trusted))
                 .await
                 .map_err(|e| format!("failed unexpectedly ({})", join_text(e)))??
         };
@@ -395,11 +419,25 @@ impl Watcher {
                 || tracing::info!(serial, expires = %rfc3339(expires), source = %location, "global configuration loaded"),
             );
             self.highest = Some(accepted.version);
+            self.trust_announced(&accepted.view);
             self.view = Some(accepted.view);
             self.obtained_from = Some(location.to_string());
             self.obtained_at = Some(OffsetDateTime::now_utc());
         }
         Ok(())
+    }
+
+    /// Trusts the authority keys `view` announces, if it announces any.
+    fn trust_announced(&mut self, view: &ConfView) {
+        let announced = view.authority_keys();
+        if announced.is_empty() || announced == self.trusted.as_slice() {
+            return;
+        }
+        self.trusted = announced.to_vec();
+        let keys = key_ids(&self.trusted).join(", ");
+        quietly(
+            || tracing::info!(%keys, "the configuration announces the authority's keys; trusting them from now on"),
+        );
     }
 
     fn log_failed_round(&self) {
@@ -484,10 +522,15 @@ impl Watcher {
                 checked_from: self
                     .last_good
                     .map(|i| self.fixed.anchor.sources[i].to_string()),
+                authority_keys: key_ids(&self.trusted),
                 sources: self.sources.iter().map(|m| m.status.clone()).collect(),
             },
         }
     }
+}
+
+fn key_ids(keys: &[VerifyingKey]) -> Vec<String> {
+    keys.iter().map(|k| k.key_id().to_string()).collect()
 }
 
 fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
@@ -568,14 +611,19 @@ async fn watch_with(
             .as_ref()
             .map(|_| format!("kept copy {}", fixed.kept.path().display())),
         obtained_at: kept.as_ref().map(|_| OffsetDateTime::now_utc()),
+        trusted: fixed.anchor.keys.clone(),
         fixed: Arc::new(fixed),
         highest,
-        view: kept,
+        view: None,
         last_good: None,
         checked_at: None,
         failures: 0,
         expiry_logged: false,
     };
+    if let Some(kept) = kept {
+        watcher.trust_announced(&kept);
+        watcher.view = Some(kept);
+    }
     let fresh = watcher
         .view
         .as_ref()
@@ -649,8 +697,12 @@ mod tests {
         /// A validly signed, empty federation of `instance` with `serial`,
         /// valid for `valid`.
         fn signed(&self, serial: u64, instance: &str, valid: time::Duration) -> String {
+            signed::sign(&self.conf(serial, instance, valid), &self.key)
+        }
+
+        fn conf(&self, serial: u64, instance: &str, valid: time::Duration) -> GlobalConf {
             let now = OffsetDateTime::now_utc();
-            let conf = GlobalConf {
+            GlobalConf {
                 instance: instance.into(),
                 serial,
                 issued_at: now,
@@ -660,8 +712,8 @@ mod tests {
                 purposes: vec![],
                 consent_authority: None,
                 report_readers: vec![],
-            };
-            signed::sign(&conf, &self.key)
+                authority_keys: vec![],
+            }
         }
 
         /// Publishes serial `serial` of instance KZ at source `n`.
@@ -1003,6 +1055,53 @@ mod tests {
         until(&handle, "serial 6", serial(6)).await;
     }
 
+    #[tokio::test]
+    async fn a_rotation_announced_in_advance_keeps_the_anchor_working() {
+        let s = Setup::new();
+        let (next_cert, next_pkcs8) = signing_pair("authority-next").unwrap();
+        let next = SigningKey::from_pkcs8(&next_pkcs8, &next_cert).unwrap();
+        let pem = |der: &[u8]| crate::pki::certs_to_pem(&[der.to_vec().into()]);
+        let (current, upcoming) = (pem(s.key.cert_der()), pem(&next_cert));
+        let signed = |serial, key: &SigningKey, announced: &[&String]| {
+            let mut conf = s.conf(serial, "KZ", time::Duration::hours(1));
+            conf.authority_keys = announced.iter().map(|p| p.to_string()).collect();
+            signed::sign(&conf, key)
+        };
+        s.publish(0, 5);
+        let handle = s.watch(1).await.unwrap();
+        // Signed by the next key before it is announced: refused.
+        s.write(0, signed(6, &next, &[]).as_bytes());
+        until(
+            &handle,
+            "an unknown key refused",
+            refused(0, "not a trusted anchor"),
+        )
+        .await;
+        // Announced by the current key, then used.
+        s.write(0, signed(7, &s.key, &[&current, &upcoming]).as_bytes());
+        until(&handle, "serial 7", serial(7)).await;
+        assert_eq!(handle.status().authority_keys.len(), 2);
+        s.write(0, signed(8, &next, &[&upcoming]).as_bytes());
+        until(&handle, "serial 8, signed by the next key", serial(8)).await;
+        // The old key is no longer trusted once the announcement drops it.
+        s.write(0, signed(9, &s.key, &[&current]).as_bytes());
+        until(
+            &handle,
+            "the retired key refused",
+            refused(0, "not a trusted anchor"),
+        )
+        .await;
+        assert_eq!(handle.current().unwrap().serial(), 8);
+        drop(handle);
+        // A restart with the anchor of before the rotation starts from the
+        // kept copy the next key signed, and goes on trusting that key.
+        std::fs::remove_file(s.file(0)).unwrap();
+        let restarted = s.watch(1).await.unwrap();
+        assert_eq!(restarted.current().unwrap().serial(), 8);
+        s.write(0, signed(10, &next, &[&upcoming]).as_bytes());
+        until(&restarted, "serial 10 after the restart", serial(10)).await;
+    }
+
     #[test]
     fn the_backoff_grows_and_never_passes_the_refresh() {
         let refresh = Duration::from_secs(60);
@@ -1014,6 +1113,7 @@ mod tests {
                 kept: KeptCopy::in_dir(Path::new(".")),
                 verify,
             }),
+            trusted: vec![],
             highest: None,
             view: None,
             sources: vec![],

@@ -226,6 +226,7 @@ mod tests {
             purposes: vec![],
             consent_authority: None,
             report_readers: vec![],
+            authority_keys: vec![],
         })
         .unwrap()
     }

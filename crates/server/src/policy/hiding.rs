@@ -86,6 +86,7 @@ mod tests {
             purposes: vec![purpose("open", None), purpose("inquiry", Some(30))],
             consent_authority: None,
             report_readers: vec![],
+            authority_keys: vec![],
         })
         .unwrap()
     }
