@@ -89,7 +89,28 @@ pub fn authority_with(
     listen: &str,
     extra: &[&std::ffi::OsStr],
 ) -> (Process, SocketAddr) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kopir"));
+    authority_via(&[], dir, listen, extra)
+}
+
+/// [`authority_with`] started through the command `prefix` names, which
+/// then runs `kopir` with its arguments: `ip netns exec NS` runs the
+/// authority in network namespace `NS`. The address returned is the one it
+/// printed (`0.0.0.0:PORT` for `--listen 0.0.0.0:0`).
+pub fn authority_via(
+    prefix: &[&std::ffi::OsStr],
+    dir: &Path,
+    listen: &str,
+    extra: &[&std::ffi::OsStr],
+) -> (Process, SocketAddr) {
+    let kopir = env!("CARGO_BIN_EXE_kopir");
+    let mut command = match prefix.split_first() {
+        None => Command::new(kopir),
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(kopir);
+            command
+        }
+    };
     command
         .args(["authority", "serve", "--every", "1s", "--listen", listen])
         .args(extra)
@@ -132,11 +153,41 @@ pub fn mirror(folder: &Path) -> (Process, u16) {
 
 /// The certificate the authority serves HTTPS with, for 127.0.0.1.
 pub fn make_tls(dir: &Path) {
+    make_tls_for(dir, &["127.0.0.1"]);
+}
+
+/// The certificate the authority serves HTTPS with (`DIR/tls.crt`, its key
+/// `DIR/tls.key`), self-signed, for each of `names` (IP addresses or DNS
+/// names): one per address the servers reach it at.
+pub fn make_tls_for(dir: &Path, names: &[&str]) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".into()]).unwrap();
+    let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+    let params = rcgen::CertificateParams::new(names).unwrap();
     let cert = params.self_signed(&key).unwrap();
     std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
     std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+}
+
+/// Writes the anchor `out` naming `sources` in that order, as an operator
+/// gets it: `kopir authority anchor` with the description in
+/// `DIR/authority.toml` and `DIR/tls.crt` as the only HTTPS root.
+pub fn write_anchor(dir: &Path, sources: &[&str], out: &Path) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kopir"));
+    command.args(["authority", "anchor"]);
+    for source in sources {
+        command.args(["--source", source]);
+    }
+    let wrote = command
+        .arg("--federation")
+        .arg(dir.join("authority.toml"))
+        .arg("--tls-root")
+        .arg(dir.join("tls.crt"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&wrote.stdout);
+    assert!(wrote.status.success() && said.contains("SHA-256"), "{said}");
 }
 
 /// One security server as a process downloading with the anchor.
@@ -263,19 +314,7 @@ impl Net {
 
         // The anchor, as an operator gets it.
         let anchor = dir.join("anchor.json");
-        let wrote = Command::new(env!("CARGO_BIN_EXE_kopir"))
-            .args(["authority", "anchor", "--source", &authority_url])
-            .args(["--source", &mirror_url])
-            .arg("--federation")
-            .arg(dir.join("authority.toml"))
-            .arg("--tls-root")
-            .arg(dir.join("tls.crt"))
-            .arg("--out")
-            .arg(&anchor)
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&wrote.stdout);
-        assert!(wrote.status.success() && said.contains("SHA-256"), "{said}");
+        write_anchor(&dir, &[&authority_url, &mirror_url], &anchor);
 
         let moj = Server::start(&mut fed, "moj", &anchor).await;
         let mut mlspp = Server::start(&mut fed, "mlspp", &anchor).await;
@@ -326,8 +365,13 @@ pub struct Calls {
 
 impl Load {
     pub fn start(net: &Net) -> Load {
+        Self::on(&net.channel, &net.parent)
+    }
+
+    /// Calls for `parent` through the server at the other end of `channel`.
+    pub fn on(channel: &Channel, parent: &str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let (channel, parent) = (net.channel.clone(), net.parent.clone());
+        let (channel, parent) = (channel.clone(), parent.to_owned());
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             let mut calls = Calls::default();
