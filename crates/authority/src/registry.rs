@@ -234,16 +234,25 @@ impl Registry {
         let checked = self.check(bytes, tls_client);
         let (opened, authorised_by) = match checked {
             Ok(ok) => ok,
-            Err(e) => {
+            // A refusal is logged for a caller with an identity the CA
+            // issued; anyone else only reaches the process's log, so that a
+            // stranger cannot fill the authority's disk with records.
+            Err(e) if tls_client.is_some_and(|c| self.issued_by_trusted_ca(c)) => {
+                let opened = request::open(bytes).ok();
+                let (reason, why) = (e.0.reason, e.0.message.clone());
                 self.log(
                     bytes,
-                    None,
+                    opened.as_ref(),
                     Step::Refused,
-                    &e.0.reason,
-                    &e.0.message,
+                    &reason,
+                    &why,
                     tls_client,
                 )
                 .await?;
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(reason = e.0.reason.as_str(), why = %e.0.message, "management request refused (caller without a certificate of the federation's CA)");
                 return Err(e);
             }
         };
@@ -285,7 +294,17 @@ impl Registry {
                 )
                 .await;
         }
-        Ok(self.get(&id)?)
+        self.get(&id)
+    }
+
+    /// True if `cert` is issued by a CA the current configuration trusts.
+    fn issued_by_trusted_ca(&self, cert: &[u8]) -> bool {
+        let Ok(conf) = self.lock().current.build(0, time::Duration::hours(1)) else {
+            return false;
+        };
+        conf.trusted_cas
+            .iter()
+            .any(|pem| one_der(pem).is_ok_and(|ca| kopir_core::pki::issued_by(cert, &ca).is_ok()))
     }
 
     /// Reads and checks a request against the current description: its
@@ -538,7 +557,11 @@ impl Registry {
         record.message = Some(message.into());
         record.request_hash = Some(sha256(bytes));
         record.body_sha256 = Some(sha256(bytes));
-        record.body = Some(bytes.to_vec());
+        // What was asked is kept with what was taken or decided; a refused
+        // submission is kept by its hash only.
+        if step != Step::Refused || opened.is_some_and(|_| tls_client.is_none()) {
+            record.body = Some(bytes.to_vec());
+        }
         self.audit.append(record).await.map_err(|e| {
             refuse(
                 Reason::AuditUnavailable,
@@ -662,4 +685,274 @@ fn member_mut<'f>(fed: &'f mut Federation, id: &MemberId) -> Result<&'f mut Memb
         .iter_mut()
         .find(|m| &m.id == id)
         .ok_or_else(|| format!("{id} is no member"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kopir_core::pki::{dev, layout::DevLayout};
+
+    use super::*;
+    use crate::request::{Request, sign};
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        base: Federation,
+        layout: DevLayout,
+    }
+
+    impl Setup {
+        fn new() -> Self {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let base = Federation::load(&root.join("deploy/federation.toml")).unwrap();
+            let layout = DevLayout::new(base.certs.clone().unwrap());
+            Self {
+                dir: tempfile::tempdir().unwrap(),
+                base,
+                layout,
+            }
+        }
+
+        async fn open(&self) -> Registry {
+            let key = kopir_core::pki::sign::SigningKey::load(
+                &self.layout.authority_cert(),
+                &self.layout.authority_key(),
+            )
+            .unwrap();
+            let audit = kopir_audit::open(
+                &kopir_audit::AuditConfig::embedded(self.dir.path().join("log")),
+                Arc::new(key),
+            )
+            .await
+            .unwrap();
+            Registry::open(self.dir.path(), self.base.clone(), audit, false).unwrap()
+        }
+
+        /// A certificate the development CA issues for a new key: (PEM, key PEM).
+        fn issued(&self, cn: &str, signing: bool) -> (String, String) {
+            let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+            let (csr, key) = dev::key_and_csr(cn, &["127.0.0.1".into()], signing).unwrap();
+            let cert = dev::issue_from_csr(
+                &read(self.layout.ca_cert()),
+                &read(self.layout.ca_key()),
+                &csr,
+                !signing,
+            )
+            .unwrap();
+            (cert, key)
+        }
+
+        fn member_key(&self, member: &str) -> kopir_core::pki::sign::SigningKey {
+            let (c, k) = self.layout.member_signing(&member.parse().unwrap());
+            kopir_core::pki::sign::SigningKey::load(&c, &k).unwrap()
+        }
+    }
+
+    fn request(id: &str, member: &str, changes: Vec<Change>) -> Request {
+        Request {
+            id: id.into(),
+            member: member.parse().unwrap(),
+            created_at: OffsetDateTime::now_utc(),
+            changes,
+        }
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        one_der(pem).unwrap()
+    }
+
+    fn signing_key(cert: &str, key: &str, dir: &Path) -> kopir_core::pki::sign::SigningKey {
+        let (c, k) = (dir.join("s.crt"), dir.join("s.key"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        kopir_core::pki::sign::SigningKey::load(&c, &k).unwrap()
+    }
+
+    fn reason(e: RegistryError) -> &'static str {
+        e.0.reason.as_str()
+    }
+
+    #[tokio::test]
+    async fn a_new_member_joins_and_stays_after_a_restart() {
+        let s = Setup::new();
+        let registry = s.open().await;
+        let (signing_cert, signing_pem) = s.issued("KZ/GOV/NEW signing", true);
+        let (tls_cert, _) = s.issued("KZ/GOV/NEW/ss1", false);
+        let new_key = signing_key(&signing_cert, &signing_pem, s.dir.path());
+        let changes = vec![
+            Change::JoinMember {
+                name: "New Agency".into(),
+                signing_cert: signing_cert.clone(),
+            },
+            Change::AddServer {
+                code: "ss1".into(),
+                address: "new-ss1:8443".into(),
+                tls_cert: tls_cert.clone(),
+                subsystems: vec![],
+            },
+        ];
+        let join = request("join-1", "KZ/GOV/NEW", changes.clone());
+        // Without the new key's signature, or without the new server's
+        // certificate on the connection: refused.
+        let unsigned = sign(&join, &[]);
+        assert_eq!(
+            reason(
+                registry
+                    .submit(&unsigned, Some(&der(&tls_cert)))
+                    .await
+                    .unwrap_err()
+            ),
+            "request.unauthorized"
+        );
+        let signed = sign(&join, &[&new_key]);
+        assert_eq!(
+            reason(registry.submit(&signed, None).await.unwrap_err()),
+            "request.unauthorized"
+        );
+        let entry = registry
+            .submit(&signed, Some(&der(&tls_cert)))
+            .await
+            .unwrap();
+        assert_eq!(entry.state, State::Pending);
+        assert!(
+            registry
+                .description()
+                .members
+                .iter()
+                .all(|m| m.name != "New Agency")
+        );
+        let approved = registry
+            .decide("join-1", true, "welcome", "operator")
+            .await
+            .unwrap();
+        assert_eq!(approved.state, State::Approved);
+        let again = registry
+            .decide("join-1", false, "no", "operator")
+            .await
+            .unwrap_err();
+        assert_eq!(reason(again), "request.decided");
+        let conf = registry
+            .description()
+            .build(1, time::Duration::hours(1))
+            .unwrap();
+        let new = conf
+            .members
+            .iter()
+            .find(|m| m.name == "New Agency")
+            .unwrap();
+        assert_eq!(new.servers[0].address, "new-ss1:8443");
+        drop(registry);
+        let reopened = s.open().await;
+        assert!(
+            reopened
+                .description()
+                .members
+                .iter()
+                .any(|m| m.name == "New Agency")
+        );
+        assert_eq!(reopened.get("join-1").unwrap().state, State::Approved);
+    }
+
+    #[tokio::test]
+    async fn a_member_changes_its_subsystems_and_address_or_is_rejected() {
+        let s = Setup::new();
+        let registry = s.open().await;
+        let moj = s.member_key("KZ/GOV/MOJ");
+        let change = request(
+            "moj-1",
+            "KZ/GOV/MOJ",
+            vec![
+                Change::AddSubsystem {
+                    code: "notary".into(),
+                    personal_data: true,
+                },
+                Change::RemoveSubsystem {
+                    code: "realty".into(),
+                },
+                Change::SetAddress {
+                    code: "ss1".into(),
+                    address: "moj-ss1.example:9443".into(),
+                },
+            ],
+        );
+        // Signed by another member's key: refused.
+        let other = s.member_key("KZ/GOV/SRC");
+        assert_eq!(
+            reason(
+                registry
+                    .submit(&sign(&change, &[&other]), None)
+                    .await
+                    .unwrap_err()
+            ),
+            "request.unauthorized"
+        );
+        registry
+            .submit(&sign(&change, &[&moj]), None)
+            .await
+            .unwrap();
+        registry
+            .decide("moj-1", true, "ok", "operator")
+            .await
+            .unwrap();
+        let conf = registry
+            .description()
+            .build(1, time::Duration::hours(1))
+            .unwrap();
+        let member = conf
+            .members
+            .iter()
+            .find(|m| m.id.to_string() == "KZ/GOV/MOJ")
+            .unwrap();
+        let codes: Vec<&str> = member.subsystems.iter().map(|s| s.code.as_str()).collect();
+        assert_eq!(codes, ["population", "notary"]);
+        assert_eq!(member.servers[0].subsystems, ["population"]);
+        assert_eq!(member.servers[0].address, "moj-ss1.example:9443");
+
+        // A subsystem that is not there: refused at once; a rejected one
+        // changes nothing.
+        let gone = request(
+            "moj-2",
+            "KZ/GOV/MOJ",
+            vec![Change::RemoveSubsystem {
+                code: "realty".into(),
+            }],
+        );
+        assert_eq!(
+            reason(
+                registry
+                    .submit(&sign(&gone, &[&moj]), None)
+                    .await
+                    .unwrap_err()
+            ),
+            "request.invalid"
+        );
+        let more = request(
+            "moj-3",
+            "KZ/GOV/MOJ",
+            vec![Change::AddSubsystem {
+                code: "archive".into(),
+                personal_data: false,
+            }],
+        );
+        registry.submit(&sign(&more, &[&moj]), None).await.unwrap();
+        let before = registry.description().members.clone();
+        let rejected = registry
+            .decide("moj-3", false, "not a registry of MOJ", "operator")
+            .await
+            .unwrap();
+        assert_eq!(
+            (rejected.state, rejected.why.as_str()),
+            (State::Rejected, "not a registry of MOJ")
+        );
+        assert_eq!(
+            format!("{:?}", registry.description().members),
+            format!("{before:?}")
+        );
+        assert_eq!(registry.list(Some(State::Pending)).len(), 0);
+        assert_eq!(
+            reason(registry.get("nope").unwrap_err()),
+            "request.not_found"
+        );
+    }
 }
