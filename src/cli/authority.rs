@@ -403,7 +403,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Ok(()) => {
                     announce(&signed);
                     if let Some((registry, _, _)) = &management {
-                        registry.published(signed.serial);
+                        registry.published(signed.serial).await;
                     }
                 }
                 Err(e) => {
@@ -447,14 +447,14 @@ async fn management(
         key_for_log,
     )
     .await?;
-    let registry = Registry::open(
-        state,
-        signer.federation().clone(),
-        audit.clone(),
-        args.auto_approve_servers,
-    )
-    .map_err(|e| anyhow::anyhow!("the authority's state in {}: {e}", state.display()))?;
-    let registry = Arc::new(registry);
+    let opened = {
+        let (state, base, audit) = (state.clone(), signer.federation().clone(), audit.clone());
+        let auto = args.auto_approve_servers;
+        tokio::task::spawn_blocking(move || Registry::open(&state, base, audit, auto)).await?
+    };
+    let registry = Arc::new(
+        opened.map_err(|e| anyhow::anyhow!("the authority's state in {}: {e}", state.display()))?,
+    );
     let operators = args
         .operators
         .iter()

@@ -117,7 +117,6 @@ impl Entry {
 
 /// What the book holds in memory.
 struct Book {
-    base: Federation,
     current: Federation,
     entries: BTreeMap<String, Entry>,
 }
@@ -126,6 +125,9 @@ struct Book {
 pub struct Registry {
     dir: PathBuf,
     book: Mutex<Book>,
+    /// Held through a submission or a decision, so that they happen one
+    /// at a time (an id taken twice, two approvals over the same state).
+    one_at_a_time: tokio::sync::Mutex<()>,
     audit: Arc<AuditHandle>,
     auto_approve_servers: bool,
 }
@@ -177,19 +179,33 @@ impl Registry {
         let mut current = base.clone();
         for entry in approved {
             let opened = entry.opened()?;
-            current = apply(&current, &opened.request, dir)
+            current = apply(&current, &opened.request, &dir.join("certs"))
                 .map_err(|e| format!("approved request {} no longer applies: {e}", entry.id))?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            book: Mutex::new(Book {
-                base,
-                current,
-                entries,
-            }),
+            book: Mutex::new(Book { current, entries }),
             audit,
             auto_approve_servers,
+            one_at_a_time: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Runs `f` on a blocking thread: certificate files, trial builds and
+    /// durable writes stay off the async runtime.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| {
+                refuse(
+                    Reason::AuditUnavailable,
+                    format!("failed unexpectedly: {e}"),
+                )
+            })?
     }
 
     /// The description with every approved request applied.
@@ -227,17 +243,25 @@ impl Registry {
     /// certificate the submitting connection presented (its key proven in
     /// the handshake). Refusals are logged too.
     pub async fn submit(
-        &self,
+        self: &Arc<Self>,
         bytes: &[u8],
         tls_client: Option<&[u8]>,
     ) -> Result<Entry, RegistryError> {
-        let checked = self.check(bytes, tls_client);
+        let _turn = self.one_at_a_time.lock().await;
+        let (owned, tls) = (bytes.to_vec(), tls_client.map(<[u8]>::to_vec));
+        let checked = self
+            .blocking(move |r| {
+                let checked = r.check(&owned, tls.as_deref());
+                let known = tls.as_deref().is_some_and(|c| r.issued_by_trusted_ca(c));
+                Ok((checked, known))
+            })
+            .await?;
         let (opened, authorised_by) = match checked {
-            Ok(ok) => ok,
+            (Ok(ok), _) => ok,
             // A refusal is logged for a caller with an identity the CA
             // issued; anyone else only reaches the process's log, so that a
             // stranger cannot fill the authority's disk with records.
-            Err(e) if tls_client.is_some_and(|c| self.issued_by_trusted_ca(c)) => {
+            (Err(e), true) => {
                 let opened = request::open(bytes).ok();
                 let (reason, why) = (e.0.reason, e.0.message.clone());
                 self.log(
@@ -251,7 +275,7 @@ impl Registry {
                 .await?;
                 return Err(e);
             }
-            Err(e) => {
+            (Err(e), false) => {
                 tracing::warn!(reason = e.0.reason.as_str(), why = %e.0.message, "management request refused (caller without a certificate of the federation's CA)");
                 return Err(e);
             }
@@ -277,7 +301,8 @@ impl Registry {
             tls_client,
         )
         .await?;
-        self.save(&entry)?;
+        let kept = entry.clone();
+        self.blocking(move |r| r.save(&kept)).await?;
         self.lock().entries.insert(id.clone(), entry);
         let only_servers = opened
             .request
@@ -285,6 +310,7 @@ impl Registry {
             .iter()
             .all(|c| matches!(c, Change::AddServer { .. }));
         if self.auto_approve_servers && existing && only_servers {
+            drop(_turn);
             return self
                 .decide(
                     &id,
@@ -400,7 +426,15 @@ impl Registry {
                 _ => {}
             }
         }
-        apply(&book.current, request, &self.dir)
+        // The trial's certificate files go to a folder of its own, removed
+        // after: what a refused request carries is never kept.
+        let trial = tempfile::tempdir().map_err(|e| {
+            refuse(
+                Reason::AuditUnavailable,
+                format!("no room to check the request: {e}"),
+            )
+        })?;
+        apply(&book.current, request, trial.path())
             .and_then(|fed| {
                 fed.build(0, time::Duration::hours(1))
                     .map_err(|e| e.to_string())
@@ -417,12 +451,13 @@ impl Registry {
 
     /// Approves (applies) or rejects a pending request.
     pub async fn decide(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         approve: bool,
         why: &str,
         by: &str,
     ) -> Result<Entry, RegistryError> {
+        let _turn = self.one_at_a_time.lock().await;
         let mut entry = self.get(id)?;
         if entry.state != State::Pending {
             return Err(refuse(
@@ -434,19 +469,31 @@ impl Registry {
             .opened()
             .map_err(|e| refuse(Reason::RequestInvalid, e))?;
         let applied = if approve {
-            let book = self.lock();
-            let next = apply(&book.current, &opened.request, &self.dir)
-                .map_err(|e| refuse(Reason::RequestInvalid, format!("no longer applies: {e}")))?;
-            next.build(0, time::Duration::hours(1)).map_err(|e| {
-                refuse(
-                    Reason::RequestInvalid,
-                    format!("no longer makes a valid configuration: {e}"),
-                )
-            })?;
-            Some((
-                next,
-                book.entries.values().map(|e| e.seq).max().unwrap_or(0) + 1,
-            ))
+            let request = opened.request.clone();
+            let next = self
+                .blocking(move |r| {
+                    let current = r.lock().current.clone();
+                    let next = apply(&current, &request, &r.dir.join("certs")).map_err(|e| {
+                        refuse(Reason::RequestInvalid, format!("no longer applies: {e}"))
+                    })?;
+                    next.build(0, time::Duration::hours(1)).map_err(|e| {
+                        refuse(
+                            Reason::RequestInvalid,
+                            format!("no longer makes a valid configuration: {e}"),
+                        )
+                    })?;
+                    Ok(next)
+                })
+                .await?;
+            let seq = self
+                .lock()
+                .entries
+                .values()
+                .map(|e| e.seq)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            Some((next, seq))
         } else {
             None
         };
@@ -473,40 +520,42 @@ impl Registry {
             None,
         )
         .await?;
+        if let Some((_, seq)) = &applied {
+            entry.seq = *seq;
+        }
+        let kept = entry.clone();
+        self.blocking(move |r| r.save(&kept)).await?;
         let mut book = self.lock();
-        if let Some((next, seq)) = applied {
-            entry.seq = seq;
+        if let Some((next, _)) = applied {
             book.current = next;
         }
-        self.save(&entry)?;
         book.entries.insert(entry.id.clone(), entry.clone());
         Ok(entry)
     }
 
     /// Notes that configuration `serial`, just published, includes every
     /// approved request.
-    pub fn published(&self, serial: u64) {
-        let mut book = self.lock();
-        let fresh: Vec<String> = book
-            .entries
-            .values()
-            .filter(|e| e.state == State::Approved && e.in_serial.is_none())
-            .map(|e| e.id.clone())
-            .collect();
-        for id in fresh {
-            if let Some(entry) = book.entries.get_mut(&id) {
-                entry.in_serial = Some(serial);
-                let entry = entry.clone();
-                if let Err(e) = self.save(&entry) {
-                    tracing::warn!(error = %e.0.message, "could not note the serial of an approved request");
-                }
-            }
+    pub async fn published(self: &Arc<Self>, serial: u64) {
+        let fresh: Vec<Entry> = {
+            let mut book = self.lock();
+            book.entries
+                .values_mut()
+                .filter(|e| e.state == State::Approved && e.in_serial.is_none())
+                .map(|e| {
+                    e.in_serial = Some(serial);
+                    e.clone()
+                })
+                .collect()
+        };
+        if fresh.is_empty() {
+            return;
         }
-    }
-
-    /// The description the authority was started with.
-    pub fn base(&self) -> Federation {
-        self.lock().base.clone()
+        let saved = self
+            .blocking(move |r| fresh.iter().try_for_each(|e| r.save(e)))
+            .await;
+        if let Err(e) = saved {
+            tracing::warn!(error = %e.0.message, "could not note the serial of an approved request");
+        }
     }
 
     fn save(&self, entry: &Entry) -> Result<(), RegistryError> {
@@ -593,14 +642,13 @@ fn verifying(pem: &str) -> Result<VerifyingKey, String> {
     VerifyingKey::from_cert(&one_der(pem)?).map_err(|e| e.to_string())
 }
 
-/// `fed` with `request` applied; certificates go to `<dir>/certs/`.
-fn apply(fed: &Federation, request: &request::Request, dir: &Path) -> Result<Federation, String> {
+/// `fed` with `request` applied; the certificates it carries are written to
+/// `certs`, where the description names them.
+fn apply(fed: &Federation, request: &request::Request, certs: &Path) -> Result<Federation, String> {
     let mut fed = fed.clone();
     let cert_file = |n: usize, pem: &str| -> Result<PathBuf, String> {
         one_der(pem)?;
-        let path = dir
-            .join("certs")
-            .join(format!("{}-{n}.crt", file_safe(&request.id)));
+        let path = certs.join(format!("{}-{n}.crt", file_safe(&request.id)));
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
@@ -714,7 +762,7 @@ mod tests {
             }
         }
 
-        async fn open(&self) -> Registry {
+        async fn open(&self) -> Arc<Registry> {
             let key = kopir_core::pki::sign::SigningKey::load(
                 &self.layout.authority_cert(),
                 &self.layout.authority_key(),
@@ -726,7 +774,7 @@ mod tests {
             )
             .await
             .unwrap();
-            Registry::open(self.dir.path(), self.base.clone(), audit, false).unwrap()
+            Arc::new(Registry::open(self.dir.path(), self.base.clone(), audit, false).unwrap())
         }
 
         /// A certificate the development CA issues for a new key: (PEM, key PEM).

@@ -240,8 +240,9 @@ mod tests {
     #[test]
     fn a_signed_request_opens_and_names_its_signers() {
         let (a, b) = (key("a"), key("b"));
-        let opened = open(&sign(&request(), &[&a])).unwrap();
-        assert_eq!(opened.request, request());
+        let asked = request();
+        let opened = open(&sign(&asked, &[&a])).unwrap();
+        assert_eq!(opened.request, asked);
         let verifying = |k: &SigningKey| VerifyingKey::from_cert(k.cert_der()).unwrap();
         assert!(opened.signed_by(&verifying(&a)));
         assert!(!opened.signed_by(&verifying(&b)));
