@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "kopir/v1/consent.proto",
     "kopir/v1/report.proto",
     "kopir/v1/status.proto",
+    "kopir/v1/management.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -62,6 +62,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("jws", jws),
     ("globalconf", globalconf),
     ("anchor", anchor),
+    ("request", management_request),
     ("audit_record", audit_record),
     ("journal", journal),
     ("archive", archive),
@@ -364,9 +365,31 @@ pub fn globalconf(data: &[u8]) {
     }
 }
 
+/// A management request as the authority's management port takes it from
+/// anyone: read, described, its signatures checked.
+pub fn management_request(data: &[u8]) {
+    if let Ok(opened) = kopir_authority::request::open(data) {
+        for change in &opened.request.changes {
+            let _ = change.describe(&opened.request.member);
+        }
+        let _ = opened.signed_by(
+            &VerifyingKey::from_cert(fixture().authority.cert_der())
+                .expect("the fixture's certificate"),
+        );
+    }
+}
+
 /// Certificates as the anchors and the global configuration carry them
-/// (PEM, and the DER inside).
+/// (PEM, and the DER inside), and the input as an anchor file.
 pub fn anchor(data: &[u8]) {
+    if let Ok(anchor) =
+        kopir_core::globalconf::anchor::Anchor::parse(data, std::path::Path::new("/etc/kopir"))
+    {
+        assert!(
+            !anchor.sources.is_empty() && !anchor.keys.is_empty(),
+            "an anchor without sources or keys"
+        );
+    }
     fn der(d: &[u8]) {
         let _ = VerifyingKey::from_cert(d);
         let _ = pki::validity(d);

@@ -3,16 +3,22 @@
 //! an interval and publish it over HTTP(S) (`serve`); write the anchor
 //! servers download it with (`anchor`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::sync::Notify;
 
 use kopir_authority::{
     publish::{self, Publication},
+    registry::Registry,
     sign::{Signed, Signer},
 };
 use kopir_core::durable::write_atomically;
 use kopir_core::{
     globalconf::{anchor, describe::Federation},
-    pki::{layout::DevLayout, load_certs, sign::SigningKey},
+    pki::{cert_fingerprint, layout::DevLayout, load_certs, load_key, sign::SigningKey},
+};
+use kopir_proto::v1::{
+    Decide, ListManagementRequests, ManagementRequest, request_admin_client::RequestAdminClient,
 };
 
 /// Authority commands.
@@ -23,6 +29,13 @@ pub enum Command {
     /// Sign the global configuration at an interval and publish it over
     /// HTTP(S) at /globalconf/v1/globalconf.json.
     Serve(ServeArgs),
+    /// List the management requests (pending ones by default).
+    Requests(RequestsArgs),
+    /// Approve a pending management request: it appears in the next
+    /// configuration, which is signed at once.
+    Approve(DecideArgs),
+    /// Reject a pending management request, saying why.
+    Reject(DecideArgs),
     /// Write the anchor servers download with: the instance, the sources and
     /// the authority's certificates. Prints its SHA-256, for operators to
     /// compare with what they install.
@@ -113,12 +126,66 @@ pub struct ServeArgs {
     /// mirror serves).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Where to take management requests (gRPC over TLS with the
+    /// --tls-cert): members join, add servers and subsystems, move.
+    #[arg(long, requires_all = ["tls_cert", "state"])]
+    pub management: Option<SocketAddr>,
+    /// The authority's state: the requests, their log (an audit store), the
+    /// certificates approved requests carry.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// A client certificate of an operator who may list, approve and reject
+    /// requests; repeatable.
+    #[arg(long = "operator")]
+    pub operators: Vec<PathBuf>,
+    /// Approve at once a new server of an existing member (signed by the
+    /// member's current key, submitted with the server's new certificate).
+    #[arg(long)]
+    pub auto_approve_servers: bool,
+}
+
+/// Where the authority's management port is, and the operator's identity.
+#[derive(Debug, clap::Args)]
+pub struct OperatorArgs {
+    /// The management port, host:port.
+    #[arg(long)]
+    pub management: String,
+    /// The CA certificate the authority's TLS certificate chains to.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// The operator's client certificate.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Its key.
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+/// Arguments of `kopir authority requests`.
+#[derive(Debug, clap::Args)]
+pub struct RequestsArgs {
+    #[command(flatten)]
+    pub operator: OperatorArgs,
+    /// pending, approved, rejected or all.
+    #[arg(long, default_value = "pending")]
+    pub state: String,
+}
+
+/// Arguments of `kopir authority approve` and `reject`.
+#[derive(Debug, clap::Args)]
+pub struct DecideArgs {
+    #[command(flatten)]
+    pub operator: OperatorArgs,
+    /// The request's id.
+    pub id: String,
+    /// Why (required to reject).
+    #[arg(long, default_value = "")]
+    pub why: String,
 }
 
 impl SigningArgs {
-    /// The signer these arguments name, each document valid for `valid_for`.
-    fn signer(&self, valid_for: Duration) -> anyhow::Result<Signer> {
-        let fed = Federation::load(&self.federation)?;
+    /// The authority's signing key these arguments name.
+    fn key(&self, fed: &Federation) -> anyhow::Result<SigningKey> {
         let (cert, key) = match (&self.cert, &self.key) {
             (Some(c), Some(k)) => (c.clone(), k.clone()),
             _ => {
@@ -128,7 +195,13 @@ impl SigningArgs {
                 (layout.authority_cert(), layout.authority_key())
             }
         };
-        let key = SigningKey::load(&cert, &key)?;
+        Ok(SigningKey::load(&cert, &key)?)
+    }
+
+    /// The signer these arguments name, each document valid for `valid_for`.
+    fn signer(&self, valid_for: Duration) -> anyhow::Result<Signer> {
+        let fed = Federation::load(&self.federation)?;
+        let key = self.key(&fed)?;
         let mut announced = vec![];
         for file in &self.announce {
             announced.push(load_certs(file)?.swap_remove(0));
@@ -144,8 +217,86 @@ impl Command {
             Command::Sign(args) => sign(args).await,
             Command::Serve(args) => serve(args).await,
             Command::Anchor(args) => anchor(args),
+            Command::Requests(args) => {
+                let state = if args.state == "all" {
+                    String::new()
+                } else {
+                    args.state
+                };
+                let list = admin(&args.operator)
+                    .await?
+                    .list(ListManagementRequests { state })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                for r in &list.requests {
+                    print_request(r);
+                }
+                if list.requests.is_empty() {
+                    println!("no requests");
+                }
+                Ok(())
+            }
+            Command::Approve(args) => decide(args, true).await,
+            Command::Reject(args) => decide(args, false).await,
         }
     }
+}
+
+/// A client of the authority's `RequestAdmin`, as the operator.
+async fn admin(
+    operator: &OperatorArgs,
+) -> anyhow::Result<RequestAdminClient<tonic::transport::Channel>> {
+    let identity = (load_certs(&operator.cert)?, load_key(&operator.key)?);
+    let channel = kopir_consent::channel::ca_channel(
+        &operator.management,
+        &load_certs(&operator.ca)?,
+        Some(identity),
+        Duration::from_secs(10),
+    )?;
+    Ok(RequestAdminClient::new(channel))
+}
+
+/// A refusal from the authority, with its reason.
+fn refused(s: tonic::Status) -> anyhow::Error {
+    let reason = s
+        .metadata()
+        .get(kopir_core::error::ERROR_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    anyhow::anyhow!("refused ({reason}): {}", s.message())
+}
+
+fn print_request(r: &ManagementRequest) {
+    println!(
+        "{} {} {} submitted {}",
+        r.id, r.state, r.member, r.submitted_at
+    );
+    for change in &r.changes {
+        println!("    {change}");
+    }
+    if !r.decided_at.is_empty() {
+        println!("    decided {}: {}", r.decided_at, r.why);
+    }
+    if r.in_serial != 0 {
+        println!("    in the configuration from serial {}", r.in_serial);
+    }
+}
+
+async fn decide(args: DecideArgs, approve: bool) -> anyhow::Result<()> {
+    let mut client = admin(&args.operator).await?;
+    let decision = Decide {
+        id: args.id,
+        why: args.why,
+    };
+    let answer = if approve {
+        client.approve(decision).await
+    } else {
+        client.reject(decision).await
+    };
+    print_request(&answer.map_err(refused)?.into_inner());
+    Ok(())
 }
 
 fn anchor(args: AnchorArgs) -> anyhow::Result<()> {
@@ -210,6 +361,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let changed = Arc::new(Notify::new());
+    let management = match &args.management {
+        Some(addr) => Some(management(&args, &signer, addr, &changed, stopped.clone()).await?),
+        None => None,
+    };
+    if let Some((registry, _, _)) = &management {
+        signer.set_federation(registry.description());
+    }
     // The first document is signed before the port opens: a description that
     // does not sign is an error at start, not a port that answers 503.
     let publication = Publication::default();
@@ -222,21 +382,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         publish::PATH
     );
     announce(&first);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let port = tokio::spawn(publish::serve(listener, tls, publication.clone(), stopped));
     let mut ticks = tokio::time::interval(args.every.max(Duration::from_secs(1)));
     ticks.tick().await;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
+            // An approved request is published at once.
+            _ = changed.notified() => {}
             _ = &mut stop_signal => break,
+        }
+        if let Some((registry, _, _)) = &management {
+            signer.set_federation(registry.description());
         }
         // A document that cannot be signed (a certificate expired, a file
         // unreadable) is logged; the last one stays published until it
         // expires, so servers keep working while an operator fixes it.
         match signer.sign() {
             Ok(signed) => match put(&publication, &signed, args.out.as_ref()) {
-                Ok(()) => announce(&signed),
+                Ok(()) => {
+                    announce(&signed);
+                    if let Some((registry, _, _)) = &management {
+                        registry.published(signed.serial).await;
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "the signed configuration could not be written")
                 }
@@ -248,7 +417,61 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let _ = stop.send(true);
     port.await?;
+    if let Some((_, audit, task)) = management {
+        task.await??;
+        audit.shutdown().await;
+    }
     Ok(())
+}
+
+/// The management port: its registry of requests (kept in `--state`, logged
+/// in an audit store there signed with the authority's key) and the task
+/// serving it.
+async fn management(
+    args: &ServeArgs,
+    signer: &Signer,
+    addr: &SocketAddr,
+    changed: &Arc<Notify>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(
+    Arc<Registry>,
+    Arc<kopir_audit::AuditHandle>,
+    tokio::task::JoinHandle<Result<(), kopir_core::pki::PkiError>>,
+)> {
+    let (Some(state), Some(cert), Some(key)) = (&args.state, &args.tls_cert, &args.tls_key) else {
+        anyhow::bail!("--management needs --state, --tls-cert and --tls-key");
+    };
+    let key_for_log = Arc::new(args.signing.key(signer.federation())?);
+    let audit = kopir_audit::open(
+        &kopir_audit::AuditConfig::embedded(state.clone()),
+        key_for_log,
+    )
+    .await?;
+    let opened = {
+        let (state, base, audit) = (state.clone(), signer.federation().clone(), audit.clone());
+        let auto = args.auto_approve_servers;
+        tokio::task::spawn_blocking(move || Registry::open(&state, base, audit, auto)).await?
+    };
+    let registry = Arc::new(
+        opened.map_err(|e| anyhow::anyhow!("the authority's state in {}: {e}", state.display()))?,
+    );
+    let operators = args
+        .operators
+        .iter()
+        .map(|p| cert_fingerprint(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("taking management requests at {}", listener.local_addr()?);
+    let task = tokio::spawn(kopir_authority::management::serve(
+        listener,
+        load_certs(cert)?,
+        load_key(key)?,
+        registry.clone(),
+        operators,
+        changed.clone(),
+        stopped,
+    ));
+    Ok((registry, audit, task))
 }
 
 /// Publishes `signed`, written to `out` first when given.

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod registry;
 pub mod report;
 pub mod serve;
+pub mod server;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,9 @@ pub enum Command {
     /// Mock registries.
     #[command(subcommand)]
     Registry(registry::Command),
+    /// A security server joins the federation or changes what it says of it.
+    #[command(subcommand)]
+    Server(server::Command),
     /// Consent authority: serve it, or grant, list, revoke consents and obtain tokens.
     #[command(subcommand)]
     Consent(consent::Command),
@@ -74,6 +78,7 @@ impl Cli {
             Command::Certs(c) => c.run(),
             Command::Registry(c) => c.run().await,
             Command::Consent(c) => c.run().await,
+            Command::Server(c) => c.run().await,
             Command::Demo(a) => a.run().await,
             Command::Audit(a) => a.run().await,
             Command::Bench(BenchArgs {

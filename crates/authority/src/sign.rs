@@ -79,6 +79,16 @@ impl Signer {
         self
     }
 
+    /// The description it signs.
+    pub fn federation(&self) -> &Federation {
+        &self.federation
+    }
+
+    /// Signs `federation` from now on (one with approved requests applied).
+    pub fn set_federation(&mut self, federation: Federation) {
+        self.federation = federation;
+    }
+
     /// Builds and signs the next configuration.
     pub fn sign(&mut self) -> Result<Signed, SignError> {
         let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000)

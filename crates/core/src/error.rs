@@ -82,6 +82,10 @@ reasons! {
     ResponseSignatureInvalid = "response.signature_invalid" => Internal, "The provider's response signature does not verify; the answer was withheld.";
     RegistryUnavailable = "registry.unavailable" => Unavailable, "The provider's registry could not be reached.";
     DeadlineExceeded = "deadline.exceeded" => DeadlineExceeded, "The call's deadline passed before an answer arrived.";
+    RequestInvalid = "request.invalid" => InvalidArgument, "A management request is malformed, too large, or does not make a valid configuration (an untrusted or expired certificate, a server that exists...).";
+    RequestUnauthorized = "request.unauthorized" => PermissionDenied, "A management request lacks a signature it needs (the member's current key, a new key's proof of possession) or was not submitted with the new server's TLS certificate.";
+    RequestNotFound = "request.not_found" => NotFound, "The authority has no management request with that id.";
+    RequestDecided = "request.decided" => FailedPrecondition, "The management request was already approved or rejected, or its id was used before.";
     AuditUnavailable = "audit.unavailable" => Unavailable, "The audit record could not be made durable; nothing was forwarded or released.";
     Overloaded = "server.overloaded" => ResourceExhausted, "The server is at capacity and shed the call.";
     OperatorUnknown = "operator.unknown" => Unauthenticated, "The admin port's caller presented no certificate, or one the server's `operators` does not list.";

@@ -277,3 +277,67 @@ mod tests {
         issued_by(auditor[0].as_ref(), ca[0].as_ref()).unwrap();
     }
 }
+
+/// A new key and a certificate signing request (PKCS#10) for it, both PEM:
+/// a TLS key (ECDSA P-256) for `hosts`, or an Ed25519 signing key. What a
+/// server sends to the CA when it joins (`kopir server init`).
+pub fn key_and_csr(
+    cn: &str,
+    hosts: &[String],
+    signing: bool,
+) -> Result<(String, String), PkiError> {
+    let (alg, params) = if signing {
+        (&PKCS_ED25519, named(cn, vec![])?)
+    } else {
+        (&PKCS_ECDSA_P256_SHA256, tls_params(cn, hosts)?)
+    };
+    let key = KeyPair::generate_for(alg)?;
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((csr, key_pem(&key)))
+}
+
+/// The development CA's answer to a CSR: a certificate for its key and
+/// names, for TLS (server and client authentication) or for signing.
+/// Production certificates come from the federation's CA, not from kopir.
+pub fn issue_from_csr(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    csr_pem: &str,
+    tls: bool,
+) -> Result<String, PkiError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
+    let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    window(&mut request.params);
+    request.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    request.params.extended_key_usages = if tls {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    } else {
+        vec![]
+    };
+    Ok(request.signed_by(&issuer)?.pem())
+}
+
+#[cfg(test)]
+mod csr_tests {
+    use super::*;
+    use crate::pki::{certs_from_pem, issued_by, sign::VerifyingKey};
+
+    #[test]
+    fn a_csr_issued_by_the_ca_names_the_key_and_chains_to_the_ca() {
+        let (ca, ca_cert, ca_key) = Ca::new().unwrap();
+        drop(ca);
+        let (csr, _key) = key_and_csr("KZ/GOV/NEW/ss1", &["new-ss1".into()], false).unwrap();
+        let cert = issue_from_csr(&ca_cert, &ca_key, &csr, true).unwrap();
+        let der = certs_from_pem(cert.as_bytes(), "cert").unwrap();
+        let ca_der = certs_from_pem(ca_cert.as_bytes(), "ca").unwrap();
+        issued_by(der[0].as_ref(), ca_der[0].as_ref()).unwrap();
+        let (csr, _key) = key_and_csr("KZ/GOV/NEW signing", &[], true).unwrap();
+        let signing = issue_from_csr(&ca_cert, &ca_key, &csr, false).unwrap();
+        let der = certs_from_pem(signing.as_bytes(), "signing").unwrap();
+        VerifyingKey::from_cert(der[0].as_ref()).unwrap();
+    }
+}

@@ -69,7 +69,7 @@ impl Fingerprint {
         Self(sha256(der))
     }
     /// Parses 64 hex digits.
-    pub(crate) fn from_hex(text: &str) -> Option<Self> {
+    pub fn from_hex(text: &str) -> Option<Self> {
         let bytes = hex::decode(text).ok()?;
         Some(Self(bytes.try_into().ok()?))
     }

@@ -1,0 +1,356 @@
+//! A server joins the federation from nothing, with every part its own
+//! process: `kopir server init` makes its keys and requests, the
+//! development CA (`kopir certs issue`) issues its TLS certificate, `kopir
+//! server register` submits the request signed by the member's current key
+//! over TLS presenting the new certificate, the authority's operator lists
+//! and approves it (`kopir authority requests`, `approve`), and the new
+//! server completes an exchange within two refresh intervals of the
+//! approval. Bad requests are refused precisely and change nothing; every
+//! request and decision is in the authority's log, which verifies.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use kopir_authority::request::{self, Change, Request};
+use kopir_core::{
+    config::GlobalConfSource,
+    pki::{load_certs, load_key, sign::SigningKey},
+};
+use kopir_proto::v1::{SubmitRequest, registration_client::RegistrationClient};
+use kopir_testkit::federation::LocalFederation;
+use tonic::Code;
+
+mod common;
+mod federation_net;
+mod serve_process;
+
+use common::assert_refused;
+use federation_net::{PATH, Process, make_tls_for, start_and_read, write_anchor};
+use serve_process::ServeProcess;
+
+/// Runs `kopir ARGS` to completion.
+fn kopir(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kopir"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs `kopir ARGS`, which must succeed; returns its standard output.
+#[track_caller]
+fn kopir_ok(args: &[&str]) -> String {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let out = kopir(&args);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kopir {args:?}: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn text(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The authority with a management port; returns it and (publication,
+/// management) addresses.
+fn authority(dir: &Path, fed: &LocalFederation) -> (Process, SocketAddr, SocketAddr) {
+    let (operator, _) = fed.layout.operator();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kopir"));
+    command
+        .args(["authority", "serve", "--every", "1s", "--valid-for", "60s"])
+        .args(["--listen", "127.0.0.1:0", "--management", "127.0.0.1:0"])
+        .arg("--federation")
+        .arg(dir.join("authority.toml"))
+        .arg("--tls-cert")
+        .arg(dir.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.join("tls.key"))
+        .arg("--state")
+        .arg(dir.join("authority-state"))
+        .arg("--operator")
+        .arg(operator)
+        .arg("--out")
+        .arg(dir.join("globalconf.json"));
+    let management = Mutex::new(None);
+    let (process, publication) = start_and_read(command, |line| {
+        if let Some(addr) = line.strip_prefix("taking management requests at ") {
+            *management.lock().unwrap() = addr.parse().ok();
+        }
+        line.strip_prefix("publishing global configuration at https://")?
+            .strip_suffix(PATH)?
+            .parse()
+            .ok()
+    });
+    let management = management.lock().unwrap().expect("a management address");
+    (process, publication, management)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_joins_from_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fed = LocalFederation::launch(dir, &|_, _| {}).await.unwrap();
+    let parent = fed.dataset.sample_parents(1)[0].to_string();
+    std::fs::write(
+        dir.join("authority.toml"),
+        toml::to_string(&fed.description).unwrap(),
+    )
+    .unwrap();
+    make_tls_for(dir, &["127.0.0.1"]);
+    let (authority_process, publication, management) = authority(dir, &fed);
+    let anchor = dir.join("anchor.json");
+    write_anchor(dir, &[&format!("https://{publication}{PATH}")], &anchor);
+
+    // The new server: its keys and CSR, and the CA's certificate.
+    let ss2 = dir.join("ss2");
+    let said = kopir_ok(&[
+        "server",
+        "init",
+        "--server",
+        "KZ/GOV/MLSPP/ss2",
+        "--host",
+        "127.0.0.1",
+        "--out",
+        text(&ss2),
+    ]);
+    assert!(said.contains("tls.csr"), "{said}");
+    let again = kopir(&[
+        "server".as_ref(),
+        "init".as_ref(),
+        "--server".as_ref(),
+        "KZ/GOV/MLSPP/ss2".as_ref(),
+        "--out".as_ref(),
+        ss2.as_os_str(),
+    ]);
+    assert!(!again.status.success(), "init overwrote a key");
+    kopir_ok(&[
+        "certs",
+        "issue",
+        "--csr",
+        text(&ss2.join("tls.csr")),
+        "--ca-cert",
+        text(&fed.layout.ca_cert()),
+        "--ca-key",
+        text(&fed.layout.ca_key()),
+        "--out",
+        text(&ss2.join("tls.crt")),
+    ]);
+
+    // Its configuration: MLSPP's, with its own identity, ports and data.
+    let mut config = fed.nodes["mlspp"].config.clone();
+    config.server_id = "KZ/GOV/MLSPP/ss2".parse().unwrap();
+    config.data_dir = dir.join("data/ss2");
+    config.tls.cert = ss2.join("tls.crt");
+    config.tls.key = ss2.join("tls.key");
+    let peer = free_port();
+    config.listen.client = free_port();
+    config.listen.peer = peer;
+    config.listen.admin = Some(free_port());
+    config.globalconf = GlobalConfSource {
+        anchor: Some(anchor.clone()),
+        refresh_secs: 1,
+        connect_timeout_secs: 1,
+        read_timeout_secs: 2,
+        ..GlobalConfSource::default()
+    };
+    let config_path = ss2.join("server.toml");
+    config.save(&config_path).unwrap();
+    let log = std::fs::File::create(dir.join("ss2.log")).unwrap();
+    let mut server = ServeProcess::start(&config_path, log, "info");
+    let channel = server.benefits_channel(&fed).await;
+
+    // Not listed yet: the provider does not know its certificate.
+    let before = common::get_person(&channel, &parent, "child-benefit")
+        .await
+        .unwrap_err();
+    assert_refused(&before, Code::Unauthenticated, "peer.unknown");
+
+    let (member_cert, member_key) = fed.layout.member_signing(&"KZ/GOV/MLSPP".parse().unwrap());
+    let mgmt = management.to_string();
+    let said = kopir_ok(&[
+        "server",
+        "register",
+        "--dir",
+        text(&ss2),
+        "--address",
+        &peer.to_string(),
+        "--member-cert",
+        text(&member_cert),
+        "--member-key",
+        text(&member_key),
+        "--authority",
+        &mgmt,
+        "--authority-ca",
+        text(&dir.join("tls.crt")),
+    ]);
+    let id = said
+        .strip_prefix("request ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no request id in {said:?}"))
+        .to_string();
+    assert!(
+        said.contains("pending") && said.contains("new server KZ/GOV/MLSPP/ss2"),
+        "{said}"
+    );
+
+    let (op_cert, op_key) = fed.layout.operator();
+    let authority_tls = dir.join("tls.crt");
+    let operator = |command: &str, extra: &[&str]| {
+        let mut args = vec![
+            "authority",
+            command,
+            "--management",
+            &mgmt,
+            "--ca",
+            text(&authority_tls),
+            "--cert",
+            text(&op_cert),
+            "--key",
+            text(&op_key),
+        ];
+        args.extend_from_slice(extra);
+        kopir_ok(&args)
+    };
+    let listed = operator("requests", &[]);
+    assert!(
+        listed.contains(&id) && listed.contains("pending"),
+        "{listed}"
+    );
+
+    // Bad requests change nothing and say why.
+    bad_requests(&fed, &mgmt, dir, &ss2, &id).await;
+
+    let approved_at = Instant::now();
+    let said = operator("approve", &[&id, "--why", "second server of MLSPP"]);
+    assert!(said.contains("approved"), "{said}");
+    let served = common::until(&channel, &parent, Result::is_ok).await;
+    let since = approved_at.elapsed();
+    println!("approved: the new server's first exchange {since:?} after the approval");
+    assert!(
+        since < Duration::from_secs(3),
+        "the new server took {since:?} (served after {served:?}), more than two refreshes of 1 s"
+    );
+    let listed = operator("requests", &["--state", "approved"]);
+    assert!(
+        listed.contains(&id) && listed.contains("in the configuration from serial"),
+        "{listed}"
+    );
+
+    // The log has every request and decision, and verifies.
+    server.stop();
+    drop(authority_process);
+    let state = dir.join("authority-state");
+    let query = kopir_ok(&["audit", "query", "--data-dir", text(&state)]);
+    assert!(query.contains(&id), "{query}");
+    let verify = kopir_ok(&["audit", "verify", "--data-dir", text(&state)]);
+    // Submitted, refused (the 5 bad ones sent with a certificate of the
+    // CA; the one without is only in the authority's process log), approved.
+    assert!(
+        verify.starts_with("ok: 7 records") && verify.contains("chain intact"),
+        "{verify}"
+    );
+    fed.shutdown().await;
+}
+
+/// Requests the authority must refuse, each with its reason.
+async fn bad_requests(fed: &LocalFederation, management: &str, dir: &Path, ss2: &Path, used: &str) {
+    let roots = load_certs(&dir.join("tls.crt")).unwrap();
+    let identity = (
+        load_certs(&ss2.join("tls.crt")).unwrap(),
+        load_key(&ss2.join("tls.key")).unwrap(),
+    );
+    let client = |identity| {
+        let channel = kopir_consent::channel::ca_channel(
+            management,
+            &roots,
+            identity,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        RegistrationClient::new(channel)
+    };
+    let (member_cert, member_key): (PathBuf, PathBuf) =
+        fed.layout.member_signing(&"KZ/GOV/MLSPP".parse().unwrap());
+    let member = SigningKey::load(&member_cert, &member_key).unwrap();
+    let other = {
+        let (c, k) = fed.layout.member_signing(&"KZ/GOV/SRC".parse().unwrap());
+        SigningKey::load(&c, &k).unwrap()
+    };
+    let add_server = |id: &str, code: &str| Request {
+        id: id.into(),
+        member: "KZ/GOV/MLSPP".parse().unwrap(),
+        created_at: time::OffsetDateTime::now_utc(),
+        changes: vec![Change::AddServer {
+            code: code.into(),
+            address: "127.0.0.1:1".into(),
+            tls_cert: std::fs::read_to_string(ss2.join("tls.crt")).unwrap(),
+            subsystems: vec![],
+        }],
+    };
+    let submit = |bytes: Vec<u8>, with_tls: bool| {
+        let mut c = client(with_tls.then(|| (identity.0.clone(), identity.1.clone_key())));
+        async move {
+            c.submit(SubmitRequest {
+                request: bytes.into(),
+            })
+            .await
+        }
+    };
+    let cases: Vec<(Vec<u8>, bool, Code, &str)> = vec![
+        (
+            b"{ not a request".to_vec(),
+            true,
+            Code::InvalidArgument,
+            "request.invalid",
+        ),
+        (
+            vec![b' '; 70_000],
+            true,
+            Code::InvalidArgument,
+            "request.invalid",
+        ),
+        (
+            request::sign(&add_server("x-1", "ss3"), &[&other]),
+            true,
+            Code::PermissionDenied,
+            "request.unauthorized",
+        ),
+        (
+            request::sign(&add_server("x-2", "ss3"), &[&member]),
+            false,
+            Code::PermissionDenied,
+            "request.unauthorized",
+        ),
+        (
+            request::sign(&add_server(used, "ss3"), &[&member]),
+            true,
+            Code::FailedPrecondition,
+            "request.decided",
+        ),
+        (
+            request::sign(&add_server("x-3", "ss1"), &[&member]),
+            true,
+            Code::InvalidArgument,
+            "request.invalid",
+        ),
+    ];
+    for (bytes, with_tls, code, reason) in cases {
+        let refused = submit(bytes, with_tls).await.unwrap_err();
+        assert_refused(&refused, code, reason);
+    }
+}
