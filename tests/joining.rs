@@ -30,7 +30,9 @@ mod federation_net;
 mod serve_process;
 
 use common::assert_refused;
-use federation_net::{PATH, Process, make_tls_for, start_and_read, write_anchor};
+use federation_net::{
+    PATH, Process, authority_command, make_tls_for, start_and_read, write_anchor,
+};
 use serve_process::ServeProcess;
 
 /// Runs `kopir ARGS` to completion.
@@ -70,22 +72,16 @@ fn text(p: &Path) -> &str {
 /// management) addresses.
 fn authority(dir: &Path, fed: &LocalFederation) -> (Process, SocketAddr, SocketAddr) {
     let (operator, _) = fed.layout.operator();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kopir"));
-    command
-        .args(["authority", "serve", "--every", "1s", "--valid-for", "60s"])
-        .args(["--listen", "127.0.0.1:0", "--management", "127.0.0.1:0"])
-        .arg("--federation")
-        .arg(dir.join("authority.toml"))
-        .arg("--tls-cert")
-        .arg(dir.join("tls.crt"))
-        .arg("--tls-key")
-        .arg(dir.join("tls.key"))
-        .arg("--state")
-        .arg(dir.join("authority-state"))
-        .arg("--operator")
-        .arg(operator)
-        .arg("--out")
-        .arg(dir.join("globalconf.json"));
+    let state = dir.join("authority-state");
+    let extra: [&std::ffi::OsStr; 6] = [
+        "--management".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--state".as_ref(),
+        state.as_os_str(),
+        "--operator".as_ref(),
+        operator.as_os_str(),
+    ];
+    let command = authority_command(&[], dir, "127.0.0.1:0", &extra);
     let management = Mutex::new(None);
     let (process, publication) = start_and_read(command, |line| {
         if let Some(addr) = line.strip_prefix("taking management requests at ") {
@@ -244,6 +240,25 @@ async fn a_server_joins_from_nothing() {
     assert!(
         since < Duration::from_secs(3),
         "the new server took {since:?} (served after {served:?}), more than two refreshes of 1 s"
+    );
+    // Its operator sees where its configuration came from.
+    let admin = config.listen.admin.unwrap().to_string();
+    let status = kopir_ok(&[
+        "server",
+        "status",
+        "--admin",
+        &admin,
+        "--ca",
+        text(&fed.layout.ca_cert()),
+        "--cert",
+        text(&op_cert),
+        "--key",
+        text(&op_key),
+    ]);
+    assert!(
+        status.starts_with("usable: serial")
+            && status.contains(&format!("from https://{publication}{PATH}")),
+        "{status}"
     );
     let listed = operator("requests", &["--state", "approved"]);
     assert!(

@@ -227,7 +227,7 @@ impl Command {
                     .await?
                     .list(ListManagementRequests { state })
                     .await
-                    .map_err(refused)?
+                    .map_err(super::refused)?
                     .into_inner();
                 for r in &list.requests {
                     print_request(r);
@@ -257,17 +257,6 @@ async fn admin(
     Ok(RequestAdminClient::new(channel))
 }
 
-/// A refusal from the authority, with its reason.
-fn refused(s: tonic::Status) -> anyhow::Error {
-    let reason = s
-        .metadata()
-        .get(kopir_core::error::ERROR_KEY)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    anyhow::anyhow!("refused ({reason}): {}", s.message())
-}
-
 fn print_request(r: &ManagementRequest) {
     println!(
         "{} {} {} submitted {}",
@@ -295,7 +284,7 @@ async fn decide(args: DecideArgs, approve: bool) -> anyhow::Result<()> {
     } else {
         client.reject(decision).await
     };
-    print_request(&answer.map_err(refused)?.into_inner());
+    print_request(&answer.map_err(super::refused)?.into_inner());
     Ok(())
 }
 

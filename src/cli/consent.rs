@@ -8,7 +8,6 @@ use tonic::transport::Channel;
 use kopir_consent::{channel::ca_channel, config::ConsentConfig, server};
 use kopir_core::{
     clock::rfc3339,
-    error::Refusal,
     pki::{load_certs, load_key},
 };
 use kopir_proto::v1::{
@@ -123,13 +122,6 @@ impl Connect {
     }
 }
 
-fn refused(status: tonic::Status) -> anyhow::Error {
-    match Refusal::from_status(&status) {
-        Some(r) => anyhow::anyhow!("refused ({}): {}", r.reason, r.message),
-        None => anyhow::anyhow!("{}: {}", status.code(), status.message()),
-    }
-}
-
 fn print(c: &Consent) {
     let state = if c.revoked_at_ms != 0 {
         "revoked"
@@ -165,7 +157,7 @@ impl Command {
                     .await?
                     .list(ListRequest { subject })
                     .await
-                    .map_err(refused)?
+                    .map_err(super::refused)?
                     .into_inner()
                     .consents;
                 consents.iter().for_each(print);
@@ -180,7 +172,7 @@ impl Command {
                         consent_id: id,
                     })
                     .await
-                    .map_err(refused)?
+                    .map_err(super::refused)?
                     .into_inner()
                     .consent;
                 consent.iter().for_each(print);
@@ -192,7 +184,7 @@ impl Command {
                     .await?
                     .issue_token(IssueTokenRequest { consent_id: id })
                     .await
-                    .map_err(refused)?
+                    .map_err(super::refused)?
                     .into_inner();
                 println!("{}", answer.token);
                 eprintln!("expires {}", rfc3339(answer.expires_at));
@@ -236,7 +228,7 @@ async fn grant(a: GrantArgs) -> anyhow::Result<()> {
                 max_uses: a.max_uses.unwrap_or(0),
             })
             .await
-            .map_err(refused)?
+            .map_err(super::refused)?
             .into_inner()
             .consent;
     consent.iter().for_each(print);

@@ -110,3 +110,11 @@ pub fn stop_signal() -> impl std::future::Future<Output = ()> {
         let _ = interrupt.await;
     }
 }
+
+/// A refusal a kopir service answered, with its `kopir-error` reason.
+pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
+    match kopir_core::error::Refusal::from_status(&status) {
+        Some(r) => anyhow::anyhow!("refused ({}): {}", r.reason, r.message),
+        None => anyhow::anyhow!("{}: {}", status.code(), status.message()),
+    }
+}

@@ -11,6 +11,8 @@
 //!   certificate (which proves possession of the TLS key).
 //! - `change` asks for a new address or a subsystem added or removed,
 //!   signed by the member's current key.
+//! - `status` asks a running server what it says of its global
+//!   configuration.
 
 use std::{
     path::{Path, PathBuf},
@@ -24,7 +26,10 @@ use kopir_core::{
     id::{MemberId, ServerId},
     pki::{dev, load_certs, load_key, sign::SigningKey},
 };
-use kopir_proto::v1::{ManagementRequest, SubmitRequest, registration_client::RegistrationClient};
+use kopir_proto::v1::{
+    GlobalConfStatusRequest, ManagementRequest, SubmitRequest,
+    registration_client::RegistrationClient, server_status_client::ServerStatusClient,
+};
 use serde::{Deserialize, Serialize};
 
 /// Server commands.
@@ -39,6 +44,27 @@ pub enum Command {
     /// Ask the authority for a change of a registered member: a server's new
     /// address, a subsystem added or removed.
     Change(ChangeArgs),
+    /// What a running server says of its global configuration (its admin
+    /// port, as an operator): the copy in use, where and when it came from,
+    /// when it expires, how each source last answered.
+    Status(StatusArgs),
+}
+
+/// Arguments of `kopir server status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The server's admin port, host:port.
+    #[arg(long)]
+    pub admin: String,
+    /// The CA certificate the server's TLS certificate chains to.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// An operator's client certificate (one the server's `operators` lists).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Its key.
+    #[arg(long)]
+    pub key: PathBuf,
 }
 
 /// Arguments of `kopir server init`.
@@ -141,6 +167,7 @@ impl Command {
             Command::Init(a) => init(a),
             Command::Register(a) => register(a).await,
             Command::Change(a) => change(a).await,
+            Command::Status(a) => status(a).await,
         }
     }
 }
@@ -203,18 +230,7 @@ async fn submit(
             request: bytes.into(),
         })
         .await
-        .map_err(|s| {
-            let reason = s
-                .metadata()
-                .get(kopir_core::error::ERROR_KEY)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            anyhow::anyhow!(
-                "the authority refused the request ({reason}): {}",
-                s.message()
-            )
-        })?
+        .map_err(super::refused)?
         .into_inner();
     println!(
         "request {} {}: {}",
@@ -309,4 +325,42 @@ async fn change(args: ChangeArgs) -> anyhow::Result<()> {
     let identity = args.tls_cert.clone().zip(args.tls_key.clone());
     submit(&args.to, identity, bytes).await?;
     Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let identity = (load_certs(&args.cert)?, load_key(&args.key)?);
+    let channel = ca_channel(
+        &args.admin,
+        &load_certs(&args.ca)?,
+        Some(identity),
+        Duration::from_secs(10),
+    )?;
+    let s = ServerStatusClient::new(channel)
+        .global_conf(GlobalConfStatusRequest {})
+        .await
+        .map_err(super::refused)?
+        .into_inner();
+    if s.usable {
+        println!("usable: serial {}, expires {}", s.serial, s.expires_at);
+    } else {
+        println!("NOT usable ({}): {}", s.reason, s.why);
+    }
+    println!("obtained from {} at {}", s.obtained_from, s.obtained_at);
+    println!("last checked at {} from {}", s.checked_at, s.checked_from);
+    println!("authority keys: {}", s.authority_keys.join(", "));
+    for source in &s.sources {
+        println!("source {}", source.location);
+        println!("    last success {}", dash(&source.last_success));
+        if !source.last_failure.is_empty() {
+            println!(
+                "    last failure {}: {}",
+                source.last_failure, source.last_error
+            );
+        }
+    }
+    Ok(())
+}
+
+fn dash(text: &str) -> &str {
+    if text.is_empty() { "-" } else { text }
 }

@@ -53,11 +53,12 @@ impl Drop for Process {
 pub fn start_and_read<T>(mut command: Command, wanted: impl Fn(&str) -> Option<T>) -> (Process, T) {
     let mut child = command
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("start {command:?}: {e}"));
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
     let process = Process(child);
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
@@ -65,11 +66,27 @@ pub fn start_and_read<T>(mut command: Command, wanted: impl Fn(&str) -> Option<T
             let _ = tx.send(line);
         }
     });
+    // What it says on standard error, for when it fails (kept to 64 lines).
+    let said = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = said.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut kept = keep.lock().unwrap();
+            if kept.len() < 64 {
+                kept.push(line);
+            }
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("{command:?} never printed the awaited line"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{command:?} never printed the awaited line ({e}); it said: {}",
+                    said.lock().unwrap().join("\n")
+                )
+            });
         if let Some(found) = wanted(&line) {
             return (process, found);
         }
@@ -92,16 +109,28 @@ pub fn authority_with(
     authority_via(&[], dir, listen, extra)
 }
 
-/// [`authority_with`] started through the command `prefix` names, which
-/// then runs `kopir` with its arguments: `ip netns exec NS` runs the
-/// authority in network namespace `NS`. The address returned is the one it
-/// printed (`0.0.0.0:PORT` for `--listen 0.0.0.0:0`).
-pub fn authority_via(
+/// A free loopback port below the ephemeral range (32768 and up), for a
+/// process restarted on the same address: a listener bound to port 0
+/// elsewhere never takes it.
+pub fn restartable_port() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let start = (nanos ^ std::process::id()) % 12_000;
+    (0..12_000)
+        .map(|i| 20_000 + ((start + i) % 12_000) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port between 20000 and 32000")
+}
+
+/// The `kopir authority serve` command of [`authority_via`], to start with
+/// [`start_and_read`] when more than its address is wanted.
+pub fn authority_command(
     prefix: &[&std::ffi::OsStr],
     dir: &Path,
     listen: &str,
     extra: &[&std::ffi::OsStr],
-) -> (Process, SocketAddr) {
+) -> Command {
     let kopir = env!("CARGO_BIN_EXE_kopir");
     let mut command = match prefix.split_first() {
         None => Command::new(kopir),
@@ -124,6 +153,20 @@ pub fn authority_via(
         .arg(dir.join("tls.key"))
         .arg("--out")
         .arg(dir.join("globalconf.json"));
+    command
+}
+
+/// [`authority_with`] started through the command `prefix` names, which
+/// then runs `kopir` with its arguments: `ip netns exec NS` runs the
+/// authority in network namespace `NS`. The address returned is the one it
+/// printed (`0.0.0.0:PORT` for `--listen 0.0.0.0:0`).
+pub fn authority_via(
+    prefix: &[&std::ffi::OsStr],
+    dir: &Path,
+    listen: &str,
+    extra: &[&std::ffi::OsStr],
+) -> (Process, SocketAddr) {
+    let command = authority_command(prefix, dir, listen, extra);
     start_and_read(command, |line| {
         line.strip_prefix("publishing global configuration at https://")?
             .strip_suffix(PATH)?
@@ -305,7 +348,9 @@ impl Net {
         )
         .unwrap();
         make_tls(&dir);
-        let (authority, addr) = authority(&dir, "127.0.0.1:0");
+        // Restarted on the same address: a port below the ephemeral range,
+        // which no other test's `127.0.0.1:0` can take in between.
+        let (authority, addr) = authority(&dir, &format!("127.0.0.1:{}", restartable_port()));
         let folder = dir.join("mirror");
         std::fs::create_dir(&folder).unwrap();
         let (mirror, mirror_port) = mirror(&folder);
