@@ -6,7 +6,8 @@
 //! and approves it (`kopir authority requests`, `approve`), and the new
 //! server completes an exchange within two refresh intervals of the
 //! approval. Bad requests are refused precisely and change nothing; every
-//! request and decision is in the authority's log, which verifies.
+//! request and decision is in the authority's log, which verifies. A
+//! member's signing key is rolled over the same way, under load.
 
 use std::{
     net::SocketAddr,
@@ -21,7 +22,10 @@ use kopir_core::{
     config::GlobalConfSource,
     pki::{load_certs, load_key, sign::SigningKey},
 };
-use kopir_proto::v1::{SubmitRequest, registration_client::RegistrationClient};
+use kopir_proto::v1::{
+    GlobalConfStatusRequest, SubmitRequest, registration_client::RegistrationClient,
+    server_status_client::ServerStatusClient,
+};
 use kopir_testkit::federation::LocalFederation;
 use tonic::Code;
 
@@ -31,7 +35,7 @@ mod serve_process;
 
 use common::assert_refused;
 use federation_net::{
-    PATH, Process, authority_command, make_tls_for, start_and_read, write_anchor,
+    Load, PATH, Process, authority_command, make_tls_for, start_and_read, write_anchor,
 };
 use serve_process::ServeProcess;
 
@@ -368,4 +372,188 @@ async fn bad_requests(fed: &LocalFederation, management: &str, dir: &Path, ss2: 
         let refused = submit(bytes, with_tls).await.unwrap_err();
         assert_refused(&refused, code, reason);
     }
+}
+
+/// A member's signing key rolled over under continuous load, by management
+/// requests: the new certificate (its key made with openssl) is listed
+/// beside the old, the consumer's server switches to it (a reload), the old
+/// one is removed. No call fails; a signature by the old key is refused
+/// afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_rolls_its_signing_key_over_under_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fed = LocalFederation::launch(dir, &|_, _| {}).await.unwrap();
+    let parent = fed.dataset.sample_parents(1)[0].to_string();
+    std::fs::write(
+        dir.join("authority.toml"),
+        toml::to_string(&fed.description).unwrap(),
+    )
+    .unwrap();
+    make_tls_for(dir, &["127.0.0.1"]);
+    let (_authority, _, management) = authority(dir, &fed);
+    let mgmt = management.to_string();
+    let (op_cert, op_key) = fed.layout.operator();
+    let authority_tls = dir.join("tls.crt");
+    let operator = |command: &str, extra: &[&str]| {
+        let mut args = vec![
+            "authority",
+            command,
+            "--management",
+            &mgmt,
+            "--ca",
+            text(&authority_tls),
+            "--cert",
+            text(&op_cert),
+            "--key",
+            text(&op_key),
+        ];
+        args.extend_from_slice(extra);
+        kopir_ok(&args)
+    };
+    // Approves the one request `change` makes; waits until the provider
+    // works on a configuration that includes it.
+    let approve = |said: String| {
+        let id = said
+            .strip_prefix("request ")
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("no request id in {said:?}"))
+            .to_string();
+        let approved = operator("approve", &[&id, "--why", "key rollover"]);
+        assert!(approved.contains("approved"), "{approved}");
+        id
+    };
+    let provider_has = |id: String| {
+        let fed = &fed;
+        let operator = &operator;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let listed = operator("requests", &["--state", "approved"]);
+                let serial = listed
+                    .split(&id)
+                    .nth(1)
+                    .and_then(|rest| rest.split("from serial ").nth(1))
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|s| s.parse::<u64>().ok());
+                let status = ServerStatusClient::new(fed.admin_channel("moj").await.unwrap())
+                    .global_conf(GlobalConfStatusRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if serial.is_some_and(|s| status.serial >= s) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the provider never took request {id}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // The next key, made and kept with the tools of a security team.
+    let (next_key, next_csr, next_cert) = (
+        dir.join("next.key"),
+        dir.join("next.csr"),
+        dir.join("next.crt"),
+    );
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", text(&next_key)]);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        text(&next_key),
+        "-subj",
+        "/CN=MLSPP signing 2027",
+        "-out",
+        text(&next_csr),
+    ]);
+    kopir_ok(&[
+        "certs",
+        "issue",
+        "--signing",
+        "--csr",
+        text(&next_csr),
+        "--ca-cert",
+        text(&fed.layout.ca_cert()),
+        "--ca-key",
+        text(&fed.layout.ca_key()),
+        "--out",
+        text(&next_cert),
+    ]);
+    let (old_cert, old_key) = fed.layout.member_signing(&"KZ/GOV/MLSPP".parse().unwrap());
+    let change = |cert: &Path, key: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "server",
+            "change",
+            "--member",
+            "KZ/GOV/MLSPP",
+            "--member-cert",
+            text(cert),
+            "--member-key",
+            text(key),
+            "--authority",
+            &mgmt,
+            "--authority-ca",
+            text(&authority_tls),
+        ];
+        args.extend_from_slice(extra);
+        kopir_ok(&args)
+    };
+
+    let channel = fed
+        .client_channel("mlspp", "KZ/GOV/MLSPP/benefits")
+        .await
+        .unwrap();
+    common::until(&channel, &parent, Result::is_ok).await;
+    let load = Load::on(&channel, &parent);
+    // 1. Listed beside the old one.
+    let id = approve(change(
+        &old_cert,
+        &old_key,
+        &[
+            "--add-signing-cert",
+            text(&next_cert),
+            "--new-signing-key",
+            text(&next_key),
+        ],
+    ));
+    provider_has(id).await;
+    // 2. The consumer's server signs with it.
+    let mlspp = fed.node("mlspp");
+    let mut config = mlspp.config.clone();
+    config.signing.cert = next_cert.clone();
+    config.signing.key = next_key.clone();
+    mlspp.server.reload(config.clone()).await.unwrap();
+    // 3. The old one goes, by a request the new key signs.
+    let id = approve(change(
+        &next_cert,
+        &next_key,
+        &["--remove-signing-cert", text(&old_cert)],
+    ));
+    provider_has(id).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = load.finish().await;
+    println!(
+        "member signing key rollover under load: {} calls made, {} failed",
+        calls.made, calls.failed
+    );
+    assert!(calls.made > 0 && calls.failed == 0, "{calls:?}");
+
+    // The old key no longer signs for MLSPP.
+    let mut old = config;
+    old.signing.cert = old_cert;
+    old.signing.key = old_key;
+    mlspp.server.reload(old).await.unwrap();
+    let refused = common::get_person(&channel, &parent, "child-benefit")
+        .await
+        .unwrap_err();
+    assert_refused(&refused, Code::Unauthenticated, "signature.unknown_key");
+    fed.shutdown().await;
 }

@@ -42,7 +42,8 @@ pub enum Command {
     /// submit it to the authority.
     Register(RegisterArgs),
     /// Ask the authority for a change of a registered member: a server's new
-    /// address, a subsystem added or removed.
+    /// address, a subsystem added or removed, a signing certificate added or
+    /// removed (a key rollover).
     Change(ChangeArgs),
     /// What a running server says of its global configuration (its admin
     /// port, as an operator): the copy in use, where and when it came from,
@@ -149,6 +150,16 @@ pub struct ChangeArgs {
     /// A subsystem to remove; repeatable.
     #[arg(long = "remove-subsystem")]
     pub remove_subsystems: Vec<String>,
+    /// A new signing certificate to list beside the current one (the first
+    /// step of a key rollover); its key signs the request too.
+    #[arg(long, requires = "new_signing_key")]
+    pub add_signing_cert: Option<PathBuf>,
+    /// The key of --add-signing-cert.
+    #[arg(long, requires = "add_signing_cert")]
+    pub new_signing_key: Option<PathBuf>,
+    /// A signing certificate to list no more (the last step of a rollover).
+    #[arg(long)]
+    pub remove_signing_cert: Option<PathBuf>,
     /// The TLS client certificate and key to connect with (a server's of the
     /// member; none: server-authenticated TLS).
     #[arg(long, requires = "tls_key")]
@@ -317,11 +328,28 @@ async fn change(args: ChangeArgs) -> anyhow::Result<()> {
     for code in &args.remove_subsystems {
         changes.push(Change::RemoveSubsystem { code: code.clone() });
     }
-    if changes.is_empty() {
-        bail!("name a change: --set-address, --add-subsystem or --remove-subsystem");
+    let mut keys = vec![SigningKey::load(&args.member_cert, &args.member_key)?];
+    if let (Some(cert), Some(key)) = (&args.add_signing_cert, &args.new_signing_key) {
+        changes.push(Change::AddSigningCert {
+            signing_cert: std::fs::read_to_string(cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?,
+        });
+        keys.push(SigningKey::load(cert, key)?);
     }
-    let key = SigningKey::load(&args.member_cert, &args.member_key)?;
-    let bytes = request::sign(&new_request(args.member.clone(), changes), &[&key]);
+    if let Some(cert) = &args.remove_signing_cert {
+        changes.push(Change::RemoveSigningCert {
+            key_id: kopir_core::pki::cert_fingerprint(cert)?.to_string(),
+        });
+    }
+    if changes.is_empty() {
+        bail!(
+            "name a change: --set-address, --add-subsystem, --remove-subsystem, --add-signing-cert or --remove-signing-cert"
+        );
+    }
+    let bytes = request::sign(
+        &new_request(args.member.clone(), changes),
+        &keys.iter().collect::<Vec<_>>(),
+    );
     let identity = args.tls_cert.clone().zip(args.tls_key.clone());
     submit(&args.to, identity, bytes).await?;
     Ok(())

@@ -401,7 +401,8 @@ impl Registry {
         };
         for change in &request.changes {
             match change {
-                Change::JoinMember { signing_cert, .. } => {
+                Change::JoinMember { signing_cert, .. }
+                | Change::AddSigningCert { signing_cert } => {
                     let key =
                         verifying(signing_cert).map_err(|e| refuse(Reason::RequestInvalid, e))?;
                     if !opened.signed_by(&key) {
@@ -559,10 +560,7 @@ impl Registry {
     }
 
     fn save(&self, entry: &Entry) -> Result<(), RegistryError> {
-        let path = self
-            .dir
-            .join("requests")
-            .join(format!("{}.json", file_safe(&entry.id)));
+        let path = self.dir.join("requests").join(format!("{}.json", entry.id));
         let text = serde_json::to_vec_pretty(entry).unwrap_or_default();
         write_atomically(&path, &text).map_err(|e| {
             refuse(
@@ -620,19 +618,6 @@ impl Registry {
     }
 }
 
-/// A request id as a file name.
-fn file_safe(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 fn one_der(pem: &str) -> Result<Vec<u8>, String> {
     let certs = certs_from_pem(pem.as_bytes(), "request").map_err(|e| e.to_string())?;
     Ok(certs[0].as_ref().to_vec())
@@ -648,7 +633,7 @@ fn apply(fed: &Federation, request: &request::Request, certs: &Path) -> Result<F
     let mut fed = fed.clone();
     let cert_file = |n: usize, pem: &str| -> Result<PathBuf, String> {
         one_der(pem)?;
-        let path = certs.join(format!("{}-{n}.crt", file_safe(&request.id)));
+        let path = certs.join(format!("{}-{n}.crt", request.id));
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
@@ -665,6 +650,7 @@ fn apply(fed: &Federation, request: &request::Request, certs: &Path) -> Result<F
                 id: member.clone(),
                 name: name.clone(),
                 signing_cert: Some(cert_file(n, signing_cert)?),
+                extra_signing_certs: vec![],
                 subsystems: vec![],
                 servers: vec![],
             });
@@ -713,6 +699,34 @@ fn apply(fed: &Federation, request: &request::Request, certs: &Path) -> Result<F
                     personal_data: *personal_data,
                 });
             }
+            Change::AddSigningCert { signing_cert } => {
+                let file = cert_file(n, signing_cert)?;
+                let m = member_mut(&mut fed, member)?;
+                m.extra_signing_certs.push(file);
+            }
+            Change::RemoveSigningCert { key_id } => {
+                let primary = match m.signing_cert.clone() {
+                    Some(p) => p,
+                    None => fed_layout_signing(&fed, member)?,
+                };
+                let m = member_mut(&mut fed, member)?;
+                let mut listed: Vec<PathBuf> = std::iter::once(primary)
+                    .chain(m.extra_signing_certs.iter().cloned())
+                    .collect();
+                let before = listed.len();
+                listed.retain(|file| {
+                    kopir_core::pki::cert_fingerprint(file)
+                        .map_or(true, |fp| fp.to_string() != *key_id)
+                });
+                if listed.len() == before {
+                    return Err(format!("{member} lists no signing certificate {key_id}"));
+                }
+                if listed.is_empty() {
+                    return Err(format!("{member} would have no signing certificate left"));
+                }
+                m.signing_cert = Some(listed.remove(0));
+                m.extra_signing_certs = listed;
+            }
             Change::RemoveSubsystem { code } => {
                 let before = m.subsystems.len();
                 m.subsystems.retain(|s| &s.code != code);
@@ -726,6 +740,18 @@ fn apply(fed: &Federation, request: &request::Request, certs: &Path) -> Result<F
         }
     }
     Ok(fed)
+}
+
+/// The development layout's signing certificate of `member`, where the
+/// description names none.
+fn fed_layout_signing(fed: &Federation, member: &MemberId) -> Result<PathBuf, String> {
+    let certs = fed
+        .certs
+        .as_ref()
+        .ok_or_else(|| format!("{member} names no signing certificate"))?;
+    Ok(kopir_core::pki::layout::DevLayout::new(certs)
+        .member_signing(member)
+        .0)
 }
 
 fn member_mut<'f>(fed: &'f mut Federation, id: &MemberId) -> Result<&'f mut MemberDesc, String> {
@@ -1001,6 +1027,89 @@ mod tests {
         assert_eq!(
             reason(registry.get("nope").unwrap_err()),
             "request.not_found"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_signing_key_is_listed_beside_the_old_and_the_old_one_removed() {
+        let s = Setup::new();
+        let registry = s.open().await;
+        let old = s.member_key("KZ/GOV/SRC");
+        let (next_cert, next_pem) = s.issued("SRC signing 2027", true);
+        let next = signing_key(&next_cert, &next_pem, s.dir.path());
+        let keys_of = |r: &Registry| {
+            let conf = r.description().build(1, time::Duration::hours(1)).unwrap();
+            let m = conf
+                .members
+                .iter()
+                .find(|m| m.id.to_string() == "KZ/GOV/SRC")
+                .unwrap();
+            m.signing_certs.len()
+        };
+        let add = request(
+            "src-1",
+            "KZ/GOV/SRC",
+            vec![Change::AddSigningCert {
+                signing_cert: next_cert.clone(),
+            }],
+        );
+        // The new key must sign too.
+        assert_eq!(
+            reason(
+                registry
+                    .submit(&sign(&add, &[&old]), None)
+                    .await
+                    .unwrap_err()
+            ),
+            "request.unauthorized"
+        );
+        registry
+            .submit(&sign(&add, &[&old, &next]), None)
+            .await
+            .unwrap();
+        registry
+            .decide("src-1", true, "rollover", "operator")
+            .await
+            .unwrap();
+        assert_eq!(keys_of(&registry), 2);
+        let old_id = old.key_id().to_string();
+        let remove = |id: &str, key_id: &str| {
+            request(
+                id,
+                "KZ/GOV/SRC",
+                vec![Change::RemoveSigningCert {
+                    key_id: key_id.into(),
+                }],
+            )
+        };
+        registry
+            .submit(&sign(&remove("src-2", &old_id), &[&next]), None)
+            .await
+            .unwrap();
+        registry
+            .decide("src-2", true, "rollover done", "operator")
+            .await
+            .unwrap();
+        assert_eq!(keys_of(&registry), 1);
+        // The old key no longer authorises; the last key cannot go.
+        let late = remove("src-3", &next.key_id().to_string());
+        assert_eq!(
+            reason(
+                registry
+                    .submit(&sign(&late, &[&old]), None)
+                    .await
+                    .unwrap_err()
+            ),
+            "request.unauthorized"
+        );
+        assert_eq!(
+            reason(
+                registry
+                    .submit(&sign(&late, &[&next]), None)
+                    .await
+                    .unwrap_err()
+            ),
+            "request.invalid"
         );
     }
 }

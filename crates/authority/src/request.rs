@@ -77,6 +77,19 @@ pub enum Change {
         /// The subsystem's code.
         code: String,
     },
+    /// A new signing certificate of the member, listed beside the ones it
+    /// has (the first step of a key rollover); the new key signs the
+    /// request too.
+    AddSigningCert {
+        /// The certificate (PEM), issued by a trusted CA.
+        signing_cert: String,
+    },
+    /// A signing certificate of the member is no longer listed (the last
+    /// step of a rollover); the member keeps at least one.
+    RemoveSigningCert {
+        /// The SHA-256 of the certificate, hex.
+        key_id: String,
+    },
 }
 
 impl Change {
@@ -102,6 +115,15 @@ impl Change {
                 }
             ),
             Change::RemoveSubsystem { code } => format!("subsystem {member}/{code} removed"),
+            Change::AddSigningCert { signing_cert } => format!(
+                "new signing certificate of {member}{}",
+                kopir_core::pki::certs_from_pem(signing_cert.as_bytes(), "request")
+                    .map(|c| format!(" {}", Fingerprint::of(c[0].as_ref())))
+                    .unwrap_or_default()
+            ),
+            Change::RemoveSigningCert { key_id } => {
+                format!("signing certificate {key_id} of {member} removed")
+            }
         }
     }
 }
@@ -110,7 +132,8 @@ impl Change {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
-    /// Its id (a UUID), chosen by the member.
+    /// Its id (a UUID: letters, digits, hyphens), chosen by the member;
+    /// also the name of the files the authority keeps it in.
     pub id: String,
     /// The member it concerns.
     pub member: MemberId,
@@ -185,9 +208,14 @@ pub fn open(bytes: &[u8]) -> Result<Opened, FormatError> {
     }
     let payload = B64.decode(&envelope.payload).map_err(|e| bad(&e))?;
     let request: Request = serde_json::from_slice(&payload).map_err(|e| bad(&e))?;
-    if request.id.is_empty() || request.id.len() > 64 || request.changes.is_empty() {
+    let id_ok = (1..=64).contains(&request.id.len())
+        && request
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !id_ok || request.changes.is_empty() {
         return Err(FormatError(
-            "a request needs an id of at most 64 characters and at least one change".into(),
+            "a request needs an id of 1 to 64 letters, digits and hyphens (a UUID) and at least one change".into(),
         ));
     }
     let signatures = envelope
@@ -275,5 +303,14 @@ mod tests {
         let mut empty = request();
         empty.changes.clear();
         assert!(open(&sign(&empty, &[&a])).is_err());
+        for id in ["", "../x", "a/b", "a_b", &"a".repeat(65)] {
+            let mut odd = request();
+            odd.id = id.into();
+            let e = open(&sign(&odd, &[&a])).unwrap_err();
+            assert!(
+                e.to_string().contains("letters, digits and hyphens"),
+                "{id}: {e}"
+            );
+        }
     }
 }

@@ -305,7 +305,6 @@ impl Parts {
         audit: Arc<AuditHandle>,
     ) -> Result<Self, ServerError> {
         let identity = TlsIdentity::load(config)?;
-        let signer = SigningKey::load(&config.signing.cert, &config.signing.key)?;
         let conf = global_conf(config).await?;
         let local = local_of(config)?;
         let plaintext_clients = plaintext_client(config, &listeners.client)?;
@@ -315,7 +314,6 @@ impl Parts {
         let gw = Arc::new(Gateway {
             server_id: config.server_id.clone(),
             conf,
-            signer: BatchSigner::start(Arc::new(signer)),
             verified: VerifiedRoots::new(VERIFIED_ROOTS),
             audit: audit.clone(),
             replay: ReplayGuard::new(limits.max_clock_skew_ms, limits.replay_capacity),
@@ -382,13 +380,16 @@ async fn global_conf(config: &ServerConfig) -> Result<GlobalConfHandle, ServerEr
 }
 
 /// What the configuration says of the member's own systems: its
-/// information systems, registries and access rules, each checked (a
-/// certificate that does not load, an endpoint that is no address).
+/// information systems, registries, access rules and signing key, each
+/// checked (a certificate that does not load, an endpoint that is no
+/// address, a key that does not match its certificate).
 fn local_of(config: &ServerConfig) -> Result<Local, ServerError> {
+    let signer = SigningKey::load(&config.signing.cert, &config.signing.key)?;
     Ok(Local {
         clients: registered_clients(config)?,
         services: registries(config)?,
         policy: AccessPolicy::new(config.access.clone()),
+        signer: BatchSigner::start(Arc::new(signer)),
     })
 }
 

@@ -152,6 +152,10 @@ pub struct MemberDesc {
     /// Signing certificate file; default: the development layout's.
     #[serde(default)]
     pub signing_cert: Option<PathBuf>,
+    /// More signing certificates listed beside it, during a key rollover:
+    /// providers accept a signature by any of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_signing_certs: Vec<PathBuf>,
     /// The member's subsystems: its information systems and registries.
     #[serde(default)]
     pub subsystems: Vec<Subsystem>,
@@ -219,6 +223,7 @@ impl Federation {
             if let Some(p) = m.signing_cert.as_mut() {
                 fix(p);
             }
+            m.extra_signing_certs.iter_mut().for_each(fix);
             for s in &mut m.servers {
                 if let Some(p) = s.tls_cert.as_mut() {
                     fix(p);
@@ -345,10 +350,10 @@ impl Federation {
             members.push(Member {
                 id: m.id.clone(),
                 name: m.name.clone(),
-                signing_certs: vec![checked(
-                    &signing,
-                    format!("signing certificate of {}", m.id),
-                )?],
+                signing_certs: std::iter::once(&signing)
+                    .chain(&m.extra_signing_certs)
+                    .map(|file| checked(file, format!("signing certificate of {}", m.id)))
+                    .collect::<Result<_, _>>()?,
                 servers,
                 subsystems: m.subsystems.clone(),
             });

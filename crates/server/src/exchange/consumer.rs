@@ -170,7 +170,7 @@ async fn exchange(
     let header = meta.to_header(now_ms(), body_hash);
     let (signature, request_hash) = deadline
         .within("the request was being signed", async {
-            Ok(envelope::sign_request_batched(&header, gw.server_id.member(), &gw.signer).await)
+            Ok(envelope::sign_request_batched(&header, gw.server_id.member(), &local.signer).await)
         })
         .await
         .map_err(refused)?;

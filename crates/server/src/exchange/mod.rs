@@ -77,8 +77,6 @@ pub(crate) struct Gateway {
     pub server_id: ServerId,
     /// The global configuration.
     pub conf: GlobalConfHandle,
-    /// Signs with the member's signing key, one signature per batch.
-    pub signer: BatchSigner,
     /// Batch signature roots already checked.
     pub verified: VerifiedRoots,
     /// Where audit records are made durable.
@@ -117,6 +115,9 @@ pub(crate) struct Local {
     pub(crate) services: HashMap<SubsystemId, upstream::Registry>,
     /// Access rules for them.
     pub(crate) policy: AccessPolicy,
+    /// Signs with the member's signing key, one signature per batch; a
+    /// reload takes a new key (a rollover, once the configuration lists it).
+    pub(crate) signer: BatchSigner,
 }
 
 impl Local {

@@ -237,7 +237,7 @@ async fn serve(
         timestamp_ms: now_ms(),
     };
     let (signature, response_hash) =
-        envelope::sign_response(&response_header, gw.server_id.member(), &gw.signer).await;
+        envelope::sign_response(&response_header, gw.server_id.member(), &local.signer).await;
     let mut rec = known.signed_record(Step::Answered, Some(&signature), response_hash, body_hash);
     rec.status = answer.code;
     rec.body = gw.kept_body(&answer.body);
