@@ -3,6 +3,7 @@
 //! an interval and publish it over HTTP(S) (`serve`); write the anchor
 //! servers download it with (`anchor`).
 
+use anyhow::Context;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::Notify;
@@ -227,7 +228,13 @@ impl Command {
                     .await?
                     .list(ListManagementRequests { state })
                     .await
-                    .map_err(super::refused)?
+                    .map_err(super::refused)
+                    .with_context(|| {
+                        format!(
+                            "the authority's management port at {}",
+                            args.operator.management
+                        )
+                    })?
                     .into_inner();
                 for r in &list.requests {
                     print_request(r);
@@ -284,7 +291,13 @@ async fn decide(args: DecideArgs, approve: bool) -> anyhow::Result<()> {
     } else {
         client.reject(decision).await
     };
-    print_request(&answer.map_err(super::refused)?.into_inner());
+    let answer = answer.map_err(super::refused).with_context(|| {
+        format!(
+            "the authority's management port at {}",
+            args.operator.management
+        )
+    })?;
+    print_request(&answer.into_inner());
     Ok(())
 }
 

@@ -115,6 +115,10 @@ pub fn stop_signal() -> impl std::future::Future<Output = ()> {
 pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
     match kopir_core::error::Refusal::from_status(&status) {
         Some(r) => anyhow::anyhow!("refused ({}): {}", r.reason, r.message),
+        // No kopir-error: the call did not reach a kopir service.
+        None if status.code() == tonic::Code::Unavailable => {
+            anyhow::anyhow!("cannot reach the service: {}", status.message())
+        }
         None => anyhow::anyhow!("{}: {}", status.code(), status.message()),
     }
 }

@@ -241,7 +241,8 @@ async fn submit(
             request: bytes.into(),
         })
         .await
-        .map_err(super::refused)?
+        .map_err(super::refused)
+        .with_context(|| format!("the authority's management port at {}", to.authority))?
         .into_inner();
     println!(
         "request {} {}: {}",
@@ -366,7 +367,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let s = ServerStatusClient::new(channel)
         .global_conf(GlobalConfStatusRequest {})
         .await
-        .map_err(super::refused)?
+        .map_err(super::refused)
+        .with_context(|| format!("the server's admin port at {}", args.admin))?
         .into_inner();
     if s.usable {
         println!("usable: serial {}, expires {}", s.serial, s.expires_at);
