@@ -36,6 +36,7 @@ mod serve_process;
 use common::assert_refused;
 use federation_net::{
     Load, PATH, Process, authority_command, make_tls_for, start_and_read, write_anchor,
+    write_description,
 };
 use serve_process::ServeProcess;
 
@@ -72,32 +73,81 @@ fn text(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The authority with a management port; returns it and (publication,
-/// management) addresses.
-fn authority(dir: &Path, fed: &LocalFederation) -> (Process, SocketAddr, SocketAddr) {
-    let (operator, _) = fed.layout.operator();
-    let state = dir.join("authority-state");
-    let extra: [&std::ffi::OsStr; 6] = [
-        "--management".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--state".as_ref(),
-        state.as_os_str(),
-        "--operator".as_ref(),
-        operator.as_os_str(),
-    ];
-    let command = authority_command(&[], dir, "127.0.0.1:0", &extra);
-    let management = Mutex::new(None);
-    let (process, publication) = start_and_read(command, |line| {
-        if let Some(addr) = line.strip_prefix("taking management requests at ") {
-            *management.lock().unwrap() = addr.parse().ok();
+/// The authority as a process with a management port, over the
+/// federation's description, and its operator's commands.
+struct Authority {
+    _process: Process,
+    /// Where it publishes the configuration.
+    publication: SocketAddr,
+    /// Its management port, `host:port`.
+    management: String,
+    /// Its TLS certificate (self-signed: the only root to trust for it).
+    tls: PathBuf,
+    /// The operator's client certificate and key.
+    operator: (PathBuf, PathBuf),
+}
+
+impl Authority {
+    fn start(dir: &Path, fed: &LocalFederation) -> Authority {
+        write_description(dir, fed);
+        make_tls_for(dir, &["127.0.0.1"]);
+        let operator = fed.layout.operator();
+        let state = dir.join("authority-state");
+        let extra: [&std::ffi::OsStr; 6] = [
+            "--management".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--state".as_ref(),
+            state.as_os_str(),
+            "--operator".as_ref(),
+            operator.0.as_os_str(),
+        ];
+        let command = authority_command(&[], dir, "127.0.0.1:0", &extra);
+        let management = Mutex::new(None);
+        let (process, publication) = start_and_read(command, |line| {
+            if let Some(addr) = line.strip_prefix("taking management requests at ") {
+                *management.lock().unwrap() = addr.parse::<SocketAddr>().ok();
+            }
+            line.strip_prefix("publishing global configuration at https://")?
+                .strip_suffix(PATH)?
+                .parse()
+                .ok()
+        });
+        let management = management.lock().unwrap().expect("a management address");
+        Authority {
+            _process: process,
+            publication,
+            management: management.to_string(),
+            tls: dir.join("tls.crt"),
+            operator,
         }
-        line.strip_prefix("publishing global configuration at https://")?
-            .strip_suffix(PATH)?
-            .parse()
-            .ok()
-    });
-    let management = management.lock().unwrap().expect("a management address");
-    (process, publication, management)
+    }
+
+    /// `kopir authority COMMAND EXTRA...` as its operator; its output.
+    fn operator(&self, command: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "authority",
+            command,
+            "--management",
+            &self.management,
+            "--ca",
+            text(&self.tls),
+            "--cert",
+            text(&self.operator.0),
+            "--key",
+            text(&self.operator.1),
+        ];
+        args.extend_from_slice(extra);
+        kopir_ok(&args)
+    }
+}
+
+/// The id in what `kopir server register` or `change` printed.
+#[track_caller]
+fn request_id(said: &str) -> String {
+    said.strip_prefix("request ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no request id in {said:?}"))
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,13 +156,8 @@ async fn a_server_joins_from_nothing() {
     let dir = tmp.path();
     let fed = LocalFederation::launch(dir, &|_, _| {}).await.unwrap();
     let parent = fed.dataset.sample_parents(1)[0].to_string();
-    std::fs::write(
-        dir.join("authority.toml"),
-        toml::to_string(&fed.description).unwrap(),
-    )
-    .unwrap();
-    make_tls_for(dir, &["127.0.0.1"]);
-    let (authority_process, publication, management) = authority(dir, &fed);
+    let authority = Authority::start(dir, &fed);
+    let publication = authority.publication;
     let anchor = dir.join("anchor.json");
     write_anchor(dir, &[&format!("https://{publication}{PATH}")], &anchor);
 
@@ -181,7 +226,7 @@ async fn a_server_joins_from_nothing() {
     assert_refused(&before, Code::Unauthenticated, "peer.unknown");
 
     let (member_cert, member_key) = fed.layout.member_signing(&"KZ/GOV/MLSPP".parse().unwrap());
-    let mgmt = management.to_string();
+    let mgmt = authority.management.clone();
     let said = kopir_ok(&[
         "server",
         "register",
@@ -196,36 +241,15 @@ async fn a_server_joins_from_nothing() {
         "--authority",
         &mgmt,
         "--authority-ca",
-        text(&dir.join("tls.crt")),
+        text(&authority.tls),
     ]);
-    let id = said
-        .strip_prefix("request ")
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap_or_else(|| panic!("no request id in {said:?}"))
-        .to_string();
+    let id = request_id(&said);
     assert!(
         said.contains("pending") && said.contains("new server KZ/GOV/MLSPP/ss2"),
         "{said}"
     );
 
-    let (op_cert, op_key) = fed.layout.operator();
-    let authority_tls = dir.join("tls.crt");
-    let operator = |command: &str, extra: &[&str]| {
-        let mut args = vec![
-            "authority",
-            command,
-            "--management",
-            &mgmt,
-            "--ca",
-            text(&authority_tls),
-            "--cert",
-            text(&op_cert),
-            "--key",
-            text(&op_key),
-        ];
-        args.extend_from_slice(extra);
-        kopir_ok(&args)
-    };
+    let operator = |command: &str, extra: &[&str]| authority.operator(command, extra);
     let listed = operator("requests", &[]);
     assert!(
         listed.contains(&id) && listed.contains("pending"),
@@ -255,9 +279,9 @@ async fn a_server_joins_from_nothing() {
         "--ca",
         text(&fed.layout.ca_cert()),
         "--cert",
-        text(&op_cert),
+        text(&authority.operator.0),
         "--key",
-        text(&op_key),
+        text(&authority.operator.1),
     ]);
     assert!(
         status.starts_with("usable: serial")
@@ -272,7 +296,7 @@ async fn a_server_joins_from_nothing() {
 
     // The log has every request and decision, and verifies.
     server.stop();
-    drop(authority_process);
+    drop(authority);
     let state = dir.join("authority-state");
     let query = kopir_ok(&["audit", "query", "--data-dir", text(&state)]);
     assert!(query.contains(&id), "{query}");
@@ -385,40 +409,12 @@ async fn a_member_rolls_its_signing_key_over_under_load() {
     let dir = tmp.path();
     let fed = LocalFederation::launch(dir, &|_, _| {}).await.unwrap();
     let parent = fed.dataset.sample_parents(1)[0].to_string();
-    std::fs::write(
-        dir.join("authority.toml"),
-        toml::to_string(&fed.description).unwrap(),
-    )
-    .unwrap();
-    make_tls_for(dir, &["127.0.0.1"]);
-    let (_authority, _, management) = authority(dir, &fed);
-    let mgmt = management.to_string();
-    let (op_cert, op_key) = fed.layout.operator();
-    let authority_tls = dir.join("tls.crt");
-    let operator = |command: &str, extra: &[&str]| {
-        let mut args = vec![
-            "authority",
-            command,
-            "--management",
-            &mgmt,
-            "--ca",
-            text(&authority_tls),
-            "--cert",
-            text(&op_cert),
-            "--key",
-            text(&op_key),
-        ];
-        args.extend_from_slice(extra);
-        kopir_ok(&args)
-    };
+    let authority = Authority::start(dir, &fed);
+    let operator = |command: &str, extra: &[&str]| authority.operator(command, extra);
     // Approves the one request `change` makes; waits until the provider
     // works on a configuration that includes it.
     let approve = |said: String| {
-        let id = said
-            .strip_prefix("request ")
-            .and_then(|rest| rest.split(' ').next())
-            .unwrap_or_else(|| panic!("no request id in {said:?}"))
-            .to_string();
+        let id = request_id(&said);
         let approved = operator("approve", &[&id, "--why", "key rollover"]);
         assert!(approved.contains("approved"), "{approved}");
         id
@@ -499,9 +495,9 @@ async fn a_member_rolls_its_signing_key_over_under_load() {
             "--member-key",
             text(key),
             "--authority",
-            &mgmt,
+            &authority.management,
             "--authority-ca",
-            text(&authority_tls),
+            text(&authority.tls),
         ];
         args.extend_from_slice(extra);
         kopir_ok(&args)
@@ -539,12 +535,9 @@ async fn a_member_rolls_its_signing_key_over_under_load() {
     ));
     provider_has(id).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let calls = load.finish().await;
-    println!(
-        "member signing key rollover under load: {} calls made, {} failed",
-        calls.made, calls.failed
-    );
-    assert!(calls.made > 0 && calls.failed == 0, "{calls:?}");
+    load.finish()
+        .await
+        .report("member signing key rollover under load");
 
     // The old key no longer signs for MLSPP.
     let mut old = config;

@@ -151,15 +151,8 @@ pub struct OperatorArgs {
     /// The management port, host:port.
     #[arg(long)]
     pub management: String,
-    /// The CA certificate the authority's TLS certificate chains to.
-    #[arg(long)]
-    pub ca: PathBuf,
-    /// The operator's client certificate.
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Its key.
-    #[arg(long)]
-    pub key: PathBuf,
+    #[command(flatten)]
+    pub tls: super::OperatorTls,
 }
 
 /// Arguments of `kopir authority requests`.
@@ -254,14 +247,9 @@ impl Command {
 async fn admin(
     operator: &OperatorArgs,
 ) -> anyhow::Result<RequestAdminClient<tonic::transport::Channel>> {
-    let identity = (load_certs(&operator.cert)?, load_key(&operator.key)?);
-    let channel = kopir_consent::channel::ca_channel(
-        &operator.management,
-        &load_certs(&operator.ca)?,
-        Some(identity),
-        Duration::from_secs(10),
-    )?;
-    Ok(RequestAdminClient::new(channel))
+    Ok(RequestAdminClient::new(
+        operator.tls.channel(&operator.management)?,
+    ))
 }
 
 fn print_request(r: &ManagementRequest) {

@@ -111,6 +111,35 @@ pub fn stop_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// An operator's TLS identity, and the CA the port's certificate chains to:
+/// how `kopir authority requests` and `kopir server status` connect.
+#[derive(Debug, clap::Args)]
+pub struct OperatorTls {
+    /// The CA certificate the port's TLS certificate chains to.
+    #[arg(long)]
+    pub ca: std::path::PathBuf,
+    /// The operator's client certificate.
+    #[arg(long)]
+    pub cert: std::path::PathBuf,
+    /// Its key.
+    #[arg(long)]
+    pub key: std::path::PathBuf,
+}
+
+impl OperatorTls {
+    /// A channel to `address` (`host:port`) as the operator.
+    pub fn channel(&self, address: &str) -> anyhow::Result<tonic::transport::Channel> {
+        use kopir_core::pki::{load_certs, load_key};
+        let identity = (load_certs(&self.cert)?, load_key(&self.key)?);
+        Ok(kopir_consent::channel::ca_channel(
+            address,
+            &load_certs(&self.ca)?,
+            Some(identity),
+            std::time::Duration::from_secs(10),
+        )?)
+    }
+}
+
 /// A refusal a kopir service answered, with its `kopir-error` reason.
 pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
     match kopir_core::error::Refusal::from_status(&status) {

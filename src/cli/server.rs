@@ -57,15 +57,9 @@ pub struct StatusArgs {
     /// The server's admin port, host:port.
     #[arg(long)]
     pub admin: String,
-    /// The CA certificate the server's TLS certificate chains to.
-    #[arg(long)]
-    pub ca: PathBuf,
-    /// An operator's client certificate (one the server's `operators` lists).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Its key.
-    #[arg(long)]
-    pub key: PathBuf,
+    /// An operator's identity (a certificate the server's `operators` lists).
+    #[command(flatten)]
+    pub tls: super::OperatorTls,
 }
 
 /// Arguments of `kopir server init`.
@@ -357,14 +351,7 @@ async fn change(args: ChangeArgs) -> anyhow::Result<()> {
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let identity = (load_certs(&args.cert)?, load_key(&args.key)?);
-    let channel = ca_channel(
-        &args.admin,
-        &load_certs(&args.ca)?,
-        Some(identity),
-        Duration::from_secs(10),
-    )?;
-    let s = ServerStatusClient::new(channel)
+    let s = ServerStatusClient::new(args.tls.channel(&args.admin)?)
         .global_conf(GlobalConfStatusRequest {})
         .await
         .map_err(super::refused)

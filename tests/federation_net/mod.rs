@@ -123,6 +123,16 @@ pub fn restartable_port() -> u16 {
         .expect("a free port between 20000 and 32000")
 }
 
+/// Writes the federation's description where the authority process reads
+/// it (`DIR/authority.toml`), with the addresses the test bound.
+pub fn write_description(dir: &Path, fed: &LocalFederation) {
+    std::fs::write(
+        dir.join("authority.toml"),
+        toml::to_string(&fed.description).unwrap(),
+    )
+    .unwrap();
+}
+
 /// The `kopir authority serve` command of [`authority_via`], to start with
 /// [`start_and_read`] when more than its address is wanted.
 pub fn authority_command(
@@ -342,11 +352,7 @@ impl Net {
         let dir = tmp.path().to_path_buf();
         let mut fed = LocalFederation::launch(&dir, &|_, _| {}).await.unwrap();
         let parent = fed.dataset.sample_parents(1)[0].to_string();
-        std::fs::write(
-            dir.join("authority.toml"),
-            toml::to_string(&fed.description).unwrap(),
-        )
-        .unwrap();
+        write_description(&dir, &fed);
         make_tls(&dir);
         // Restarted on the same address: a port below the ephemeral range,
         // which no other test's `127.0.0.1:0` can take in between.
@@ -406,6 +412,16 @@ pub struct Calls {
     pub made: u64,
     pub failed: u64,
     pub first_failure: Option<String>,
+}
+
+impl Calls {
+    /// Prints what was made and failed during `what`, and asserts that
+    /// calls were made and none failed.
+    #[track_caller]
+    pub fn report(&self, what: &str) {
+        println!("{what}: {} calls made, {} failed", self.made, self.failed);
+        assert!(self.made > 0 && self.failed == 0, "{what}: {self:?}");
+    }
 }
 
 impl Load {

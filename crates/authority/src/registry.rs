@@ -30,7 +30,7 @@ use kopir_core::{
     durable::write_atomically,
     error::{Reason, Refusal},
     globalconf::{
-        ConfView,
+        GlobalConf,
         describe::{Federation, MemberDesc, ServerDesc},
         model::Subsystem,
     },
@@ -118,6 +118,10 @@ impl Entry {
 /// What the book holds in memory.
 struct Book {
     current: Federation,
+    /// `current` built: the members' certificates and the trusted CAs that
+    /// submissions are checked against, made again only when `current`
+    /// changes (not from the certificate files at every submission).
+    built: GlobalConf,
     entries: BTreeMap<String, Entry>,
 }
 
@@ -184,7 +188,12 @@ impl Registry {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            book: Mutex::new(Book { current, entries }),
+            book: Mutex::new(Book {
+                built: build(&current)
+                    .map_err(|e| format!("the description with the approved requests: {e}"))?,
+                current,
+                entries,
+            }),
             audit,
             auto_approve_servers,
             one_at_a_time: tokio::sync::Mutex::new(()),
@@ -252,7 +261,8 @@ impl Registry {
         let checked = self
             .blocking(move |r| {
                 let checked = r.check(&owned, tls.as_deref());
-                let known = tls.as_deref().is_some_and(|c| r.issued_by_trusted_ca(c));
+                let known =
+                    checked.is_err() && tls.as_deref().is_some_and(|c| r.issued_by_trusted_ca(c));
                 Ok((checked, known))
             })
             .await?;
@@ -325,10 +335,9 @@ impl Registry {
 
     /// True if `cert` is issued by a CA the current configuration trusts.
     fn issued_by_trusted_ca(&self, cert: &[u8]) -> bool {
-        let Ok(conf) = self.lock().current.build(0, time::Duration::hours(1)) else {
-            return false;
-        };
-        conf.trusted_cas
+        self.lock()
+            .built
+            .trusted_cas
             .iter()
             .any(|pem| one_der(pem).is_ok_and(|ca| kopir_core::pki::issued_by(cert, &ca).is_ok()))
     }
@@ -355,19 +364,7 @@ impl Registry {
                 ),
             ));
         }
-        let view = book
-            .current
-            .build(0, time::Duration::hours(1))
-            .map_err(|e| {
-                refuse(
-                    Reason::RequestInvalid,
-                    format!("the current description does not build: {e}"),
-                )
-            })
-            .and_then(|conf| {
-                ConfView::new(conf).map_err(|e| refuse(Reason::RequestInvalid, e.to_string()))
-            })?;
-        let member = view.conf().members.iter().find(|m| m.id == request.member);
+        let member = book.built.members.iter().find(|m| m.id == request.member);
         let authorised_by = match member {
             Some(m) => {
                 let key = m
@@ -436,10 +433,7 @@ impl Registry {
             )
         })?;
         apply(&book.current, request, trial.path())
-            .and_then(|fed| {
-                fed.build(0, time::Duration::hours(1))
-                    .map_err(|e| e.to_string())
-            })
+            .and_then(|fed| build(&fed))
             .map_err(|e| {
                 refuse(
                     Reason::RequestInvalid,
@@ -477,13 +471,13 @@ impl Registry {
                     let next = apply(&current, &request, &r.dir.join("certs")).map_err(|e| {
                         refuse(Reason::RequestInvalid, format!("no longer applies: {e}"))
                     })?;
-                    next.build(0, time::Duration::hours(1)).map_err(|e| {
+                    let built = build(&next).map_err(|e| {
                         refuse(
                             Reason::RequestInvalid,
                             format!("no longer makes a valid configuration: {e}"),
                         )
                     })?;
-                    Ok(next)
+                    Ok((next, built))
                 })
                 .await?;
             let seq = self
@@ -527,8 +521,9 @@ impl Registry {
         let kept = entry.clone();
         self.blocking(move |r| r.save(&kept)).await?;
         let mut book = self.lock();
-        if let Some((next, _)) = applied {
+        if let Some(((next, built), _)) = applied {
             book.current = next;
+            book.built = built;
         }
         book.entries.insert(entry.id.clone(), entry.clone());
         Ok(entry)
@@ -625,6 +620,12 @@ fn one_der(pem: &str) -> Result<Vec<u8>, String> {
 
 fn verifying(pem: &str) -> Result<VerifyingKey, String> {
     VerifyingKey::from_cert(&one_der(pem)?).map_err(|e| e.to_string())
+}
+
+/// The configuration `fed` makes (serial and validity do not matter here).
+fn build(fed: &Federation) -> Result<GlobalConf, String> {
+    fed.build(0, time::Duration::hours(1))
+        .map_err(|e| e.to_string())
 }
 
 /// `fed` with `request` applied; the certificates it carries are written to

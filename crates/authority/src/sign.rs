@@ -115,14 +115,20 @@ mod tests {
         pki::{layout::DevLayout, sign::VerifyingKey},
     };
 
-    /// Signed twice within a second, the serials still grow, and each
-    /// document verifies under the authority's certificate.
-    #[test]
-    fn serials_grow_within_a_second() {
+    /// The demo federation, its development PKI and the authority's key.
+    fn demo() -> (Federation, DevLayout, SigningKey) {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let federation = Federation::load(&root.join("deploy/federation.toml")).unwrap();
         let layout = DevLayout::new(federation.certs.as_ref().unwrap());
         let key = SigningKey::load(&layout.authority_cert(), &layout.authority_key()).unwrap();
+        (federation, layout, key)
+    }
+
+    /// Signed twice within a second, the serials still grow, and each
+    /// document verifies under the authority's certificate.
+    #[test]
+    fn serials_grow_within_a_second() {
+        let (federation, layout, key) = demo();
         let anchor = VerifyingKey::load(&layout.authority_cert()).unwrap();
         let mut signer = Signer::new(federation, key, Duration::from_secs(600));
         let first = signer.sign().unwrap();
@@ -138,10 +144,7 @@ mod tests {
     /// after it, once each.
     #[test]
     fn documents_announce_the_signing_key_and_the_next() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let federation = Federation::load(&root.join("deploy/federation.toml")).unwrap();
-        let layout = DevLayout::new(federation.certs.as_ref().unwrap());
-        let key = SigningKey::load(&layout.authority_cert(), &layout.authority_key()).unwrap();
+        let (federation, layout, key) = demo();
         let own = kopir_core::pki::load_certs(&layout.authority_cert()).unwrap();
         let (next, _) = kopir_core::pki::dev::signing_pair("next").unwrap();
         let next = CertificateDer::from(next);

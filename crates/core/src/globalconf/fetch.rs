@@ -17,13 +17,13 @@ use std::{path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 
-use super::anchor::Location;
+use super::anchor::{Anchor, Location};
 
 /// Bounds of one download.
 #[derive(Debug, Clone, Copy)]
@@ -107,18 +107,23 @@ impl std::fmt::Debug for Fetcher {
 }
 
 impl Fetcher {
-    /// A fetcher whose `https` sources must chain to `roots`, or, when it is
-    /// empty, to the system's trust store (read here: a blocking call).
-    pub fn new(bounds: Bounds, roots: &[CertificateDer<'static>]) -> Self {
+    /// A fetcher for the anchor's sources: an `https` one must chain to the
+    /// anchor's `tls_roots` or, when it names none, to the system's trust
+    /// store, which is read here (a blocking call) only if a source needs it.
+    pub fn new(bounds: Bounds, anchor: &Anchor) -> Self {
         let mut store = rustls::RootCertStore::empty();
-        if roots.is_empty() {
+        let https = anchor
+            .sources
+            .iter()
+            .any(|s| matches!(s, Location::Web(uri) if uri.scheme_str() == Some("https")));
+        if !anchor.tls_roots.is_empty() {
+            store.add_parsable_certificates(anchor.tls_roots.iter().cloned());
+        } else if https {
             let native = rustls_native_certs::load_native_certs();
             for e in &native.errors {
                 tracing::warn!(error = %e, "a system trust store entry could not be read");
             }
             store.add_parsable_certificates(native.certs);
-        } else {
-            store.add_parsable_certificates(roots.iter().cloned());
         }
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -297,6 +302,12 @@ mod tests {
 
     use super::*;
 
+    /// An anchor without `https` sources or roots: the system's trust store
+    /// is not read, and a TLS handshake trusts nothing.
+    fn no_anchor() -> Anchor {
+        Anchor::of_file(PathBuf::new(), vec![])
+    }
+
     fn bounds() -> Bounds {
         Bounds {
             connect_timeout: Duration::from_millis(500),
@@ -336,7 +347,7 @@ mod tests {
     async fn a_copy_and_its_etag_are_read_and_the_etag_is_sent_back() {
         let (at, mut asked) =
             answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: \"abc\"\r\n\r\nhello").await;
-        let fetcher = Fetcher::new(bounds(), &[]);
+        let fetcher = Fetcher::new(bounds(), &no_anchor());
         let Fetched::Copy { bytes, etag } = fetcher.fetch(&at, None).await.unwrap() else {
             panic!("no copy");
         };
@@ -355,7 +366,7 @@ mod tests {
     #[tokio::test]
     async fn not_modified_is_unchanged() {
         let (at, _) = answering(b"HTTP/1.1 304 Not Modified\r\n\r\n").await;
-        let got = Fetcher::new(bounds(), &[])
+        let got = Fetcher::new(bounds(), &no_anchor())
             .fetch(&at, Some("\"x\""))
             .await
             .unwrap();
@@ -364,7 +375,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_bound_holds() {
-        let fetcher = Fetcher::new(bounds(), &[]);
+        let fetcher = Fetcher::new(bounds(), &no_anchor());
         let (declared, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 65\r\n\r\n").await;
         let (chunked, _) = answering(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n41\r\naaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n0\r\n\r\n",
@@ -399,7 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_and_an_untrusted_certificate_fail() {
-        let fetcher = Fetcher::new(bounds(), &[]);
+        let fetcher = Fetcher::new(bounds(), &no_anchor());
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
@@ -424,7 +435,7 @@ mod tests {
         let large = dir.path().join("large");
         std::fs::write(&small, b"hello").unwrap();
         std::fs::write(&large, [b'a'; 65]).unwrap();
-        let fetcher = Fetcher::new(bounds(), &[]);
+        let fetcher = Fetcher::new(bounds(), &no_anchor());
         let Fetched::Copy { bytes, .. } =
             fetcher.fetch(&Location::File(small), None).await.unwrap()
         else {

@@ -579,7 +579,7 @@ async fn watch_with(
         let store = HighestStore::in_dir(&data_dir);
         let highest = store.load()?;
         let fixed = Fixed {
-            fetcher: Fetcher::new(download.bounds, &anchor.tls_roots),
+            fetcher: Fetcher::new(download.bounds, &anchor),
             kept: KeptCopy::in_dir(&data_dir),
             anchor,
             store,
@@ -1108,7 +1108,7 @@ mod tests {
         let mut w = Watcher {
             fixed: Arc::new(Fixed {
                 anchor: Anchor::of_file(PathBuf::new(), vec![]),
-                fetcher: Fetcher::new(Bounds::default(), &[]),
+                fetcher: Fetcher::new(Bounds::default(), &Anchor::of_file(PathBuf::new(), vec![])),
                 store: HighestStore::in_dir(Path::new(".")),
                 kept: KeptCopy::in_dir(Path::new(".")),
                 verify,
